@@ -1,0 +1,229 @@
+"""Activation patching sweeps: TransformerLens `get_act_patch_*` semantics, batched and restarted mid-model.
+
+Denoise runs the corrupted prompt with one cell taken from the clean run; noise the other way round. Each
+layer's cells go through the model together, as rows of one batch that starts at the patched layer from the
+recorded run (the layers before it are never recomputed), and only the last position is unembedded.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from desktop_app.engine.errors import JobCancelled, OutOfMemory, SpecError
+from desktop_app.engine.hooknames import hook_name
+from desktop_app.engine.jobs import CancelToken, Partial, Progress
+from desktop_app.engine.memory import is_oom, rows_per_batch
+from desktop_app.engine.metrics import METRICS, MetricContext
+from desktop_app.engine.prompts import PromptPair
+from desktop_app.engine.replay import RecordedRun, record_run, run_from_layer
+from desktop_app.engine.results import AnalysisResult, empty_values
+
+COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass
+class SweepPlan:
+    """Which cells a sweep computes: every (layer, position[, head]) of the result grid."""
+    component: str
+    per_position: bool
+    layers: list[int]
+    n_pos: int
+    n_heads: int
+
+    @property
+    def dims(self) -> list[str]:
+        if self.component == "head_out":
+            return ["layer", "position", "head"] if self.per_position else ["layer", "head"]
+        return ["layer", "position"] if self.per_position else ["layer"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        sizes = {"layer": len(self.layers), "position": self.n_pos, "head": self.n_heads}
+        return tuple(sizes[d] for d in self.dims)
+
+    def cells_of_layer(self) -> list[tuple[int, int, int]]:
+        """(pos, head) per cell of one layer; pos -1 = all positions, head -1 = no head."""
+        positions = range(self.n_pos) if self.per_position else [-1]
+        heads = range(self.n_heads) if self.component == "head_out" else [-1]
+        return [(p, h) for p in positions for h in heads]
+
+    def index_of(self, layer_row: int, pos: int, head: int) -> tuple:
+        idx = [layer_row]
+        if self.per_position:
+            idx.append(pos)
+        if self.component == "head_out":
+            idx.append(head)
+        return tuple(idx)
+
+
+def validate(component: str, direction: str, metric: str, lm, layers=None) -> list[int]:
+    if component not in COMPONENTS:
+        raise SpecError(f"unknown component {component!r}; choose one of {', '.join(COMPONENTS)}.")
+    if direction not in DIRECTIONS:
+        raise SpecError(f"unknown direction {direction!r}; choose denoise or noise.")
+    if metric not in METRICS:
+        raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
+    if component == "resid_mid" and lm.info.parallel_attn_mlp:
+        raise SpecError("resid_mid does not exist in this model (attention and MLP run in parallel); "
+                        "choose resid_pre or resid_post.")
+    n = lm.info.n_layers
+    layers = list(range(n)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n]
+    if bad:
+        raise SpecError(f"layer {bad[0]} is out of range: this model has layers 0-{n - 1}.")
+    return layers
+
+
+def _source_reads(component: str, n_layers: int) -> list[str]:
+    if component in ("resid_pre", "resid_post"):
+        return []
+    kind = "attn.hook_z" if component == "head_out" else component
+    return [hook_name(L, kind) for L in range(n_layers)]
+
+
+def patching_runs(lm, pair: PromptPair, component: str, direction: str, cancel=None):
+    """(target run, source run, metric refs) for a sweep: the run that is patched and the one patched from."""
+    reads = _source_reads(component, lm.info.n_layers)
+    clean = record_run(lm, pair.clean.ids, reads, cancel)
+    corrupted = record_run(lm, pair.corrupted.ids, reads, cancel)
+    return (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+
+
+def _rows_hidden(run: RecordedRun, layer: int, component: str, n_rows: int) -> tuple[torch.Tensor, int]:
+    """The batch a chunk starts from and the block it enters."""
+    if component == "resid_post":
+        start = run.resid_post(layer)
+        return start.expand(n_rows, -1, -1).clone(), layer + 1
+    return run.resid_pre[layer].expand(n_rows, -1, -1).clone(), layer
+
+
+def _patch_rows(act: torch.Tensor, source: torch.Tensor, cells, heads: bool) -> torch.Tensor:
+    """Rows of `act` [rows, pos, ...] take `source` [1, pos, ...] at each row's cell (pos -1 = all)."""
+    act = act.clone()
+    src = source.to(act.device, act.dtype)[0]
+    rows = torch.arange(len(cells), device=act.device)
+    pos = torch.tensor([p for p, _ in cells], device=act.device)
+    head = torch.tensor([h for _, h in cells], device=act.device)
+    if bool((pos >= 0).all()):
+        if heads:
+            act[rows, pos, head] = src[pos, head]
+        else:
+            act[rows, pos] = src[pos]
+    elif heads:
+        act[rows, :, head] = src[:, head].transpose(0, 1)
+    else:
+        act[rows] = src
+    return act
+
+
+def _chunk_logits(lm, target: RecordedRun, source: RecordedRun, component: str, layer: int, cells, cancel):
+    from desktop_app.engine.capture import hooks
+
+    hidden, start = _rows_hidden(target, layer, component, len(cells))
+    if component in ("resid_pre", "resid_post"):
+        src = source.resid_pre[layer] if component == "resid_pre" else source.resid_post(layer)
+        hidden = _patch_rows(hidden, src, cells, heads=False)
+        if start == lm.info.n_layers:  # resid_post of the last layer: straight to the unembedding
+            return lm.adapter.logits_from_resid(hidden[:, -1]).float()
+        return run_from_layer(lm, target, start, hidden, cancel)
+    name = hook_name(layer, "attn.hook_z" if component == "head_out" else component)
+    src = source.acts[name]
+    write = {name: lambda act: _patch_rows(act, src, cells, heads=component == "head_out")}
+    with hooks(lm, write=write):
+        return run_from_layer(lm, target, start, hidden, cancel)
+
+
+def activation_patching_job(lm, pair: PromptPair, component: str = "resid_pre", positions: str = "each",
+                            direction: str = "denoise", metric: str = "logit_diff_recovered",
+                            name: str = "patching", layers=None, cancel: CancelToken | None = None,
+                            batch_size: int | None = None):
+    cancel = cancel or CancelToken()
+    layers = validate(component, direction, metric, lm, layers)
+    if positions not in ("each", "all"):
+        raise SpecError(f"positions must be 'each' or 'all', not {positions!r}.")
+    t0 = time.perf_counter()
+    plan = SweepPlan(component, positions == "each", layers, pair.n_pos, lm.info.n_heads)
+    values = empty_values(plan.shape)
+    result = AnalysisResult(
+        name=name, kind="activation_patching",
+        params=dict(component=component, positions=positions, direction=direction, metric=metric),
+        dims=plan.dims, values=values, labels=_labels(lm, plan, pair),
+        tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
+    total = values.size
+    done = 0
+    yield Progress(0, total, "recording the clean and corrupted runs")
+    with torch.inference_mode():
+        try:
+            target, source = patching_runs(lm, pair, component, direction, cancel)
+            ctx = MetricContext(metric, pair.answer_id, pair.wrong_id,
+                                *_clean_corrupted_logits(target, source, direction))
+            result.clean_metric, result.corrupted_metric = ctx.clean_value, ctx.corrupted_value
+            result.message = ctx.warning
+            for event in sweep_layers(lm, plan, target, source, ctx, values, cancel, batch_size):
+                done = event.done if isinstance(event, Progress) else done
+                yield event
+        except JobCancelled:
+            result.status = "partial"
+            result.message = f"cancelled after {done} of {total} cells"
+        except OutOfMemory as err:
+            result.status = "partial" if done else "failed"
+            result.message = str(err)
+    result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, ctx: MetricContext,
+                 values: np.ndarray, cancel: CancelToken, batch_size: int | None = None):
+    """Fill `values` cell by cell: per layer, the cells go as batched rows restarted from `target` with each row's
+    cell taken from `source` (any run-shaped object holding replacement activations). Yields Partial and
+    Progress (done counts the cells finished); out-of-memory halves the rows and retries."""
+    rows = batch_size or rows_per_batch(lm, plan.n_pos)
+    cells = plan.cells_of_layer()
+    total, done = values.size, 0
+    for row_of_layer, layer in enumerate(plan.layers):
+        start = 0
+        while start < len(cells):
+            cancel.check()
+            chunk = cells[start:start + rows]
+            try:
+                logits = _chunk_logits(lm, target, source, plan.component, layer, chunk, cancel)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_oom(err):
+                    raise
+                if rows == 1:
+                    raise OutOfMemory("the model ran out of memory even one cell at a time; free memory "
+                                      "or use a smaller dtype.") from err
+                rows = max(1, rows // 2)
+                _free_cache()
+                continue
+            vals = ctx(logits).cpu().numpy()
+            index = tuple(np.array(ix) for ix in zip(*[plan.index_of(row_of_layer, p, h) for p, h in chunk]))
+            values[index] = vals
+            done += len(chunk)
+            start += len(chunk)
+            yield Partial(index=index, values=vals)
+            yield Progress(done, total, f"layer {layer}")
+
+
+def _clean_corrupted_logits(target: RecordedRun, source: RecordedRun, direction: str):
+    if direction == "denoise":
+        return source.logits_last, target.logits_last
+    return target.logits_last, source.logits_last
+
+
+def _labels(lm, plan: SweepPlan, pair: PromptPair) -> dict:
+    labels = {"layer": [str(L) for L in plan.layers]}
+    if plan.per_position:
+        labels["position"] = pair.clean.labels()
+    if plan.component == "head_out":
+        labels["head"] = [str(h) for h in range(plan.n_heads)]
+    return labels
+
+
+def _free_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

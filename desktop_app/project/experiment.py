@@ -1,0 +1,106 @@
+"""The experiment file (JSON, contract section 2): model, prompts and a list of analyses to run."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from desktop_app.engine.errors import SpecError
+from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts, analysis_from_dict
+
+EXPERIMENT_VERSION = 1
+_TOP_LEVEL = ("version", "model", "prompts", "analyses")
+
+
+@dataclass
+class Experiment:
+    model: ModelRef
+    prompts: Prompts
+    analyses: list[AnalysisSpec] = field(default_factory=list)
+    version: int = EXPERIMENT_VERSION
+    source: Path | None = None  # the file it was read from, if any
+
+    def __post_init__(self):
+        names = [a.name for a in self.analyses]
+        for name in names:
+            if names.count(name) > 1:
+                raise SpecError(f"two analyses are named {name!r}; give each analysis its own name.")
+
+    def analysis(self, name: str) -> AnalysisSpec:
+        for spec in self.analyses:
+            if spec.name == name:
+                return spec
+        raise SpecError(f"the experiment has no analysis named {name!r}; "
+                        f"its analyses are {', '.join(a.name for a in self.analyses) or 'none'}.")
+
+    def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
+        model = self.model.to_dict()
+        if relative_to is not None and os.path.isabs(model["path"]):
+            try:
+                model["path"] = os.path.relpath(model["path"], relative_to)
+            except ValueError:  # another drive on Windows: keep it absolute
+                pass
+        return {"version": self.version, "model": model, "prompts": self.prompts.to_dict(),
+                "analyses": [a.to_dict() for a in self.analyses]}
+
+    def to_json(self, relative_to: str | os.PathLike | None = None) -> str:
+        """JSON text; with relative_to (the folder the file will live in) the model path is written relative."""
+        return json.dumps(self.to_dict(relative_to), indent=2, ensure_ascii=False) + "\n"
+
+
+def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, source: str = "the experiment") \
+        -> Experiment:
+    """Parse experiment JSON text; relative model paths are resolved against base_dir when it is given."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
+                        f"fix the file there.") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source} must hold one JSON object with version, model, prompts and analyses.")
+    unknown = sorted(set(data) - set(_TOP_LEVEL))
+    if unknown:
+        raise SpecError(f"{source} has an unknown top-level field '{unknown[0]}'; "
+                        f"known fields are {', '.join(_TOP_LEVEL)}.")
+    for key in _TOP_LEVEL:
+        if key not in data:
+            raise SpecError(f"{source} is missing the field '{key}'; add it.")
+    version = data["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SpecError(f"{source}: field 'version' must be a whole number such as 1, not {version!r}.")
+    if version > EXPERIMENT_VERSION:
+        raise SpecError(f"{source} has version {version} but this Interp Workbench reads up to version "
+                        f"{EXPERIMENT_VERSION}; update the app or write a version {EXPERIMENT_VERSION} file.")
+    model = ModelRef.from_dict(data["model"])
+    if base_dir is not None:
+        p = os.path.expanduser(model.path)
+        if not os.path.isabs(p):
+            p = os.path.normpath(os.path.join(os.path.abspath(base_dir), p))
+        model = ModelRef(**{**model.__dict__, "path": p})
+    prompts = Prompts.from_dict(data["prompts"])
+    if not prompts.clean.strip():
+        raise SpecError(f"{source}: field 'prompts.clean' is empty; write the clean prompt.")
+    analyses = data["analyses"]
+    if not isinstance(analyses, list):
+        raise SpecError(f"{source}: field 'analyses' must be a list of analyses.")
+    return Experiment(model=model, prompts=prompts, analyses=[analysis_from_dict(a) for a in analyses],
+                      version=version)
+
+
+def load_experiment(path: str | os.PathLike) -> Experiment:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"experiment file {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a folder, not an experiment file; give the path of a .json file.") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"experiment file {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
+    except OSError as e:
+        raise SpecError(f"experiment file {path} cannot be read ({e.strerror}); check its permissions.") from None
+    exp = parse_experiment(text, base_dir=path.parent, source=f"experiment file {path}")
+    exp.source = path
+    return exp

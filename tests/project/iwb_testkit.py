@@ -1,0 +1,75 @@
+"""Shared builders for the project-layer tests (a uniquely named module, imported by the tests)."""
+import numpy as np
+
+from desktop_app.engine.results import AnalysisResult
+from desktop_app.project.document import Project
+from desktop_app.project.specs import (AblationSpec, ActivationPatchingSpec, AttributionPatchingSpec,
+                                       CausalTracingSpec, ModelRef, Prompts, SAEFeaturesSpec)
+
+
+def all_specs():
+    """One spec of every kind, with non-default values wherever a field allows it."""
+    return [
+        ActivationPatchingSpec("resid", component="head_out", positions="all", direction="noise",
+                               metric="kl_div", layers=[0, 2]),
+        CausalTracingSpec("trace", subject="Mary", noise=2.5, samples=3, component="mlp_out", window=4, seed=7),
+        AttributionPatchingSpec("attr", component="attn_out", positions="each", direction="noise",
+                                metric="answer_prob"),
+        AblationSpec("abl", component="blocks.1.attn.hook_z", method="resample", positions="each",
+                     metric="logit_diff_recovered", layers=[1], noise=0.5, seed=3),
+        SAEFeaturesSpec("sae", sae="/saes/res_0", hook="blocks.0.hook_resid_post", prompt="corrupted", top_k=0),
+    ]
+
+
+def make_result(name="resid", kind="activation_patching", shape=(3, 4), status="partial", seed=0):
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape).astype(np.float32)
+    values.flat[-1] = np.nan
+    dims = ["layer", "position", "head"][: len(shape)]
+    labels = {"layer": list(range(shape[0]))}
+    if len(shape) > 1:
+        labels["position"] = [f"{i}: tok{i} ü" for i in range(shape[1])]
+    return AnalysisResult(name=name, kind=kind, params={"component": "resid_pre", "layers": [0, 1]},
+                          dims=dims, values=values, labels=labels, status=status, message="stopped early",
+                          tokens_clean=np.array([1, 2, 3, 4]), tokens_corrupted=np.array([1, 2, 5, 4]),
+                          clean_metric=1.5, corrupted_metric=float("nan"), elapsed_s=0.25,
+                          extras={"baseline": np.linspace(0, 1, 5), "names": np.array(["a", "bé"])})
+
+
+def make_project():
+    p = Project(model=ModelRef("/models/tiny", dtype="float32", device="cpu", config_hash="deadbeef"),
+                prompts=Prompts("When Mary and John", "When John and Mary", " Mary", " John", prepend_bos=False))
+    for spec in all_specs():
+        p.add_analysis(spec)
+    p.set_result("resid", make_result())
+    p.set_result("trace", make_result("trace", "causal_tracing", shape=(2,), status="complete", seed=1))
+    p.set_view("open_panes", ["heatmap", "sae"])
+    p.set_view("selected_hooks", ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"])
+    p.set_view("colour_range", {"resid": [-1.0, 1.0]})
+    return p
+
+
+def assert_results_equal(a, b):
+    assert (a.name, a.kind, a.params, list(a.dims), a.labels, a.status, a.message) == \
+           (b.name, b.kind, b.params, list(b.dims), b.labels, b.status, b.message)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert a.values.dtype == b.values.dtype
+    np.testing.assert_array_equal(a.tokens_clean, b.tokens_clean)
+    np.testing.assert_array_equal(a.tokens_corrupted, b.tokens_corrupted)
+    np.testing.assert_equal([a.clean_metric, a.corrupted_metric, a.elapsed_s],
+                            [b.clean_metric, b.corrupted_metric, b.elapsed_s])
+    assert a.extras.keys() == b.extras.keys()
+    for k in a.extras:
+        np.testing.assert_array_equal(a.extras[k], b.extras[k])
+
+
+def assert_projects_equal(a, b):
+    assert a.model == b.model
+    assert a.prompts == b.prompts
+    assert a.view_state == b.view_state
+    assert [e.spec for e in a.analyses] == [e.spec for e in b.analyses]
+    assert [e.result_spec for e in a.analyses] == [e.result_spec for e in b.analyses]
+    for ea, eb in zip(a.analyses, b.analyses):
+        assert (ea.result is None) == (eb.result is None)
+        if ea.result is not None:
+            assert_results_equal(ea.result, eb.result)
