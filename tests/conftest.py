@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test models are tiny: one thread is faster than two fighting over a small matmul, and the suite's
+# processes (pytest, CLI subprocesses) do not oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

@@ -15,9 +15,18 @@ CLEAN = "When Mary and John went, John gave a drink to"
 CORRUPTED = "When Mary and John went, Mary gave a drink to"
 
 
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"  # a training template of lm_ioi
+IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+
+
 @pytest.fixture
 def pair_of():
-    return lambda lm: prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    """Short prompts for the random tiny models (fast references), the template for the trained one."""
+    def make(lm):
+        if "ioi" in lm.path:
+            return prepare_pair(lm, IOI_CLEAN, IOI_CORRUPTED, " Mary", " John")
+        return prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    return make
 
 
 def reference_sweep(lm, pair, component, direction, metric, per_position):
