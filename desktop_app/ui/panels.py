@@ -1,0 +1,360 @@
+"""The dock panels: model, prompts, layer tree, analysis, and the message bar. Widgets only; the window wires
+them to the runner and the project."""
+from __future__ import annotations
+
+import html
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QHBoxLayout, QLabel, QLineEdit, QMenu,
+                               QProgressBar, QPushButton, QSpinBox, QToolButton, QTreeWidget, QTreeWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from desktop_app.project.specs import DIRECTIONS, METRICS, POSITIONS, TRACING_COMPONENTS, ABLATION_METHODS
+
+COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
+KINDS = (("activation_patching", "Activation patching"), ("attribution_patching", "Attribution patching"),
+         ("causal_tracing", "Causal tracing"), ("ablation", "Ablation"))
+# hook kind in the layer tree -> patching component
+HOOK_COMPONENT = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
+                  "attn_out": "attn_out", "mlp_out": "mlp_out", "attn.hook_z": "head_out"}
+
+
+def _named(widget, name: str, tip: str):
+    widget.setObjectName(name)
+    widget.setToolTip(tip)
+    return widget
+
+
+class MessageBar(QFrame):
+    """A non-modal message strip: one sentence, optional Details, optional action button, close."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName("messageBar")
+        self.setFrameShape(QFrame.StyledPanel)
+        self.setAutoFillBackground(True)
+        self.label = _named(QLabel(), "messageLabel", "The last message")
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.details_button = _named(QPushButton("Details"), "messageDetailsButton", "Show the technical details")
+        self.action_button = _named(QPushButton(), "messageActionButton", "")
+        self.close_button = _named(QToolButton(), "messageCloseButton", "Hide this message")
+        self.close_button.setText("✕")
+        self.details = _named(QLabel(), "messageDetails", "Technical details of the message")
+        self.details.setWordWrap(True)
+        self.details.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.details.hide()
+        row = QHBoxLayout()
+        row.addWidget(self.label, 1)
+        row.addWidget(self.action_button)
+        row.addWidget(self.details_button)
+        row.addWidget(self.close_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 4, 4, 4)
+        lay.addLayout(row)
+        lay.addWidget(self.details)
+        self.details_button.clicked.connect(lambda: self.details.setVisible(not self.details.isVisible()))
+        self.close_button.clicked.connect(self.clear)
+        self.action_button.clicked.connect(self._run_action)
+        self._action = None
+        self.level = ""
+        self.hide()
+
+    def show_message(self, text: str, level: str = "info", details: str = "", action_text: str = "", action=None):
+        self.level = level
+        icon = {"error": "⛔ ", "warning": "⚠ ", "info": "ℹ "}.get(level, "")
+        self.label.setText(icon + text)
+        self.details.setText(details)
+        self.details.hide()
+        self.details_button.setVisible(bool(details))
+        self._action = action
+        self.action_button.setText(action_text)
+        self.action_button.setToolTip(action_text)
+        self.action_button.setVisible(bool(action_text))
+        role = QPalette.ToolTipBase if level == "info" else QPalette.Highlight
+        pal = self.palette()
+        pal.setColor(QPalette.Window, self.palette().color(QPalette.AlternateBase if level == "info" else role))
+        if level != "info":
+            pal.setColor(QPalette.WindowText, self.palette().color(QPalette.HighlightedText))
+        self.setPalette(pal)
+        self.show()
+
+    def text(self) -> str:
+        return self.label.text()
+
+    def clear(self):
+        self.level = ""
+        self.label.setText("")
+        self.hide()
+
+    def _run_action(self):
+        action, self._action = self._action, None
+        self.hide()
+        if action is not None:
+            action()
+
+
+class ModelPanel(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.path_edit = _named(QLineEdit(), "modelPathEdit",
+                                "A local Hugging Face model folder (config.json + weights) or a .gguf file")
+        self.path_edit.setPlaceholderText("model folder or .gguf file")
+        self.browse_button = _named(QPushButton("Folder…"), "browseModelButton", "Choose a model folder")
+        self.browse_gguf_button = _named(QPushButton(".gguf…"), "browseGgufButton", "Choose a .gguf file")
+        self.dtype_combo = _named(QComboBox(), "dtypeCombo", "Number format of the weights (auto: the model's own)")
+        self.dtype_combo.addItems(["auto", "float32", "float16", "bfloat16"])
+        self.device_combo = _named(QComboBox(), "deviceCombo",
+                                   "Where the model runs (auto: the GPU if there is one); you can type cuda:1")
+        self.device_combo.setEditable(True)
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.trust_check = _named(QCheckBox("Trust remote code"), "trustRemoteCodeCheck",
+                                  "Allow Python code shipped with the model folder to run (only for folders you trust)")
+        self.load_button = _named(QPushButton("Load"), "loadModelButton", "Load the model (Ctrl+O chooses a folder)")
+        self.unload_button = _named(QPushButton("Unload"), "unloadModelButton", "Free the memory of the loaded model")
+        self.unload_button.setEnabled(False)
+        self.progress = _named(QProgressBar(), "modelProgressBar", "Loading progress")
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.summary = _named(QLabel("No model loaded."), "modelSummaryLabel", "The loaded model")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(self.browse_button)
+        path_row.addWidget(self.browse_gguf_button)
+        opts = QHBoxLayout()
+        opts.addWidget(QLabel("dtype"))
+        opts.addWidget(self.dtype_combo)
+        opts.addWidget(QLabel("device"))
+        opts.addWidget(self.device_combo)
+        opts.addStretch(1)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.trust_check)
+        buttons.addStretch(1)
+        buttons.addWidget(self.load_button)
+        buttons.addWidget(self.unload_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(path_row)
+        lay.addLayout(opts)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.summary)
+        lay.addStretch(1)
+
+
+class ChipsLabel(QLabel):
+    """Tokens as chips with their positions, drawn with palette colours (light and dark mode alike)."""
+
+    def __init__(self, name: str, tip: str):
+        super().__init__()
+        _named(self, name, tip)
+        self.setWordWrap(True)
+        self.setTextFormat(Qt.RichText)
+        self.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.tokens: list[str] = []
+
+    def set_tokens(self, tokens: list[str] | None, note: str = "", prefix: str = "", positions: bool = True):
+        self.tokens = list(tokens or [])
+        bg = self.palette().color(QPalette.AlternateBase).name()
+        dim = self.palette().color(QPalette.PlaceholderText).name()
+        chips = [f"<span style='background-color:{bg}'>&nbsp;{html.escape(t)}&nbsp;</span>"
+                 + (f"<sub style='color:{dim}'>{i}</sub>" if positions else "") for i, t in enumerate(self.tokens)]
+        text = prefix + " ".join(chips)
+        if note:
+            text += ("<br>" if text else "") + f"<b>⚠ {html.escape(note)}</b>"
+        self.setText(text)
+
+
+class PromptsPanel(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.clean_edit = _named(QLineEdit(), "cleanPromptEdit", "The clean prompt: the behaviour you study")
+        self.corrupted_edit = _named(QLineEdit(), "corruptedPromptEdit",
+                                     "The corrupted prompt: the same length in tokens, the behaviour changed")
+        self.answer_edit = _named(QLineEdit(), "answerEdit",
+                                  "The clean prompt's answer: one token, usually with a leading space (' Mary')")
+        self.wrong_edit = _named(QLineEdit(), "wrongAnswerEdit",
+                                 "The corrupted prompt's answer: one token (' John')")
+        self.clean_chips = ChipsLabel("cleanTokens", "Tokens of the clean prompt with their positions")
+        self.corrupted_chips = ChipsLabel("corruptedTokens", "Tokens of the corrupted prompt with their positions")
+        self.answer_chips = ChipsLabel("answerTokens", "Tokens of the answers (each must be one token)")
+        self.clean_edit.setPlaceholderText("When Mary and John went to the store, John gave a drink to")
+        self.corrupted_edit.setPlaceholderText("When Mary and John went to the store, Mary gave a drink to")
+        self.answer_edit.setPlaceholderText(" Mary")
+        self.wrong_edit.setPlaceholderText(" John")
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(4, 2, 4, 2)
+        form = QFormLayout()
+        form.setVerticalSpacing(2)
+        outer.addLayout(form)
+        outer.addStretch(1)
+        form.addRow("Clean", self.clean_edit)
+        form.addRow("", self.clean_chips)
+        form.addRow("Corrupted", self.corrupted_edit)
+        form.addRow("", self.corrupted_chips)
+        answers = QHBoxLayout()
+        answers.addWidget(QLabel("Answer"))
+        answers.addWidget(self.answer_edit)
+        answers.addWidget(QLabel("Wrong"))
+        answers.addWidget(self.wrong_edit)
+        form.addRow(answers)
+        form.addRow("", self.answer_chips)
+
+    def edits(self) -> dict[str, QLineEdit]:
+        return {"clean": self.clean_edit, "corrupted": self.corrupted_edit, "answer": self.answer_edit,
+                "wrong_answer": self.wrong_edit}
+
+    def clear_chips(self, note: str = ""):
+        self.clean_chips.set_tokens([], note)
+        self.corrupted_chips.set_tokens([])
+        self.answer_chips.set_tokens([])
+
+
+class LayerTreePanel(QWidget):
+    patch_here = Signal(str, str)  # hook name, hook kind
+    checked_changed = Signal(list)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.tree = _named(QTreeWidget(), "layerTree",
+                           "Hook points of the loaded model; right-click a hook point for actions")
+        self.tree.setHeaderLabels(["hook point", "shape"])
+        self.tree.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.tree.customContextMenuRequested.connect(self._menu)
+        self.tree.itemChanged.connect(lambda *_: self.checked_changed.emit(self.checked()))
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.tree)
+
+    def set_tree(self, tree: list | None, checked=()):
+        self.tree.blockSignals(True)
+        self.tree.clear()
+        checked = set(checked)
+        for node, groups in tree or []:
+            top = QTreeWidgetItem([node, ""])
+            self.tree.addTopLevelItem(top)
+            for group, points in groups:
+                parent = top
+                if len(groups) > 1:
+                    parent = QTreeWidgetItem([group, ""])
+                    top.addChild(parent)
+                for name, kind, shape in points:
+                    label = "heads (hook_z)" if kind == "attn.hook_z" else name.rsplit(".", 1)[-1]
+                    item = QTreeWidgetItem([label, shape])
+                    item.setData(0, Qt.UserRole, (name, kind))
+                    item.setToolTip(0, name)
+                    item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                    item.setCheckState(0, Qt.Checked if name in checked else Qt.Unchecked)
+                    parent.addChild(item)
+        self.tree.expandToDepth(0)
+        self.tree.resizeColumnToContents(0)
+        self.tree.blockSignals(False)
+
+    def checked(self) -> list[str]:
+        out = []
+        it = [self.tree.topLevelItem(i) for i in range(self.tree.topLevelItemCount())]
+        while it:
+            item = it.pop(0)
+            data = item.data(0, Qt.UserRole)
+            if data and item.checkState(0) == Qt.Checked:
+                out.append(data[0])
+            it.extend(item.child(i) for i in range(item.childCount()))
+        return out
+
+    def _menu(self, pos):
+        item = self.tree.itemAt(pos)
+        data = item.data(0, Qt.UserRole) if item is not None else None
+        menu = QMenu(self)
+        patch = menu.addAction("Patch sweep here")
+        patch.setEnabled(bool(data) and data[1] in HOOK_COMPONENT)
+        menu.addAction("Capture activations").setEnabled(False)
+        menu.addAction("Attach SAE…").setEnabled(False)
+        chosen = menu.exec(self.tree.viewport().mapToGlobal(pos))
+        if chosen is patch and data:
+            self.patch_here.emit(*data)
+
+
+class AnalysisPanel(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.kind_combo = _named(QComboBox(), "analysisKindCombo", "Which analysis to run")
+        for kind, label in KINDS:
+            self.kind_combo.addItem(label, kind)
+        self.component_combo = _named(QComboBox(), "componentCombo",
+                                      "Which activation is patched, in every layer (head_out: each attention head)")
+        self.positions_combo = _named(QComboBox(), "positionsCombo",
+                                      "each: one cell per token position; all: every position at once")
+        self.positions_combo.addItems(POSITIONS)
+        self.direction_combo = _named(QComboBox(), "directionCombo",
+                                      "denoise: run corrupted, patch in clean; noise: run clean, patch in corrupted")
+        self.direction_combo.addItems(DIRECTIONS)
+        self.metric_combo = _named(QComboBox(), "metricCombo", "What is measured at the last position")
+        self.metric_combo.addItems(METRICS)
+        self.metric_combo.setCurrentText("logit_diff_recovered")
+        self.method_combo = _named(QComboBox(), "ablationMethodCombo", "How an ablated activation is replaced")
+        self.method_combo.addItems(ABLATION_METHODS)
+        self.subject_edit = _named(QLineEdit(), "subjectEdit",
+                                   "Causal tracing: the text inside the clean prompt whose embeddings are noised")
+        self.batch_spin = _named(QSpinBox(), "batchSizeSpin",
+                                 "Cells per forward pass (0: as many as memory allows); lower it after out-of-memory")
+        self.batch_spin.setRange(0, 4096)
+        self.batch_spin.setSpecialValueText("auto")
+        self.run_button = _named(QPushButton("Run"), "runButton", "Run the analysis (Ctrl+R or F5)")
+        self.cancel_button = _named(QPushButton("Cancel"), "cancelButton",
+                                    "Stop the running analysis and keep the finished cells (Esc)")
+        self.cancel_button.setEnabled(False)
+        self.progress = _named(QProgressBar(), "progressBar", "Cells done of the running analysis")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m cells")
+        self.rate_label = _named(QLabel(" "), "progressRateLabel", "Speed and time left of the running analysis")
+
+        form = QFormLayout(self)
+        form.addRow("Analysis", self.kind_combo)
+        form.addRow("Component", self.component_combo)
+        form.addRow("Positions", self.positions_combo)
+        form.addRow("Direction", self.direction_combo)
+        form.addRow("Metric", self.metric_combo)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Subject", self.subject_edit)
+        form.addRow("Batch", self.batch_spin)
+        self._form = form
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        form.addRow(buttons)
+        form.addRow(self.progress)
+        form.addRow(self.rate_label)
+        self.kind_combo.currentIndexChanged.connect(self._kind_changed)
+        self._kind_changed()
+
+    def kind(self) -> str:
+        return self.kind_combo.currentData()
+
+    def _kind_changed(self, *_):
+        kind = self.kind()
+        current = self.component_combo.currentText()
+        comps = TRACING_COMPONENTS if kind == "causal_tracing" else COMPONENTS
+        self.component_combo.blockSignals(True)
+        self.component_combo.clear()
+        self.component_combo.addItems(comps)
+        if kind == "ablation" and current not in comps:
+            current = "head_out"
+        self.component_combo.setCurrentText(current if current in comps else comps[0])
+        self.component_combo.blockSignals(False)
+        visible = {"positions": kind != "causal_tracing", "direction": kind in ("activation_patching",
+                                                                                "attribution_patching"),
+                   "metric": kind != "causal_tracing", "method": kind == "ablation",
+                   "subject": kind == "causal_tracing"}
+        for key, widget in (("positions", self.positions_combo), ("direction", self.direction_combo),
+                            ("metric", self.metric_combo), ("method", self.method_combo),
+                            ("subject", self.subject_edit)):
+            self._form.setRowVisible(widget, visible[key])
+
+    def set_running(self, running: bool):
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)

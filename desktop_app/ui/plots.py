@@ -1,0 +1,326 @@
+"""The result pane: a pyqtgraph heatmap (2-D results) or bar/line plot (1-D results) of one AnalysisResult.
+
+Heatmaps follow pyqtgraph's MatrixDisplayExample: a row-major ImageItem (row = first dim, first row at the
+top, as imshow and the exported figures draw it), category labels as axis ticks, and a ColorBarItem with the
+shared diverging map centred on 0. Streaming cells are written into the result's array as they arrive and
+repainted at most ~30 times a second with `setImage(..., autoLevels=False)`.
+
+pyqtgraph (a third of the start-up time) is imported when the pane is first shown or given a result, after
+the window is already on screen.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPointF, Qt, QTimer, Signal
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+
+from desktop_app.engine.results import AnalysisResult
+from desktop_app.ui.colormaps import diverging_lut, lut_for_limits
+
+REPAINT_MS = 33
+_NON_NEGATIVE_KINDS = ("causal_tracing", "sae_features")  # probabilities / activations: white-to-red
+_MAX_LABEL = 14
+
+
+def _short(label: str) -> str:
+    text = str(label)
+    return text if len(text) <= _MAX_LABEL else text[:_MAX_LABEL - 1] + "…"
+
+
+def _tick_text(label: str) -> str:
+    """A position label "3: ·John" drawn as "·John" on the axis (the index is in the hover text)."""
+    head, sep, rest = str(label).partition(": ")
+    return rest if sep and head.isdigit() else str(label)
+
+
+def _fmt(v: float) -> str:
+    return "—" if not np.isfinite(v) else f"{v:.4g}"
+
+
+class ResultView(QWidget):
+    """Shows one result; the window keeps one of these named `heatmapView`."""
+
+    cell_clicked = Signal(object, float)  # index tuple into the shown 2-D/1-D array, value
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.result: AnalysisResult | None = None
+        self._shown = np.zeros((0, 0), np.float32)  # the 2-D (or 1-D) array on screen
+        self._row_labels: list[str] = []
+        self._col_labels: list[str] = []
+        self._dims: list[str] = []
+        self._dirty = False
+
+        top = QHBoxLayout()
+        self.title_label = QLabel("Run an analysis to see its result here.")
+        self.title_label.setObjectName("resultTitle")
+        self.title_label.setWordWrap(True)
+        self.title_label.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+        self.position_combo = QComboBox()
+        self.position_combo.setObjectName("headPositionCombo")
+        self.position_combo.setToolTip("Head results per position: show the sum over positions or one position")
+        self.position_combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
+        self.position_combo.hide()
+        top.addWidget(self.title_label, 1)
+        top.addWidget(self.position_combo)
+
+        self.hover_label = QLabel(" ")
+        self.hover_label.setObjectName("hoverLabel")
+        self.hover_label.setToolTip("The cell under the mouse; click a cell to keep its value here")
+        self.hover_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        self.graphics = None
+        self._placeholder = QLabel("")
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(top)
+        layout.addWidget(self._placeholder, 1)
+        layout.addWidget(self.hover_label)
+        self._layout = layout
+
+        self._timer = QTimer(self)
+        self._timer.setInterval(REPAINT_MS)
+        self._timer.timeout.connect(self._repaint_if_dirty)
+        self._timer.start()
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if self.graphics is None:
+            QTimer.singleShot(0, self._ensure_graphics)
+
+    def _ensure_graphics(self):
+        if self.graphics is not None:
+            return
+        import pyqtgraph as pg
+
+        text = self.palette().color(QPalette.WindowText)
+        pg.setConfigOptions(antialias=False, foreground=text)  # axis text follows the light / dark palette
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setObjectName("heatmapGraphics")
+        self.graphics.setBackground(None)  # the system palette: right in light and dark mode
+        self.plot = self.graphics.addPlot(row=0, col=0)
+        self.plot.setMenuEnabled(False)
+        self.plot.hideButtons()
+        self.plot.getViewBox().invertY(True)
+        self.plot.getViewBox().setMouseEnabled(x=False, y=False)
+        self.image_item = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.image_item)
+        self._cmap = pg.ColorMap(np.linspace(0.0, 1.0, 256), diverging_lut(256))
+        self.colorbar = pg.ColorBarItem(values=(-1, 1), colorMap=self._cmap, interactive=False, width=16,
+                                        label="")
+        self.colorbar.setImageItem(self.image_item, insert_in=self.plot)
+        self.colorbar.axis.enableAutoSIPrefix(False)  # "400 (x0.001)" reads worse than 0.4
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush=pg.mkBrush(178, 24, 43))
+        self.line = pg.PlotDataItem([], [], symbol="o", symbolSize=5)
+        self.plot.addItem(self.bars)
+        self.plot.addItem(self.line)
+        self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+
+        self._layout.replaceWidget(self._placeholder, self.graphics)
+        self._placeholder.deleteLater()
+        self._set_mode(None)
+        if self.result is not None:
+            self._refresh(full=True)
+
+    # ---- public API ----
+    def set_result(self, result: AnalysisResult | None) -> None:
+        self._ensure_graphics()
+        self.result = result
+        self._setup_position_combo()
+        self._refresh(full=True)
+
+    def update_cells(self, index: tuple, values) -> None:
+        """Write streamed cells into the result's array; the repaint timer shows them."""
+        if self.result is None:
+            return
+        self.result.values[index] = values
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Repaint now (the end of a job)."""
+        self._refresh(full=False)
+
+    def image_data(self) -> np.ndarray:
+        """The array on screen: the heatmap's image, or the 1-D values of a bar/line plot."""
+        return self._shown.copy()
+
+    def levels(self) -> tuple[float, float]:
+        self._ensure_graphics()
+        return tuple(self.colorbar.levels())
+
+    # ---- drawing ----
+    def _setup_position_combo(self):
+        r = self.result
+        self.position_combo.blockSignals(True)
+        self.position_combo.clear()
+        show = r is not None and r.values.ndim == 3 and "position" in r.dims
+        if show:
+            self.position_combo.addItem("sum over positions")
+            labels = r.labels.get("position") or [str(i) for i in range(r.values.shape[r.dims.index("position")])]
+            self.position_combo.addItems([f"position {lab}" for lab in labels])
+        self.position_combo.setVisible(show)
+        self.position_combo.blockSignals(False)
+
+    def _shown_array(self):
+        """(array 1-D or 2-D, its dims) for the result and the position selector."""
+        r = self.result
+        values, dims = np.asarray(r.values, dtype=np.float32), list(r.dims)
+        while values.ndim > 2:
+            axis = dims.index("position") if "position" in dims[1:] else values.ndim - 1
+            choice = self.position_combo.currentIndex() if dims[axis] == "position" else 0
+            if choice > 0:
+                values = np.take(values, choice - 1, axis=axis)
+            else:
+                values = values.sum(axis=axis)  # NaN propagates: a partial sum is not shown as a sum
+            dims.pop(axis)
+        return values, dims
+
+    def _labels(self, dim: str, n: int) -> list[str]:
+        given = self.result.labels.get(dim) if self.result else None
+        return [str(x) for x in given] if given is not None and len(given) == n else [str(i) for i in range(n)]
+
+    def _set_mode(self, mode: str | None):
+        heat = mode == "heatmap"
+        self.image_item.setVisible(heat)
+        self.colorbar.setVisible(heat)
+        self.bars.setVisible(mode == "bars")
+        self.line.setVisible(mode == "line")
+
+    def _refresh(self, full: bool):
+        self._dirty = False
+        r = self.result
+        if r is None:
+            self._shown = np.zeros((0, 0), np.float32)
+            self._set_mode(None)
+            self.title_label.setText("Run an analysis to see its result here.")
+            return
+        values, dims = self._shown_array()
+        self._shown = values
+        if full:
+            self._dims = dims
+            self.title_label.setText(self._title())
+        if values.ndim == 2:
+            self._paint_heatmap(values, dims, full)
+        else:
+            self._paint_series(values.reshape(-1), dims[:1] or ["value"], full)
+        if not full:
+            self.title_label.setText(self._title())
+
+    def _paint_heatmap(self, values, dims, full):
+        self._set_mode("heatmap")
+        lo, hi = self._limits(values)
+        self.image_item.setImage(values, autoLevels=False, levels=(lo, hi))
+        if (lo, hi) != tuple(self.colorbar.levels()):
+            if lo < 0:
+                self.colorbar.setColorMap(self._cmap)
+            else:
+                import pyqtgraph as pg
+                self.colorbar.setColorMap(pg.ColorMap(np.linspace(0.0, 1.0, 256), lut_for_limits(lo, hi)))
+            self.colorbar.setLevels((lo, hi))
+        if not full:
+            return
+        self.plot.getViewBox().invertY(True)
+        n_rows, n_cols = values.shape
+        self._row_labels = self._labels(dims[0], n_rows)
+        self._col_labels = self._labels(dims[1], n_cols)
+        self.image_item.setRect(0, 0, n_cols, n_rows)
+        left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
+        left.setTicks([[(i + 0.5, _short(t)) for i, t in enumerate(self._row_labels)]])
+        bottom.setTicks([[(j + 0.5, _short(_tick_text(t))) for j, t in enumerate(self._col_labels)]])
+        left.setLabel(dims[0])
+        bottom.setLabel(dims[1])
+        self.colorbar.axis.setLabel(self._value_name())
+        self.plot.setRange(xRange=(0, n_cols), yRange=(0, n_rows), padding=0)
+
+    def _paint_series(self, values, dims, full):
+        n = values.size
+        xs = np.arange(n)
+        finite = np.where(np.isfinite(values), values, 0.0)
+        if n <= 64:
+            self._set_mode("bars")
+            self.bars.setOpts(x=xs, height=finite, width=0.8)
+        else:
+            self._set_mode("line")
+            self.line.setData(xs, values, connect="finite")
+        if full:
+            self._row_labels = self._labels(dims[0], n)
+            self._col_labels = []
+            bottom, left = self.plot.getAxis("bottom"), self.plot.getAxis("left")
+            bottom.setTicks([[(i, _short(t)) for i, t in enumerate(self._row_labels)]] if n <= 64 else None)
+            bottom.setLabel(dims[0])
+            left.setTicks(None)
+            left.setLabel(self._value_name())
+            self.plot.getViewBox().invertY(False)
+        lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if np.isfinite(values).any() else (0.0, 1.0)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        self.plot.setRange(xRange=(-0.6, n - 0.4), yRange=(lo - pad, hi + pad), padding=0)
+
+    def _limits(self, values) -> tuple[float, float]:
+        finite = values[np.isfinite(values)]
+        m = float(np.abs(finite).max()) if finite.size else 0.0
+        m = m or 1.0
+        if self.result is not None and self.result.kind in _NON_NEGATIVE_KINDS and (finite >= 0).all():
+            return 0.0, m
+        return -m, m  # symmetric: 0 is white
+
+    def _value_name(self) -> str:
+        r = self.result
+        return str(r.params.get("metric") or {"causal_tracing": "answer probability"}.get(r.kind, "value"))
+
+    def _title(self) -> str:
+        r = self.result
+        parts = [f"<b>{r.name}</b> — {r.kind.replace('_', ' ')}"]
+        for key in ("component", "direction", "positions"):
+            if r.params.get(key):
+                parts.append(f"{key} {r.params[key]}")
+        refs = [f"{n} {_fmt(v)}" for n, v in (("clean", r.clean_metric), ("corrupted", r.corrupted_metric))
+                if np.isfinite(v)]
+        if refs:
+            parts.append(f"{self._value_name()}: " + ", ".join(refs))
+        if r.status != "complete":
+            parts.append(f"<i>{r.status}: {r.done_fraction():.0%} of cells</i>")
+        if r.message:
+            parts.append(r.message)
+        return " · ".join(parts)
+
+    def _repaint_if_dirty(self):
+        if self._dirty and self.graphics is not None:
+            self._refresh(full=False)
+
+    # ---- mouse ----
+    def _cell_at(self, scene_pos: QPointF):
+        if self.result is None or not self.plot.sceneBoundingRect().contains(scene_pos):
+            return None
+        p = self.plot.getViewBox().mapSceneToView(scene_pos)
+        if self._shown.ndim == 2:
+            row, col = int(np.floor(p.y())), int(np.floor(p.x()))
+            if 0 <= row < self._shown.shape[0] and 0 <= col < self._shown.shape[1]:
+                return (row, col)
+        elif self._shown.ndim == 1:
+            i = int(np.round(p.x()))
+            if 0 <= i < self._shown.shape[0]:
+                return (i,)
+        return None
+
+    def describe(self, cell) -> str:
+        v = float(self._shown[cell])
+        if len(cell) == 2:
+            where = f"{self._dims[0]} {self._row_labels[cell[0]]}, {self._dims[1]} {self._col_labels[cell[1]]}"
+        else:
+            where = f"{self._dims[0] if self._dims else 'index'} {self._row_labels[cell[0]]}"
+        return f"{where}: {self._value_name()} = {_fmt(v)}"
+
+    def _on_mouse_moved(self, scene_pos):
+        cell = self._cell_at(scene_pos)
+        if cell is not None:
+            self.hover_label.setText(self.describe(cell))
+
+    def _on_mouse_clicked(self, event):
+        cell = self._cell_at(event.scenePos())
+        if cell is not None:
+            self.hover_label.setText("Selected: " + self.describe(cell))
+            self.cell_clicked.emit(cell, float(self._shown[cell]))

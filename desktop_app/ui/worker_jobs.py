@@ -1,0 +1,181 @@
+"""The jobs the window hands to the runner, as `fn(state, cancel)` closures.
+
+They run in the runner thread: engine modules (and with them torch) are imported inside the functions, never
+when this module is imported. What they return to the UI is plain data (strings, lists, numpy arrays,
+AnalysisResult), never the model itself.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from desktop_app.engine.errors import ModelLoadError
+
+
+@dataclass
+class ModelLoaded:
+    path: str
+    summary: str
+    info: dict
+    tree: list  # [(node label, [(group label, [(hook name, kind, shape text)])])]
+    config_hash: str
+    device: str
+    memory_bytes: int
+
+
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+    def job(state, cancel):
+        from desktop_app.engine.loading import load_model_job
+
+        state.lm = None  # the old model goes before the new one is read, so both never sit in memory
+        _free_memory()
+        lm = yield from load_model_job(path, dtype, device, trust_remote_code, cancel)
+        state.lm = lm
+        tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])
+                for node, groups in lm.hook_tree()]
+        return ModelLoaded(path=str(lm.path), summary=lm.info.summary(), info=lm.info.to_dict(), tree=tree,
+                           config_hash=lm.config_hash, device=lm.info.device, memory_bytes=lm.info.memory_bytes)
+    return job
+
+
+def unload_model():
+    def job(state, cancel):
+        state.lm = None
+        _free_memory()
+        return None
+    return job
+
+
+def _free_memory():
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _need_model(state):
+    if state.lm is None:
+        raise ModelLoadError("no model is loaded; choose a model folder and click Load.")
+    return state.lm
+
+
+@dataclass
+class Tokenized:
+    """Tokens of each prompt field: display strings, or an error sentence, per field name."""
+    tokens: dict  # field -> list of display strings
+    errors: dict  # field -> message
+
+
+def tokenize(texts: dict, prepend_bos=None):
+    """texts: {"clean": ..., "corrupted": ..., "answer": ..., "wrong_answer": ...}."""
+    def job(state, cancel):
+        lm = state.lm
+        if lm is None:
+            return None
+        tokens, errors = {}, {}
+        for field, text in texts.items():
+            if not text:
+                continue
+            try:
+                if field in ("answer", "wrong_answer"):
+                    tokens[field] = lm.token_pieces(text).display
+                else:
+                    tokens[field] = lm.tokenize(text, prepend_bos, what=field.replace("_", " ")).display
+            except Exception as err:  # noqa: BLE001 - shown next to the field, never fatal
+                errors[field] = str(err)
+        return Tokenized(tokens, errors)
+    return job
+
+
+@dataclass
+class Skeleton:
+    """The empty result (NaN cells, dims and labels) a streaming analysis is about to fill."""
+    result: object
+
+
+def _skeleton(lm, prompts, spec):
+    """The empty result of a patching-shaped spec, so streamed cells can be drawn before the job returns."""
+    if spec.kind not in ("activation_patching", "attribution_patching") or spec.component.startswith("blocks."):
+        return None
+    import numpy as np
+
+    from desktop_app.engine.patching import SweepPlan, _labels
+    from desktop_app.engine.prompts import prepare_pair
+    from desktop_app.engine.results import AnalysisResult, empty_values
+
+    pair = prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
+                        prompts.prepend_bos)
+    layers = list(getattr(spec, "layers", None) or range(lm.info.n_layers))
+    plan = SweepPlan(spec.component, spec.positions == "each", layers, pair.n_pos, lm.info.n_heads)
+    params = dict(component=spec.component, positions=spec.positions, direction=spec.direction, metric=spec.metric)
+    return AnalysisResult(name=spec.name, kind=spec.kind, params=params, dims=plan.dims,
+                          values=empty_values(plan.shape), labels=_labels(lm, plan, pair), status="partial",
+                          tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
+
+
+def run_analysis(prompts, spec, batch_size: int | None = None):
+    """Run one analysis spec (project.specs) on the loaded model with `prompts` (project.specs.Prompts)."""
+    def job(state, cancel):
+        lm = _need_model(state)
+        skeleton = _skeleton(lm, prompts, spec)
+        if skeleton is not None:
+            yield Skeleton(skeleton)
+        try:
+            from desktop_app.project.execute import analysis_job
+        except ImportError:
+            analysis_job = None
+        if analysis_job is not None:
+            kwargs = {}
+            if batch_size and "batch_size" in inspect.signature(analysis_job).parameters:
+                kwargs["batch_size"] = batch_size
+            return (yield from analysis_job(lm, prompts, spec, cancel, **kwargs))
+        return (yield from _activation_patching_only(lm, prompts, spec, cancel, batch_size))
+    return job
+
+
+def _activation_patching_only(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.errors import SpecError
+    from desktop_app.engine.patching import activation_patching_job
+    from desktop_app.engine.prompts import prepare_pair
+
+    if spec.kind != "activation_patching":
+        raise SpecError(f"{spec.kind.replace('_', ' ')} is not available in this build yet; "
+                        "choose activation patching.")
+    pair = prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
+                        prompts.prepend_bos)
+    return (yield from activation_patching_job(
+        lm, pair, spec.component, spec.positions, spec.direction, spec.metric, name=spec.name,
+        layers=spec.layers, cancel=cancel, batch_size=batch_size or None))
+
+
+@dataclass
+class Predictions:
+    """Top next-token predictions at the last position, per run: [(token display, probability)]."""
+    rows: dict
+
+
+def top_predictions(prompts, k: int = 5):
+    def job(state, cancel):
+        import torch
+
+        from desktop_app.engine.capture import as_ids, forward_logits
+
+        lm = _need_model(state)
+        rows = {}
+        for what, text in (("clean", prompts.clean), ("corrupted", prompts.corrupted)):
+            if not text:
+                continue
+            ids = lm.tokenize(text, prompts.prepend_bos, what=f"{what} prompt").ids
+            logits = forward_logits(lm, as_ids(ids))[0, -1].float()
+            probs = torch.softmax(logits, -1)
+            top = torch.topk(probs, k)
+            shown = lm.tokens_of_ids(top.indices.tolist()).display
+            rows[what] = list(zip(shown, [float(p) for p in top.values]))
+            cancel.check()
+        return Predictions(rows)
+    return job
