@@ -182,9 +182,16 @@ def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, 
     cell taken from `source` (any run-shaped object holding replacement activations). Yields Partial and
     Progress (done counts the cells finished); out-of-memory halves the rows and retries."""
     rows = batch_size or rows_per_batch(lm, plan.n_pos)
-    cells = plan.cells_of_layer()
     total, done = values.size, 0
+    unpatched = float(ctx(target.logits_last[None])[0])
     for row_of_layer, layer in enumerate(plan.layers):
+        noop, cells = _split_noop_cells(plan, target, source, layer)
+        if noop:  # replacing an activation by an identical one changes nothing: no forward pass needed
+            index = _cell_index(plan, row_of_layer, noop)
+            vals = np.full(len(noop), unpatched, dtype=values.dtype)
+            values[index] = vals
+            done += len(noop)
+            yield Partial(index=index, values=vals)
         start = 0
         while start < len(cells):
             cancel.check()
@@ -201,12 +208,45 @@ def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, 
                 _free_cache()
                 continue
             vals = ctx(logits).cpu().numpy()
-            index = tuple(np.array(ix) for ix in zip(*[plan.index_of(row_of_layer, p, h) for p, h in chunk]))
+            index = _cell_index(plan, row_of_layer, chunk)
             values[index] = vals
             done += len(chunk)
             start += len(chunk)
             yield Partial(index=index, values=vals)
             yield Progress(done, total, f"layer {layer}")
+
+
+def _cell_index(plan: SweepPlan, row_of_layer: int, cells) -> tuple:
+    return tuple(np.array(ix) for ix in zip(*[plan.index_of(row_of_layer, p, h) for p, h in cells]))
+
+
+def _layer_activation(run, component: str, layer: int):
+    if component == "resid_pre":
+        return run.resid_pre[layer]
+    if component == "resid_post":
+        return run.resid_post(layer) if hasattr(run, "resid_post") else None
+    return getattr(run, "acts", {}).get(hook_name(layer, "attn.hook_z" if component == "head_out" else component))
+
+
+def _split_noop_cells(plan: SweepPlan, target, source, layer: int):
+    """(cells whose source slice equals the target's exactly, the other cells). Prompts that share a prefix
+    have identical activations there in a causal model, so those cells need no forward pass."""
+    cells = plan.cells_of_layer()
+    try:
+        a = _layer_activation(target, plan.component, layer)
+        b = _layer_activation(source, plan.component, layer)
+    except (AttributeError, IndexError, KeyError):
+        return [], cells
+    if a is None or b is None or a.shape != b.shape:
+        return [], cells
+    same = (a[0] == b[0])  # [pos, d] or [pos, head, d_head]
+    same = same.flatten(2).all(-1) if plan.component == "head_out" else same.all(-1)
+    noop, rest = [], []
+    for pos, head in cells:
+        s = same[:, head] if head >= 0 else same
+        s = s.all() if pos < 0 else s[pos]
+        (noop if bool(s) else rest).append((pos, head))
+    return noop, rest
 
 
 def _clean_corrupted_logits(target: RecordedRun, source: RecordedRun, direction: str):

@@ -129,7 +129,9 @@ def test_streams_partials_and_cancel_keeps_cells(lm_gpt2, pair_of):
                                            cancel=token, batch_size=4), on_event)
     assert result.status == "partial" and "cancelled" in result.message
     done = np.isfinite(result.values)
-    assert done.sum() == 12  # three chunks of four cells, nothing after the cancel
+    # the shared-prefix cells (no forward pass needed) arrive first, then chunks of four; nothing after the cancel
+    assert done.sum() == sum(len(e.values) for e in seen) < done.size
+    assert [len(e.values) for e in seen[1:]] == [4, 4]
     full = drive(activation_patching_job(lm_gpt2, pair, "head_out", "each", "denoise", "logit_diff"))
     np.testing.assert_allclose(result.values[done], full.values[done], atol=1e-6)
     for event in seen:
@@ -147,10 +149,10 @@ def test_out_of_memory_shrinks_the_batch(lm_gpt2, pair_of, monkeypatch):
         return real(lm, target, source, component, layer, cells, cancel)
     monkeypatch.setattr(patching, "_chunk_logits", fake)
     pair = pair_of(lm_gpt2)
-    result = drive(activation_patching_job(lm_gpt2, pair, "resid_pre", "each", "denoise", "logit_diff",
+    result = drive(activation_patching_job(lm_gpt2, pair, "head_out", "each", "denoise", "logit_diff",
                                            batch_size=16))
     assert result.status == "complete" and np.isfinite(result.values).all()
-    assert sizes[:3] == [pair.n_pos, 8, 4] and max(sizes[3:]) <= 3
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 3
 
 
 def test_bad_inputs(lm_gpt2):
