@@ -47,7 +47,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 
 def _source_acts(lm, ids, names, cancel):
     with torch.no_grad(), hooks(lm, read=names, cancel=cancel) as store:
-        logits = forward_logits(lm, as_ids(ids))[0, -1].float().cpu()
+        logits = forward_logits(lm, as_ids(ids), last_only=True)[0, -1].float().cpu()
     return logits, {n: store[n] for n in names}
 
 
@@ -59,7 +59,7 @@ def _target_grads(lm, ids, names, make_metric, cancel):
     # are derived views otherwise)
     write.update({n: (lambda a: a) for n in names})
     with torch.enable_grad(), hooks(lm, read=names, write=write, keep_graph=True, cancel=cancel) as store:
-        logits = forward_logits(lm, as_ids(ids))[0, -1]
+        logits = forward_logits(lm, as_ids(ids), last_only=True)[0, -1]
         ctx = make_metric(logits.detach().float().cpu())
         value = ctx(logits[None])[0]
         acts = [store[n] for n in names]

@@ -184,11 +184,18 @@ def _forward_order(name: str):
     return (layer, BLOCK_KINDS.index(kind))
 
 
-def forward_logits(lm, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, pos, vocab] of a plain forward pass (no KV cache)."""
+def forward_logits(lm, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """Logits [batch, pos, vocab] of a plain forward pass (no KV cache); with last_only, [batch, 1, vocab]
+    and the unembedding is computed for the last position alone."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    return lm.model(input_ids=input_ids.to(lm.input_device), use_cache=False).logits
+    extra = {"logits_to_keep": 1} if last_only else {}
+    try:
+        return lm.model(input_ids=input_ids.to(lm.input_device), use_cache=False, **extra).logits
+    except TypeError:
+        if not extra:
+            raise
+        return lm.model(input_ids=input_ids.to(lm.input_device), use_cache=False).logits[:, -1:]
 
 
 def as_ids(ids) -> torch.Tensor:
