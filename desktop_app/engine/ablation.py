@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import forward_logits, hooks, run_with_cache
-from desktop_app.engine.errors import JobCancelled, OutOfMemory, PromptError, SpecError
+from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import hook_name, parse_hook_name
-from desktop_app.engine.jobs import CancelToken, Partial, Progress
+from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
 from desktop_app.engine.memory import rows_per_batch
 from desktop_app.engine.metrics import METRICS, MetricContext
 from desktop_app.engine.patching import (COMPONENTS, SweepPlan, _labels, _patch_rows, _source_reads, sweep_layers,
@@ -175,10 +175,10 @@ def ablation_job(lm, pair: PromptPair, component: str = "head_out", method: str 
                     source_prompt=source_prompt),
         dims=dims, values=values, labels=labels,
         tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
-    total, done = values.size, 0
-    yield Progress(0, total, "recording the clean run")
-    with torch.inference_mode():
-        try:
+    yield Progress(0, values.size, "recording the clean run")
+
+    def cells():
+        with torch.inference_mode():
             reads = names if full else _source_reads(component, lm.info.n_layers)
             clean = record_run(lm, pair.clean.ids, reads, cancel)
             corrupted_logits = clean.logits_last
@@ -195,17 +195,8 @@ def ablation_job(lm, pair: PromptPair, component: str = "head_out", method: str 
             else:
                 source = _replacement_run(clean, component, layers, repl)
                 events = sweep_layers(lm, plan, clean, source, ctx, values, cancel, batch_size)
-            for event in events:
-                done = event.done if isinstance(event, Progress) else done
-                yield event
-        except JobCancelled:
-            result.status = "partial"
-            result.message = f"cancelled after {done} of {total} cells"
-        except OutOfMemory as err:
-            result.status = "partial" if done else "failed"
-            result.message = str(err)
-    result.elapsed_s = time.perf_counter() - t0
-    return result
+            yield from events
+    return (yield from stream_cells(result, cells(), t0))
 
 
 def _ablate_one_hook(lm, clean: RecordedRun, name: str, repl: torch.Tensor, positions: str, ctx, values, cancel,

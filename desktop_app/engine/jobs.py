@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
-from desktop_app.engine.errors import JobCancelled
+from desktop_app.engine.errors import JobCancelled, OutOfMemory
 
 
 @dataclass
@@ -62,3 +63,23 @@ def drive(job: Job, on_event: Callable[[Any], None] | None = None) -> Any:
                 on_event(event)
     except StopIteration as stop:
         return stop.value
+
+
+def stream_cells(result, cells: Job, started: float):
+    """Pass on the events of `cells`, a generator that fills result.values; a cancel or an out-of-memory ends
+    it with the finished cells kept (status partial, or failed when none was finished). Sets elapsed_s and
+    returns the result: `return (yield from stream_cells(result, cells(), t0))`."""
+    done = 0
+    try:
+        for event in cells:
+            if isinstance(event, Progress):
+                done = event.done
+            yield event
+    except JobCancelled:
+        result.status = "partial"
+        result.message = f"cancelled after {done} of {result.values.size} cells"
+    except OutOfMemory as err:
+        result.status = "partial" if done else "failed"
+        result.message = str(err)
+    result.elapsed_s = time.perf_counter() - started
+    return result

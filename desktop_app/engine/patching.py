@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from desktop_app.engine.errors import JobCancelled, OutOfMemory, SpecError
+from desktop_app.engine.errors import OutOfMemory, SpecError
 from desktop_app.engine.hooknames import hook_name
-from desktop_app.engine.jobs import CancelToken, Partial, Progress
+from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
 from desktop_app.engine.memory import is_oom, rows_per_batch
 from desktop_app.engine.metrics import METRICS, MetricContext
 from desktop_app.engine.prompts import PromptPair
@@ -153,27 +153,17 @@ def activation_patching_job(lm, pair: PromptPair, component: str = "resid_pre", 
         params=dict(component=component, positions=positions, direction=direction, metric=metric),
         dims=plan.dims, values=values, labels=_labels(lm, plan, pair),
         tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
-    total = values.size
-    done = 0
-    yield Progress(0, total, "recording the clean and corrupted runs")
-    with torch.inference_mode():
-        try:
+    yield Progress(0, values.size, "recording the clean and corrupted runs")
+
+    def cells():
+        with torch.inference_mode():
             target, source = patching_runs(lm, pair, component, direction, cancel)
             ctx = MetricContext(metric, pair.answer_id, pair.wrong_id,
                                 *_clean_corrupted_logits(target, source, direction))
             result.clean_metric, result.corrupted_metric = ctx.clean_value, ctx.corrupted_value
             result.message = ctx.warning
-            for event in sweep_layers(lm, plan, target, source, ctx, values, cancel, batch_size):
-                done = event.done if isinstance(event, Progress) else done
-                yield event
-        except JobCancelled:
-            result.status = "partial"
-            result.message = f"cancelled after {done} of {total} cells"
-        except OutOfMemory as err:
-            result.status = "partial" if done else "failed"
-            result.message = str(err)
-    result.elapsed_s = time.perf_counter() - t0
-    return result
+            yield from sweep_layers(lm, plan, target, source, ctx, values, cancel, batch_size)
+    return (yield from stream_cells(result, cells(), t0))
 
 
 def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, ctx: MetricContext,

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks
-from desktop_app.engine.errors import JobCancelled, OutOfMemory, PromptError, SpecError
+from desktop_app.engine.errors import OutOfMemory, PromptError, SpecError
 from desktop_app.engine.hooknames import EMBED, hook_name
-from desktop_app.engine.jobs import CancelToken, Partial, Progress
+from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
 from desktop_app.engine.memory import is_oom, rows_per_batch
 from desktop_app.engine.model import TokenInfo
 from desktop_app.engine.prompts import PromptPair
@@ -177,10 +177,12 @@ def causal_tracing_job(lm, pair: PromptPair, subject: str, noise: float = 3.0, s
         labels={"layer": [str(L) for L in range(n)], "position": pair.clean.labels()},
         tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.clean.ids),
         extras={"subject_positions": np.array(positions, dtype=np.int64)})
-    total, done = values.size, 0
+    total = values.size
     yield Progress(0, total, "recording the clean run and the noisy copies")
-    with torch.inference_mode():
-        try:
+
+    def cells():
+        done = 0
+        with torch.inference_mode():
             state = prepare_trace(lm, pair.clean.ids, pair.answer_id, positions, component, float(noise), samples,
                                   int(seed), cancel)
             result.clean_metric = float(torch.softmax(state.clean.logits_last, -1)[pair.answer_id])
@@ -190,11 +192,11 @@ def causal_tracing_job(lm, pair: PromptPair, subject: str, noise: float = 3.0, s
             groups: dict[int, list[tuple[int, int]]] = {}
             for L in range(n):
                 groups.setdefault(start_layer(L, component, window), []).extend((L, t) for t in range(n_pos))
-            for cells in groups.values():
+            for group in groups.values():
                 i = 0
-                while i < len(cells):
+                while i < len(group):
                     cancel.check()
-                    chunk = cells[i:i + per_chunk]
+                    chunk = group[i:i + per_chunk]
                     try:
                         probs = restored_probs(lm, state, component, window, [(L, (t,)) for L, t in chunk], cancel)
                     except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
@@ -212,11 +214,5 @@ def causal_tracing_job(lm, pair: PromptPair, subject: str, noise: float = 3.0, s
                     i += len(chunk)
                     yield Partial(index=index, values=vals)
                     yield Progress(done, total, f"layer {chunk[-1][0]}")
-        except JobCancelled:
-            result.status = "partial"
-            result.message = f"cancelled after {done} of {total} cells"
-        except OutOfMemory as err:
-            result.status = "partial" if done else "failed"
-            result.message = str(err)
-    result.elapsed_s = time.perf_counter() - t0
-    return result
+    return (yield from stream_cells(result, cells(), t0))
+
