@@ -104,3 +104,12 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     exp = parse_experiment(text, base_dir=path.parent, source=f"experiment file {path}")
     exp.source = path
     return exp
+
+
+def save_experiment(experiment: Experiment, path: str | os.PathLike) -> Path:
+    """Write an experiment file that `interp-workbench run` executes unchanged (model path relative to it)."""
+    from desktop_app.project.atomic import atomic_write
+
+    path = Path(path)
+    text = experiment.to_json(relative_to=path.parent.resolve() if path.parent.is_dir() else None)
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), what="experiment file")

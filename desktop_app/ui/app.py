@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+from desktop_app.demo_assets import resources_dir
+
 _T0 = time.perf_counter()
 
 
@@ -19,6 +21,12 @@ def make_application(argv):
     app.setApplicationName("Interp Workbench")
     app.setOrganizationName("interp-workbench")
     app.setApplicationDisplayName("Interp Workbench")
+    app.setDesktopFileName("interp-workbench")  # matches packaging/interp-workbench.desktop
+    icon = resources_dir() / "icon.png"
+    if icon.is_file():
+        from PySide6.QtGui import QIcon
+
+        app.setWindowIcon(QIcon(str(icon)))
     return app
 
 

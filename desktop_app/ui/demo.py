@@ -5,18 +5,9 @@ INTERP_WORKBENCH_DEMO_DIR. Without it the window still opens with the IOI demo p
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
+from desktop_app.demo_assets import demo_dir
 from desktop_app.project.document import Project
 from desktop_app.project.specs import ModelRef, Prompts
-
-RESOURCES = Path(__file__).resolve().parents[2] / "resources"
-
-
-def demo_dir() -> Path:
-    override = os.environ.get("INTERP_WORKBENCH_DEMO_DIR")
-    return Path(override) if override else RESOURCES / "demo"
 
 
 def demo_project() -> tuple[Project, str]:

@@ -37,11 +37,14 @@ _app = None  # keeps the application created by ensure_gui_app alive
 
 
 def ensure_gui_app():
-    """Return the running Qt application, creating a widget-free QGuiApplication if there is none."""
+    """Return the running Qt application, creating one if there is none. It is a QApplication (a QGuiApplication
+    that also allows widgets), so that a window opened later in the same process does not abort Qt."""
+    from PySide6.QtWidgets import QApplication
+
     global _app
     app = QGuiApplication.instance()
     if app is None:
-        _app = app = QGuiApplication([sys.argv[0] if sys.argv and sys.argv[0] else "interp-workbench"])
+        _app = app = QApplication([sys.argv[0] if sys.argv and sys.argv[0] else "interp-workbench"])
     return app
 
 

@@ -49,6 +49,8 @@ class FileOpsMixin:
             m.dtype_combo.setCurrentText(project.model.dtype)
             m.device_combo.setCurrentText(project.model.device)
             m.trust_check.setChecked(project.model.trust_remote_code)
+        if project.analyses:
+            self.analysis_panel.show_spec(project.analyses[0].spec)
         with_results = [e.name for e in project.analyses if e.result is not None]
         self._refresh_tabs(select=with_results[-1] if with_results else None)
         self.result_view.set_result(project.entry(with_results[-1]).result if with_results else None)
@@ -234,6 +236,28 @@ class FileOpsMixin:
             self.show_error(str(err))
             return False
         self.statusBar().showMessage(f"exported {path}", 5000)
+        return True
+
+    def export_experiment_dialog(self):
+        start = str(Path(self._start_dir()) / "experiment.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Export experiment", start, "Experiment files (*.json)")
+        if path:
+            self.export_experiment(path)
+
+    def export_experiment(self, path) -> bool:
+        """The session as an experiment file: model, prompts and every analysis, runnable headless."""
+        from desktop_app.project.experiment import Experiment, save_experiment
+
+        if self.project.model is None:
+            self.show_error("there is no model in this session yet; load one before exporting the experiment.")
+            return False
+        try:
+            save_experiment(Experiment(model=self.project.model, prompts=self.project.prompts,
+                                       analyses=[e.spec for e in self.project.analyses]), path)
+        except WorkbenchError as err:
+            self.show_error(str(err))
+            return False
+        self.statusBar().showMessage(f"exported {path}; run it with: interp-workbench run {path} --out …", 8000)
         return True
 
     def copy_figure(self) -> bool:

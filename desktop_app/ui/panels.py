@@ -14,7 +14,7 @@ from desktop_app.project.specs import DIRECTIONS, METRICS, POSITIONS, TRACING_CO
 
 COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
 KINDS = (("activation_patching", "Activation patching"), ("attribution_patching", "Attribution patching"),
-         ("causal_tracing", "Causal tracing"), ("ablation", "Ablation"))
+         ("causal_tracing", "Causal tracing"), ("ablation", "Ablation"), ("sae_features", "SAE features"))
 # hook kind in the layer tree -> patching component
 HOOK_COMPONENT = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
                   "attn_out": "attn_out", "mlp_out": "mlp_out", "attn.hook_z": "head_out"}
@@ -216,6 +216,8 @@ class PromptsPanel(QWidget):
 
 class LayerTreePanel(QWidget):
     patch_here = Signal(str, str)  # hook name, hook kind
+    attach_sae = Signal(str)  # hook name
+    train_sae = Signal(str)  # hook name
     checked_changed = Signal(list)
 
     def __init__(self, parent=None):
@@ -265,17 +267,32 @@ class LayerTreePanel(QWidget):
             it.extend(item.child(i) for i in range(item.childCount()))
         return out
 
+    def selected_hook(self) -> str | None:
+        """The hook point of the current tree item, or None when a layer or nothing is selected."""
+        item = self.tree.currentItem()
+        data = item.data(0, Qt.UserRole) if item is not None else None
+        return data[0] if data else None
+
     def _menu(self, pos):
         item = self.tree.itemAt(pos)
         data = item.data(0, Qt.UserRole) if item is not None else None
         menu = QMenu(self)
         patch = menu.addAction("Patch sweep here")
         patch.setEnabled(bool(data) and data[1] in HOOK_COMPONENT)
-        menu.addAction("Capture activations").setEnabled(False)
-        menu.addAction("Attach SAE…").setEnabled(False)
+        attach = menu.addAction("Attach SAE…")
+        attach.setToolTip("Read this hook point with a sparse autoencoder (SAELens folder, params.npz, .safetensors)")
+        train = menu.addAction("Train SAE here…")
+        for act in (attach, train):
+            act.setEnabled(bool(data) and data[1] != "attn.hook_pattern")
         chosen = menu.exec(self.tree.viewport().mapToGlobal(pos))
-        if chosen is patch and data:
+        if not data or chosen is None:
+            return
+        if chosen is patch:
             self.patch_here.emit(*data)
+        elif chosen is attach:
+            self.attach_sae.emit(data[0])
+        elif chosen is train:
+            self.train_sae.emit(data[0])
 
 
 class AnalysisPanel(QWidget):
@@ -303,6 +320,11 @@ class AnalysisPanel(QWidget):
                                  "Cells per forward pass (0: as many as memory allows); lower it after out-of-memory")
         self.batch_spin.setRange(0, 4096)
         self.batch_spin.setSpecialValueText("auto")
+        self.top_k_spin = _named(QSpinBox(), "saeTopKSpin",
+                                 "SAE features: the strongest features of each token to show (0: all)")
+        self.top_k_spin.setRange(0, 100_000)
+        self.top_k_spin.setValue(10)
+        self.top_k_spin.setSpecialValueText("all")
         self.run_button = _named(QPushButton("Run"), "runButton", "Run the analysis (Ctrl+R or F5)")
         self.cancel_button = _named(QPushButton("Cancel"), "cancelButton",
                                     "Stop the running analysis and keep the finished cells (Esc)")
@@ -321,6 +343,7 @@ class AnalysisPanel(QWidget):
         form.addRow("Metric", self.metric_combo)
         form.addRow("Method", self.method_combo)
         form.addRow("Subject", self.subject_edit)
+        form.addRow("Top features", self.top_k_spin)
         form.addRow("Batch", self.batch_spin)
         self._form = form
         buttons = QHBoxLayout()
@@ -339,6 +362,7 @@ class AnalysisPanel(QWidget):
         kind = self.kind()
         current = self.component_combo.currentText()
         comps = TRACING_COMPONENTS if kind == "causal_tracing" else COMPONENTS
+        sae = kind == "sae_features"
         self.component_combo.blockSignals(True)
         self.component_combo.clear()
         self.component_combo.addItems(comps)
@@ -346,14 +370,31 @@ class AnalysisPanel(QWidget):
             current = "head_out"
         self.component_combo.setCurrentText(current if current in comps else comps[0])
         self.component_combo.blockSignals(False)
-        visible = {"positions": kind != "causal_tracing", "direction": kind in ("activation_patching",
-                                                                                "attribution_patching"),
-                   "metric": kind != "causal_tracing", "method": kind == "ablation",
-                   "subject": kind == "causal_tracing"}
-        for key, widget in (("positions", self.positions_combo), ("direction", self.direction_combo),
-                            ("metric", self.metric_combo), ("method", self.method_combo),
-                            ("subject", self.subject_edit)):
+        visible = {"component": not sae, "positions": kind not in ("causal_tracing", "sae_features"),
+                   "direction": kind in ("activation_patching", "attribution_patching"),
+                   "metric": kind not in ("causal_tracing", "sae_features"), "method": kind == "ablation",
+                   "subject": kind == "causal_tracing", "top_k": sae}
+        for key, widget in (("component", self.component_combo), ("positions", self.positions_combo),
+                            ("direction", self.direction_combo), ("metric", self.metric_combo),
+                            ("method", self.method_combo), ("subject", self.subject_edit),
+                            ("top_k", self.top_k_spin)):
             self._form.setRowVisible(widget, visible[key])
+
+    def show_spec(self, spec) -> None:
+        """Set the controls to an analysis spec (a project's analysis, the demo's first one)."""
+        index = self.kind_combo.findData(spec.kind)
+        if index < 0:
+            return
+        self.kind_combo.setCurrentIndex(index)
+        for attr, combo in (("component", self.component_combo), ("positions", self.positions_combo),
+                            ("direction", self.direction_combo), ("metric", self.metric_combo),
+                            ("method", self.method_combo)):
+            if hasattr(spec, attr):
+                combo.setCurrentText(str(getattr(spec, attr)))
+        if hasattr(spec, "subject"):
+            self.subject_edit.setText(spec.subject)
+        if hasattr(spec, "top_k"):
+            self.top_k_spin.setValue(int(spec.top_k))
 
     def set_running(self, running: bool):
         self.run_button.setEnabled(not running)

@@ -229,7 +229,11 @@ class ResultView(QWidget):
         self.image_item.setRect(0, 0, n_cols, n_rows)
         left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
         left.setTicks([[(i + 0.5, _short(t)) for i, t in enumerate(self._row_labels)]])
-        bottom.setTicks([[(j + 0.5, _short(_tick_text(t))) for j, t in enumerate(self._col_labels)]])
+        # every column's label where they fit side by side (about 7 px a character), else every n-th one
+        widest = max((len(_short(_tick_text(t))) for t in self._col_labels), default=1)
+        step = max(1, int(np.ceil(n_cols * (7 * widest + 6) / max(self.graphics.width() - 90, 120))))
+        bottom.setTicks([[(j + 0.5, _short(_tick_text(t))) for j, t in enumerate(self._col_labels)
+                          if j % step == 0]])
         left.setLabel(dims[0])
         bottom.setLabel(dims[1])
         self.colorbar.axis.setLabel(self._value_name())
@@ -305,6 +309,14 @@ class ResultView(QWidget):
             if 0 <= i < self._shown.shape[0]:
                 return (i,)
         return None
+
+    def cell_coordinates(self, cell) -> dict:
+        """{dim: index} of a shown cell in the result's own dims; a dim summed over for display is left out."""
+        r = self.result
+        coords = dict(zip(self._dims, (int(i) for i in cell)))
+        if r is not None and r.values.ndim > 2 and "position" in r.dims and self.position_combo.currentIndex() > 0:
+            coords["position"] = self.position_combo.currentIndex() - 1
+        return coords
 
     def describe(self, cell) -> str:
         v = float(self._shown[cell])

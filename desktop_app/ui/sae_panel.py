@@ -7,6 +7,7 @@ never imports torch. pyqtgraph is imported when the pane first needs a plot.
 from __future__ import annotations
 
 import html
+import math
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
@@ -59,6 +60,7 @@ class SAEFeatureView(QWidget):
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.verticalHeader().hide()
+        self.table.horizontalHeader().setStretchLastSection(True)
         self.table.cellClicked.connect(lambda row, _c: self._select_feature(int(self.table.item(row, 0).text())))
 
         heat = QWidget()
@@ -173,15 +175,14 @@ class SAEFeatureView(QWidget):
         self.image_item.setLookupTable(lut_for_limits(0.0, vmax))
         self.colorbar.setLevels((0.0, vmax))
         plot_item = self.plot.getPlotItem()
-        plot_item.getAxis("bottom").setTicks([[(i + 0.5, _tick(t.split(": ", 1)[-1]))
-                                               for i, t in enumerate(self._tokens)]])
-        step = max(1, len(self._features) // 40)
-        plot_item.getAxis("left").setTicks([[(i + 0.5, str(f)) for i, f in enumerate(self._features)
-                                             if i % step == 0]])
+        self._apply_ticks()
+        plot_item.getAxis("left").setLabel("feature")
+        plot_item.getAxis("bottom").setLabel("token")
         self.plot.setXRange(0, max(1, image.shape[1]), padding=0)
         self.plot.setYRange(0, max(1, image.shape[0]), padding=0)
         hook = result.params.get("hook", "") if isinstance(result.params, dict) else ""
-        self.title_label.setText(f"{result.name}: {len(self._features)} features × {len(self._tokens)} tokens"
+        name = "" if hook and hook in result.name else f"{result.name}: "
+        self.title_label.setText(f"{name}{len(self._features)} strongest features × {len(self._tokens)} tokens"
                                  + (f" at {hook}" if hook else ""))
         self.token_combo.blockSignals(True)
         self.token_combo.clear()
@@ -189,6 +190,23 @@ class SAEFeatureView(QWidget):
         self.token_combo.blockSignals(False)
         if self._tokens:
             self.select_token(len(self._tokens) - 1)
+
+    def _apply_ticks(self) -> None:
+        if self.plot is None or self.result is None:
+            return
+        plot_item = self.plot.getPlotItem()
+        # label only as many tokens / features as fit without overlapping (about 7 px a character, 14 px a row)
+        widest = max((len(_tick(t.split(": ", 1)[-1])) for t in self._tokens), default=1)
+        x_step = max(1, math.ceil(len(self._tokens) * (7 * widest + 8) / max(self.plot.width() - 60, 120)))
+        y_step = max(1, math.ceil(len(self._features) * 14 / max(self.plot.height() - 40, 120)))
+        plot_item.getAxis("bottom").setTicks([[(i + 0.5, _tick(t.split(": ", 1)[-1]))
+                                               for i, t in enumerate(self._tokens) if i % x_step == 0]])
+        plot_item.getAxis("left").setTicks([[(i + 0.5, str(f)) for i, f in enumerate(self._features)
+                                             if i % y_step == 0]])
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self._apply_ticks()  # how many labels fit depends on the plot's size
 
     def image_data(self) -> np.ndarray:
         return np.asarray(self.image_item.image) if self.image_item is not None else np.zeros((0, 0))

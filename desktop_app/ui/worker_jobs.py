@@ -154,28 +154,82 @@ def _activation_patching_only(lm, prompts, spec, cancel, batch_size):
 
 
 @dataclass
+class CellPatch:
+    """One heatmap cell as an activation patch: `component` of `layer` (at `position` / `head`, None = all)
+    copied from the source run into the target run (denoise: clean into corrupted; noise: the reverse)."""
+    component: str
+    layer: int
+    position: int | None = None
+    head: int | None = None
+    direction: str = "denoise"
+
+    def describe(self) -> str:
+        where = f"{self.component} of layer {self.layer}"
+        if self.head is not None:
+            where += f", head {self.head}"
+        where += ", all positions" if self.position is None else f", position {self.position}"
+        source, target = ("clean", "corrupted") if self.direction == "denoise" else ("corrupted", "clean")
+        return f"{where} patched from the {source} run into the {target} run"
+
+
+@dataclass
 class Predictions:
     """Top next-token predictions at the last position, per run: [(token display, probability)]."""
     rows: dict
+    title: str = ""
 
 
-def top_predictions(prompts, k: int = 5):
+def top_predictions(prompts, k: int = 5, patch: CellPatch | None = None, ids: dict | None = None):
+    """Top-k next tokens of the clean and corrupted runs and, with `patch`, of the run with that one cell
+    patched. `ids` ({"clean": [...], "corrupted": [...]}) are the token ids of the result the cell belongs to;
+    without them the prompts are tokenized."""
     def job(state, cancel):
         import torch
 
-        from desktop_app.engine.capture import as_ids, forward_logits
+        from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
+        from desktop_app.engine.errors import PromptError
+        from desktop_app.engine.hooknames import hook_name
 
         lm = _need_model(state)
-        rows = {}
+        runs = {}
         for what, text in (("clean", prompts.clean), ("corrupted", prompts.corrupted)):
-            if not text:
-                continue
-            ids = lm.tokenize(text, prompts.prepend_bos, what=f"{what} prompt").ids
-            logits = forward_logits(lm, as_ids(ids))[0, -1].float()
-            probs = torch.softmax(logits, -1)
-            top = torch.topk(probs, k)
-            shown = lm.tokens_of_ids(top.indices.tolist()).display
-            rows[what] = list(zip(shown, [float(p) for p in top.values]))
+            given = (ids or {}).get(what)
+            if given is not None and len(given):
+                runs[what] = as_ids([int(i) for i in given])
+            elif text:
+                runs[what] = as_ids(lm.tokenize(text, prompts.prepend_bos, what=f"{what} prompt").ids)
+
+        def top(logits):
+            probs = torch.softmax(logits[0, -1].float(), -1)
+            best = torch.topk(probs, min(k, probs.shape[-1]))
+            shown = lm.tokens_of_ids(best.indices.tolist()).display
+            return list(zip(shown, [float(p) for p in best.values]))
+
+        rows = {}
+        for what, run_ids in runs.items():
+            rows[what] = top(forward_logits(lm, run_ids))
             cancel.check()
-        return Predictions(rows)
+        if patch is not None:
+            source, target = ("clean", "corrupted") if patch.direction == "denoise" else ("corrupted", "clean")
+            if source not in runs or target not in runs:
+                raise PromptError("the patched run needs both the clean and the corrupted prompt; type both.")
+            if runs[source].shape != runs[target].shape:
+                raise PromptError("the clean and corrupted prompts differ in length; patching needs equal lengths.")
+            hook = hook_name(patch.layer, patch.component)
+            _, cache = run_with_cache(lm, runs[source], [hook], cancel=cancel)
+            src = cache[hook]
+            pos = slice(None) if patch.position is None else patch.position
+
+            def write(act):
+                act = act.clone()
+                value = src.to(act.device, act.dtype)
+                if patch.head is None:
+                    act[:, pos] = value[:, pos]
+                else:
+                    act[:, pos, patch.head] = value[:, pos, patch.head]
+                return act
+
+            with hooks(lm, write={hook: write}, cancel=cancel):
+                rows["patched"] = top(forward_logits(lm, runs[target]))
+        return Predictions(rows, patch.describe() if patch is not None else "")
     return job

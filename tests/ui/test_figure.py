@@ -225,14 +225,18 @@ def test_unwritable_folder_is_a_project_file_error_even_for_root():
             render_figure(patching_result(), fmt, f"/proc/fig.{fmt}")
 
 
-def test_works_with_a_bare_gui_application_and_without_torch(tmp_path):
+def test_works_with_its_own_application_and_without_torch(tmp_path):
+    """The command line's export makes its own Qt application; a window opened later in the same process
+    (a script, the test suite) must still work, so it is a QApplication."""
     code = (
         "import sys\n"
         "import numpy as np\n"
         "from desktop_app.engine.results import AnalysisResult\n"
         "from desktop_app.ui.figure import ensure_gui_app, render_figure\n"
         "app = ensure_gui_app()\n"
-        "assert type(app).__name__ == 'QGuiApplication', type(app)\n"
+        "assert type(app).__name__ == 'QApplication', type(app)\n"
+        "from PySide6.QtWidgets import QMainWindow\n"
+        "QMainWindow()\n"
         "assert ensure_gui_app() is app\n"
         "r = AnalysisResult('r', 'activation_patching', {}, ['layer', 'position'], np.eye(3))\n"
         f"render_figure(r, 'png', {str(tmp_path / 'f.png')!r})\n"
