@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
-from PySide6.QtGui import QPalette
+from PySide6.QtGui import QFontMetrics, QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from desktop_app.engine.results import AnalysisResult
@@ -116,6 +116,7 @@ class ResultView(QWidget):
         self.line = pg.PlotDataItem([], [], symbol="o", symbolSize=5)
         self.plot.addItem(self.bars)
         self.plot.addItem(self.line)
+        self.plot.getViewBox().sigResized.connect(self._layout_col_ticks)
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
 
@@ -183,6 +184,7 @@ class ResultView(QWidget):
         return [str(x) for x in given] if given is not None and len(given) == n else [str(i) for i in range(n)]
 
     def _set_mode(self, mode: str | None):
+        self._mode = mode
         heat = mode == "heatmap"
         self.image_item.setVisible(heat)
         self.colorbar.setVisible(heat)
@@ -209,6 +211,28 @@ class ResultView(QWidget):
         if not full:
             self.title_label.setText(self._title())
 
+    def _layout_col_ticks(self, *_):
+        """Column labels that fit side by side without overlapping: the columns with the strongest values first
+        (the cells a reader looks for), then the others from left to right; redone on resize."""
+        if self._mode != "heatmap" or not getattr(self, "_col_labels", None):
+            return
+        axis = self.plot.getAxis("bottom")
+        metrics = QFontMetrics(axis.style.get("tickFont") or self.font())
+        n = len(self._col_labels)
+        col_px = self.plot.getViewBox().width() / max(n, 1)
+        texts = [_short(_tick_text(t)) for t in self._col_labels]
+        strength = np.nan_to_num(np.abs(self._shown)).max(axis=0) if self._shown.size else np.zeros(n)
+        order = sorted(range(n), key=lambda j: (-float(strength[j]) if strength[j] > 0 else 1.0, j))
+        taken: list[tuple[float, float]] = []
+        shown = []
+        for j in order:
+            half = (metrics.horizontalAdvance(texts[j]) + 8) / 2
+            centre = (j + 0.5) * col_px
+            if all(centre + half <= a or centre - half >= b for a, b in taken):
+                taken.append((centre - half, centre + half))
+                shown.append(j)
+        axis.setTicks([[(j + 0.5, texts[j]) for j in sorted(shown)]])
+
     def _paint_heatmap(self, values, dims, full):
         self._set_mode("heatmap")
         lo, hi = self._limits(values)
@@ -221,6 +245,7 @@ class ResultView(QWidget):
                 self.colorbar.setColorMap(pg.ColorMap(np.linspace(0.0, 1.0, 256), lut_for_limits(lo, hi)))
             self.colorbar.setLevels((lo, hi))
         if not full:
+            self._layout_col_ticks()  # the strongest columns may have changed as cells streamed in
             return
         self.plot.getViewBox().invertY(True)
         n_rows, n_cols = values.shape
@@ -229,11 +254,7 @@ class ResultView(QWidget):
         self.image_item.setRect(0, 0, n_cols, n_rows)
         left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
         left.setTicks([[(i + 0.5, _short(t)) for i, t in enumerate(self._row_labels)]])
-        # every column's label where they fit side by side (about 7 px a character), else every n-th one
-        widest = max((len(_short(_tick_text(t))) for t in self._col_labels), default=1)
-        step = max(1, int(np.ceil(n_cols * (7 * widest + 6) / max(self.graphics.width() - 90, 120))))
-        bottom.setTicks([[(j + 0.5, _short(_tick_text(t))) for j, t in enumerate(self._col_labels)
-                          if j % step == 0]])
+        self._layout_col_ticks()
         left.setLabel(dims[0])
         bottom.setLabel(dims[1])
         self.colorbar.axis.setLabel(self._value_name())
