@@ -184,6 +184,8 @@ class ResultView(QWidget):
         return [str(x) for x in given] if given is not None and len(given) == n else [str(i) for i in range(n)]
 
     def _set_mode(self, mode: str | None):
+        if getattr(self, "_mode", "unset") == mode:
+            return  # toggling visibility re-lays out the view and re-renders the axes on every streamed chunk
         self._mode = mode
         heat = mode == "heatmap"
         self.image_item.setVisible(heat)
@@ -231,7 +233,10 @@ class ResultView(QWidget):
             if all(centre + half <= a or centre - half >= b for a, b in taken):
                 taken.append((centre - half, centre + half))
                 shown.append(j)
-        axis.setTicks([[(j + 0.5, texts[j]) for j in sorted(shown)]])
+        ticks = [(j + 0.5, texts[j]) for j in sorted(shown)]
+        if ticks != getattr(self, "_col_ticks", None):  # setTicks re-renders the axis: only when they change
+            self._col_ticks = ticks
+            axis.setTicks([ticks])
 
     def _paint_heatmap(self, values, dims, full):
         self._set_mode("heatmap")

@@ -27,6 +27,17 @@ from desktop_app.engine.jobs import CancelToken, Partial, Progress
 PROGRESS_INTERVAL_S = 1 / 30
 
 
+def _leave_a_core_for_the_window(torch) -> None:
+    """torch's intra-op threads default to one per core; with every core busy the UI thread waits for the CPU
+    and the window stutters. The worker keeps one core free (set once; a user's OMP_NUM_THREADS wins)."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS") or getattr(_leave_a_core_for_the_window, "done", False):
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    _leave_a_core_for_the_window.done = True
+
+
 @dataclass
 class WorkerState:
     """What lives in the worker thread between jobs: the loaded model (engine LoadedModel) and its path."""
@@ -74,6 +85,7 @@ class _Worker(QObject):
         try:
             import torch  # the first job pays for importing torch, in this thread
 
+            _leave_a_core_for_the_window(torch)
             with torch.inference_mode():
                 value = self._drive(job)
         except JobCancelled:

@@ -23,6 +23,16 @@ class ModelLoaded:
     memory_bytes: int
 
 
+def _freeze_long_lived_objects():
+    """torch, transformers and the model are hundreds of thousands of long-lived objects: a full garbage
+    collection walks them all and holds the GIL for a few hundred ms, freezing the window mid-sweep. Moving
+    what exists now out of the collector's reach (gc.freeze) makes later collections short."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
     def job(state, cancel):
         from desktop_app.engine.loading import load_model_job
@@ -31,6 +41,7 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
         _free_memory()
         lm = yield from load_model_job(path, dtype, device, trust_remote_code, cancel)
         state.lm = lm
+        _freeze_long_lived_objects()
         tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])
                 for node, groups in lm.hook_tree()]
         return ModelLoaded(path=str(lm.path), summary=lm.info.summary(), info=lm.info.to_dict(), tree=tree,
