@@ -33,7 +33,7 @@ def _models(which: str):
         yield label, wrap_model(GPT2LMHeadModel(config).float())
 
 
-def _pair(lm, n_pos: int):
+def _pair(lm, n_pos: int, differ_at: int):
     import torch
 
     from desktop_app.engine.model import TokenInfo
@@ -42,7 +42,7 @@ def _pair(lm, n_pos: int):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, lm.info.vocab_size, (n_pos,), generator=g).tolist()
     corrupted = list(ids)
-    corrupted[n_pos // 2] = (ids[n_pos // 2] + 7) % lm.info.vocab_size
+    corrupted[differ_at] = (ids[differ_at] + 7) % lm.info.vocab_size
 
     def info(x):
         return TokenInfo(ids=x, strings=[str(i) for i in x], display=[str(i) for i in x], bos=False)
@@ -180,17 +180,20 @@ def main(argv=None) -> int:
     parser.add_argument("--models", choices=("tiny", "all"), default="all")
     parser.add_argument("--positions", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--baseline-seconds", type=float, default=4.0)
+    parser.add_argument("--differ-at", type=int, default=None,
+                        help="the position where the corrupted prompt differs (default: the middle)")
     parser.add_argument("--no-ui", action="store_true", help="skip the window measurements")
     args = parser.parse_args(argv)
+    differ_at = args.positions // 2 if args.differ_at is None else min(max(args.differ_at, 0), args.positions - 1)
     import torch
 
     print(f"interp-workbench bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"prompt of {args.positions} tokens")
-    print(f"(the corrupted prompt differs at position {args.positions // 2}: cells before it patch in an identical "
+    print(f"(the corrupted prompt differs at position {differ_at}: cells before it patch in an identical "
           "activation and need no forward pass)")
     print(f"{'model':40s} {'sweep':28s} {'cells':>6s} {'cells/s':>9s} {'baseline/s':>10s} {'speed-up':>8s}")
     for label, lm in _models(args.models):
-        pair = _pair(lm, args.positions)
+        pair = _pair(lm, args.positions, differ_at)
         for component, title in (("resid_pre", "resid_pre [layer, pos]"), ("head_out", "head_out [layer, pos, head]")):
             rate, cells = _sweep_rate(lm, pair, component)
             base = _baseline_rate(lm, pair, component, args.baseline_seconds)
