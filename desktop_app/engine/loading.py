@@ -48,7 +48,6 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
         total_bytes = (folder / gguf_file).stat().st_size
     cancel.check()
 
-    import torch  # noqa: F401  (imported here: torch stays off the window's start-up path)
     from transformers import AutoConfig
 
     torch_device, device_map = _resolve_device(device)

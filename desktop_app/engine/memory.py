@@ -42,3 +42,35 @@ def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
                                               or "not enough memory" in text)
+
+
+class RowBudget:
+    """How many rows go through the model at once; shrinks for the rest of a job after an out-of-memory."""
+
+    def __init__(self, rows: int):
+        self.rows = max(1, int(rows))
+
+
+def chunks_shrinking_on_oom(items: list, budget: RowBudget, compute, cancel, what: str = "cell"):
+    """Yield (chunk, compute(chunk)) over consecutive chunks of `items`, budget.rows at a time. An out-of-memory
+    error halves the budget and retries the same chunk; OutOfMemory when even one row does not fit."""
+    from desktop_app.engine.errors import OutOfMemory
+
+    start = 0
+    while start < len(items):
+        cancel.check()
+        chunk = items[start:start + budget.rows]
+        try:
+            out = compute(chunk)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(err):
+                raise
+            if budget.rows == 1:
+                raise OutOfMemory(f"the model ran out of memory even one {what} at a time; free memory or use a "
+                                  "smaller dtype.") from err
+            budget.rows = max(1, budget.rows // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        yield chunk, out
+        start += len(chunk)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from desktop_app.engine.errors import OutOfMemory, SpecError
+from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
-from desktop_app.engine.memory import is_oom, rows_per_batch
+from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_per_batch
 from desktop_app.engine.metrics import METRICS, MetricContext
 from desktop_app.engine.prompts import PromptPair
 from desktop_app.engine.replay import RecordedRun, record_run, run_from_layer
@@ -171,7 +171,7 @@ def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, 
     """Fill `values` cell by cell: per layer, the cells go as batched rows restarted from `target` with each row's
     cell taken from `source` (any run-shaped object holding replacement activations). Yields Partial and
     Progress (done counts the cells finished); out-of-memory halves the rows and retries."""
-    rows = batch_size or rows_per_batch(lm, plan.n_pos)
+    budget = RowBudget(batch_size or rows_per_batch(lm, plan.n_pos))
     total, done = values.size, 0
     unpatched = float(ctx(target.logits_last[None])[0])
     for row_of_layer, layer in enumerate(plan.layers):
@@ -182,26 +182,13 @@ def sweep_layers(lm, plan: SweepPlan, target: RecordedRun, source: RecordedRun, 
             values[index] = vals
             done += len(noop)
             yield Partial(index=index, values=vals)
-        start = 0
-        while start < len(cells):
-            cancel.check()
-            chunk = cells[start:start + rows]
-            try:
-                logits = _chunk_logits(lm, target, source, plan.component, layer, chunk, cancel)
-            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-                if not is_oom(err):
-                    raise
-                if rows == 1:
-                    raise OutOfMemory("the model ran out of memory even one cell at a time; free memory "
-                                      "or use a smaller dtype.") from err
-                rows = max(1, rows // 2)
-                _free_cache()
-                continue
+        def compute(chunk, layer=layer):
+            return _chunk_logits(lm, target, source, plan.component, layer, chunk, cancel)
+        for chunk, logits in chunks_shrinking_on_oom(cells, budget, compute, cancel):
             vals = ctx(logits).cpu().numpy()
             index = _cell_index(plan, row_of_layer, chunk)
             values[index] = vals
             done += len(chunk)
-            start += len(chunk)
             yield Partial(index=index, values=vals)
             yield Progress(done, total, f"layer {layer}")
 
@@ -252,8 +239,3 @@ def _labels(lm, plan: SweepPlan, pair: PromptPair) -> dict:
     if plan.component == "head_out":
         labels["head"] = [str(h) for h in range(plan.n_heads)]
     return labels
-
-
-def _free_cache():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

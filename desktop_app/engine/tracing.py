@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks
-from desktop_app.engine.errors import OutOfMemory, PromptError, SpecError
+from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import EMBED, hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
-from desktop_app.engine.memory import is_oom, rows_per_batch
+from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_per_batch
 from desktop_app.engine.model import TokenInfo
 from desktop_app.engine.prompts import PromptPair
 from desktop_app.engine.replay import RecordedRun, record_run, run_from_layer
@@ -188,30 +188,18 @@ def causal_tracing_job(lm, pair: PromptPair, subject: str, noise: float = 3.0, s
             result.clean_metric = float(torch.softmax(state.clean.logits_last, -1)[pair.answer_id])
             result.corrupted_metric = float(state.noisy_probs.mean())
             result.extras["embed_std"] = np.array([state.embed_std], dtype=np.float32)
-            per_chunk = max(1, (batch_size or rows_per_batch(lm, n_pos)) // samples)
+            budget = RowBudget((batch_size or rows_per_batch(lm, n_pos)) // samples)
             groups: dict[int, list[tuple[int, int]]] = {}
             for L in range(n):
                 groups.setdefault(start_layer(L, component, window), []).extend((L, t) for t in range(n_pos))
             for group in groups.values():
-                i = 0
-                while i < len(group):
-                    cancel.check()
-                    chunk = group[i:i + per_chunk]
-                    try:
-                        probs = restored_probs(lm, state, component, window, [(L, (t,)) for L, t in chunk], cancel)
-                    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-                        if not is_oom(err):
-                            raise
-                        if per_chunk == 1:
-                            raise OutOfMemory("the model ran out of memory tracing one cell at a time; use fewer "
-                                              "samples or a smaller dtype.") from err
-                        per_chunk = max(1, per_chunk // 2)
-                        continue
+                def compute(chunk):
+                    return restored_probs(lm, state, component, window, [(L, (t,)) for L, t in chunk], cancel)
+                for chunk, probs in chunks_shrinking_on_oom(group, budget, compute, cancel, "traced cell"):
                     index = (np.array([L for L, _ in chunk]), np.array([t for _, t in chunk]))
                     vals = probs.numpy()
                     values[index] = vals
                     done += len(chunk)
-                    i += len(chunk)
                     yield Partial(index=index, values=vals)
                     yield Progress(done, total, f"layer {chunk[-1][0]}")
     return (yield from stream_cells(result, cells(), t0))

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
-from desktop_app.engine.errors import JobCancelled, OutOfMemory, SAEError
+from desktop_app.engine.errors import SAEError
 from desktop_app.engine.hooknames import parse_hook_name
-from desktop_app.engine.jobs import CancelToken, Partial, Progress
-from desktop_app.engine.memory import is_oom, rows_per_batch
+from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
+from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_per_batch
 from desktop_app.engine.metrics import MetricContext
 from desktop_app.engine.results import AnalysisResult, empty_values
 from desktop_app.engine.sae import corpus as corpus_mod
@@ -332,47 +332,33 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
         return result
     dirs = _decoder_directions(sae, features)  # [n, d_in]
     diff = (f_clean - f_corr)[:, features].float()  # [pos, n]
-    rows = batch_size or rows_per_batch(lm, n_pos)
-    done, start = 0, 0
+    budget = RowBudget(batch_size or rows_per_batch(lm, n_pos))
     hz = kind == "attn.hook_z"
-    try:
+
+    def compute(chunk):
+        pos = torch.tensor([p for p, _ in chunk])
+        feat = torch.tensor([j for _, j in chunk])
+        scale = diff[:, feat].T.clone()  # [B, pos]
+        if per_pos:
+            keep = torch.zeros_like(scale)
+            keep[torch.arange(len(chunk)), pos] = 1.0
+            scale = scale * keep
+        delta = scale[:, :, None] * dirs[feat][:, None, :]  # [B, pos, d_in]
+        return _patched_logits(lm, corrupted, hook, layer, kind, delta, hz, cancel, run_from_layer)
+
+    def patched_cells():
+        done = 0
         with torch.inference_mode():
-            while start < len(cells):
-                cancel.check()
-                chunk = cells[start:start + rows]
-                pos = torch.tensor([p for p, _ in chunk])
-                feat = torch.tensor([j for _, j in chunk])
-                scale = diff[:, feat].T.clone()  # [B, pos]
-                if per_pos:
-                    keep = torch.zeros_like(scale)
-                    keep[torch.arange(len(chunk)), pos] = 1.0
-                    scale = scale * keep
-                delta = scale[:, :, None] * dirs[feat][:, None, :]  # [B, pos, d_in]
-                try:
-                    logits = _patched_logits(lm, corrupted, hook, layer, kind, delta, hz, cancel, run_from_layer)
-                except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-                    if not is_oom(err):
-                        raise
-                    if rows == 1:
-                        raise OutOfMemory("the model ran out of memory even one feature at a time; free memory "
-                                          "or use a smaller dtype.") from err
-                    rows = max(1, rows // 2)
-                    continue
+            for chunk, logits in chunks_shrinking_on_oom(cells, budget, compute, cancel, "feature"):
                 vals = ctx(logits).cpu().numpy()
-                index = (pos.numpy(), feat.numpy()) if per_pos else (feat.numpy(),)
+                pos = np.array([p for p, _ in chunk])
+                feat = np.array([j for _, j in chunk])
+                index = (pos, feat) if per_pos else (feat,)
                 values[index] = vals
                 done += len(chunk)
-                start += len(chunk)
                 yield Partial(index=index, values=vals)
                 yield Progress(done, len(cells), f"{done} of {len(cells)} feature patches")
-    except JobCancelled:
-        result.status = "partial"
-        result.message = f"cancelled after {done} of {len(cells)} cells"
-    except OutOfMemory as err:
-        result.status = "partial" if done else "failed"
-        result.message = str(err)
-    result.elapsed_s = time.perf_counter() - t0
-    return result
+    return (yield from stream_cells(result, patched_cells(), t0))
 
 
 def _recorded(run, hook, layer, kind) -> torch.Tensor:
