@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PySide6.QtCore import QMarginsF, QPointF, QRectF, QSize, QSizeF, Qt
@@ -20,18 +20,17 @@ from PySide6.QtSvg import QSvgGenerator
 from desktop_app.engine.errors import ProjectFileError, WorkbenchError
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.ui.colormaps import NAN_RGB, color_limits, colormap, lut_for_limits
+from desktop_app.ui.figure_data import (MAX_BARS, FigureData, default_title, nice_step, prepare_data,
+                                        subtitle_lines, value_name, value_ticks, wrap_text)
 
 FORMATS = ("png", "svg", "pdf")
 MAX_VECTOR_CELLS = 40_000  # beyond this a heatmap is drawn as one image rather than one rectangle per cell
-MAX_BARS = 64  # beyond this a 1-D result is drawn as a line
 _FONT_FAMILY = "DejaVu Sans"  # has the ▁ and Ġ of sentencepiece / BPE tokens; Qt falls back if absent
 _INK = QColor(30, 30, 30)
 _AXIS = QColor(90, 90, 90)
 _GRID = QColor(225, 225, 225)
 _HATCH = QColor(150, 150, 150)
 _SIN45 = math.sqrt(0.5)
-
-_KIND_VALUES = {"causal_tracing": "answer probability", "sae_features": "feature activation"}
 
 _app = None  # keeps the application created by ensure_gui_app alive
 
@@ -46,134 +45,6 @@ def ensure_gui_app():
     if app is None:
         _app = app = QApplication([sys.argv[0] if sys.argv and sys.argv[0] else "interp-workbench"])
     return app
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-@dataclass
-class _Data:
-    values: np.ndarray  # 1-D or 2-D, float64
-    dims: list[str]
-    labels: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-
-
-def _clean_label(label) -> str:
-    text = str(label)
-    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text if len(text) <= 24 else text[:23] + "…"
-
-
-def _labels_for(result: AnalysisResult, dim: str, n: int) -> list[str]:
-    given = result.labels.get(dim)
-    if given is None or len(given) != n:
-        return [str(i) for i in range(n)]
-    return [_clean_label(x) for x in given]
-
-
-def _prepare(result: AnalysisResult) -> _Data:
-    values = np.asarray(result.values, dtype=np.float64)
-    dims = list(result.dims)
-    notes = []
-    if values.ndim == 0:
-        values, dims = values.reshape(1), ["value"]
-    while values.ndim > 2:
-        axis = dims.index("position") if "position" in dims[1:] else values.ndim - 1
-        n = values.shape[axis]
-        values = values.sum(axis=axis)  # NaN propagates: a partly computed sum is not shown as a sum
-        notes.append(f"summed over {dims.pop(axis)} ({n})")
-    labels = [_labels_for(result, d, n) for d, n in zip(dims, values.shape)]
-    return _Data(values, dims, labels, notes)
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}".replace("-", "−")
-
-
-def default_title(result: AnalysisResult) -> str:
-    kind = result.kind.replace("_", " ")
-    metric = result.params.get("metric")
-    return f"{result.name} — {kind}" + (f", {metric}" if metric else "")
-
-
-def value_name(result: AnalysisResult) -> str:
-    """What the numbers are: the metric, or what the kind computes when it has no metric."""
-    return str(result.params.get("metric") or _KIND_VALUES.get(result.kind, "value"))
-
-
-def _subtitle(result: AnalysisResult, data: _Data) -> list[str]:
-    parts = []
-    refs = [f"{name} {_fmt(v)}" for name, v in (("clean", result.clean_metric),
-                                                 ("corrupted", result.corrupted_metric)) if np.isfinite(v)]
-    parts.append(f"{value_name(result)}: " + ", ".join(refs) if refs else value_name(result))
-    for key in ("component", "direction", "positions", "subject", "hook", "prompt"):
-        if result.params.get(key):
-            parts.append(f"{key} {result.params[key]}")
-    parts += data.notes
-    if result.status != "complete":
-        parts.append(f"status {result.status} ({result.done_fraction():.0%} computed)")
-    if np.isnan(data.values).any():
-        drawn_as_line = data.values.ndim == 1 and data.values.size > MAX_BARS
-        parts.append("gaps: no value" if drawn_as_line else "hatched: no value")
-    return parts
-
-
-def _wrap(parts: list[str], fm: QFontMetricsF, width: float, sep: str = "  ·  ") -> str:
-    lines = [""]
-    for part in parts:
-        candidate = lines[-1] + sep + part if lines[-1] else part
-        if lines[-1] and fm.horizontalAdvance(candidate) > width:
-            lines.append(part)
-        else:
-            lines[-1] = candidate
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- ticks
-
-def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k steps) inside [lo, hi]."""
-    span = hi - lo
-    if not np.isfinite(span) or span <= 0:
-        return [lo]
-    raw = span / max(target - 1, 1)
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * 0.999)
-    first = math.ceil(lo / step - 1e-9)
-    ticks = [k * step for k in range(first, int(math.floor(hi / step + 1e-9)) + 1)]
-    return [0.0 if abs(t) < step * 1e-9 else t for t in ticks]
-
-
-def _tick_text(ticks: list[float]) -> list[str]:
-    """Tick labels with the fewest decimals that still show every tick exactly (0.25 needs two)."""
-    for decimals in range(7):
-        if all(abs(float(f"{t:.{decimals}f}") - t) <= 1e-9 * max(1.0, abs(t)) for t in ticks):
-            break
-    return [f"{t:.{decimals}f}".replace("-", "−") for t in ticks]
-
-
-def _value_ticks(lo: float, hi: float, target: int, with_ends: bool, min_gap: float = 0.0):
-    """(value, text) ticks for a value axis; with_ends also labels the limits when they are not round
-    and sit at least min_gap (a fraction of the axis) away from every round tick, so the colour bar's
-    extremes can be read off."""
-    ticks = nice_ticks(lo, hi, target)
-    out = list(zip(ticks, _tick_text(ticks)))
-    if with_ends:
-        for end in (lo, hi):
-            if all(abs(end - t) / (hi - lo) >= max(min_gap, 1e-9) for t in ticks):
-                out.append((end, f"{end:.3g}".replace("-", "−")))
-    return sorted(out)
-
-
-def _nice_step(minimum: float) -> int:
-    """Smallest of 1, 2, 5, 10, 20, 50, ... that is at least `minimum`."""
-    k = 1
-    while True:
-        for m in (1, 2, 5):
-            if m * k >= minimum:
-                return m * k
-        k *= 10
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -212,11 +83,11 @@ def _x_ticks(labels: list[str], fm: QFontMetricsF, cw: float, st: _Style) -> _XT
     h = fm.height()
     short = max(len(t) for t in labels) <= 4 or all(t.lstrip("-").isdigit() for t in labels)
     if short or max(widths) <= 0.92 * cw:
-        step = _nice_step((max(widths) + 2 * st.gap) / cw) if max(widths) > 0.92 * cw else 1
+        step = nice_step((max(widths) + 2 * st.gap) / cw) if max(widths) > 0.92 * cw else 1
         shown = list(range(0, n, step))
         overflow = max(widths[i] / 2 - (i + 0.5) * cw for i in shown)
         return _XTicks(shown, False, st.tick_len + st.gap + h, overflow)
-    step = _nice_step(1.15 * h / (cw * _SIN45))
+    step = nice_step(1.15 * h / (cw * _SIN45))
     shown = list(range(0, n, step))
     depth = st.tick_len + st.gap + max((widths[i] + h) * _SIN45 for i in shown)
     overflow = max((widths[i] + h / 2) * _SIN45 - (i + 0.5) * cw for i in shown)
@@ -239,7 +110,7 @@ class _Layout:
     cbar_label: str = ""
 
 
-def _layout(data: _Data, st: _Style, width: int, height, vlim, subtitle: str, title: str, cbar_label: str):
+def _layout(data: FigureData, st: _Style, width: int, height, vlim, subtitle: str, title: str, cbar_label: str):
     heat = data.values.ndim == 2
     n_cols = data.values.shape[-1]
     n_rows = data.values.shape[0] if heat else 0
@@ -250,7 +121,7 @@ def _layout(data: _Data, st: _Style, width: int, height, vlim, subtitle: str, ti
     top = st.pad + title_h + st.gap + sub_h + 2.5 * st.gap
     # the left margin holds the y axis title and the widest y tick label
     # tick density depends on the plot height, found later: reserve room for the widest candidate labels
-    candidates = [t for target in (3, 5, 7, 9, 11) for _, t in _value_ticks(*vlim, target, with_ends=heat)]
+    candidates = [t for target in (3, 5, 7, 9, 11) for _, t in value_ticks(*vlim, target, with_ends=heat)]
     value_w = max(st.fm_tick.horizontalAdvance(t) for t in candidates)
     y_w = max(st.fm_tick.horizontalAdvance(t) for t in data.labels[0]) if heat else value_w
     left = st.pad + st.fm_axis.height() + st.gap * 2 + y_w + st.gap + st.tick_len
@@ -278,11 +149,11 @@ def _layout(data: _Data, st: _Style, width: int, height, vlim, subtitle: str, ti
         raise ValueError(f"a figure {height} px high leaves no room for the plot; use a larger height")
     plot = QRectF(left, top, plot_w, plot_h)
     target = int(min(11, max(3, plot_h / (2.6 * st.fm_tick.height()))))
-    ticks = _value_ticks(*vlim, target, with_ends=heat, min_gap=1.3 * st.fm_tick.height() / plot_h)
+    ticks = value_ticks(*vlim, target, with_ends=heat, min_gap=1.3 * st.fm_tick.height() / plot_h)
     cbar_ticks = ticks if heat else []
     if heat:
         y_texts, y_numeric = data.labels[0], []
-        y_shown = list(range(0, n_rows, _nice_step(1.1 * st.fm_tick.height() / (plot_h / n_rows))))
+        y_shown = list(range(0, n_rows, nice_step(1.1 * st.fm_tick.height() / (plot_h / n_rows))))
     else:
         y_numeric, y_texts = [v for v, _ in ticks], [t for _, t in ticks]
         y_shown = list(range(len(y_texts)))
@@ -303,7 +174,7 @@ def _hatch(p: QPainter, x0, y0, x1, y1, spacing):
         c += spacing
 
 
-def _draw_heatmap(p: QPainter, data: _Data, lay: _Layout, st: _Style):
+def _draw_heatmap(p: QPainter, data: FigureData, lay: _Layout, st: _Style):
     values = data.values
     n_rows, n_cols = values.shape
     plot = lay.plot
@@ -401,7 +272,7 @@ def _vertical_text(p: QPainter, text: str, st: _Style, x_left: float, y_centre: 
     p.restore()
 
 
-def _draw_series(p: QPainter, data: _Data, lay: _Layout, st: _Style):
+def _draw_series(p: QPainter, data: FigureData, lay: _Layout, st: _Style):
     values = data.values
     n = values.size
     plot = lay.plot
@@ -460,7 +331,7 @@ def _draw_series(p: QPainter, data: _Data, lay: _Layout, st: _Style):
 
 @dataclass
 class _Figure:
-    data: _Data
+    data: FigureData
     style: _Style
     layout: _Layout
     title: str
@@ -473,12 +344,12 @@ def _build(result: AnalysisResult, width_px, height_px, dpi, title, vmin, vmax) 
     ensure_gui_app()
     if width_px < 200:
         raise ValueError(f"a figure must be at least 200 px wide, not {width_px}")
-    data = _prepare(result)
+    data = prepare_data(result)
     if data.values.size == 0:
         raise WorkbenchError(f"The analysis {result.name!r} has no values to draw; run it before exporting a figure.")
     st = _Style(int(width_px), float(dpi))
     title = default_title(result) if title is None else title
-    subtitle = _wrap(_subtitle(result, data), st.fm_sub, width_px - 2 * st.pad)
+    subtitle = wrap_text(subtitle_lines(result, data), st.fm_sub, width_px - 2 * st.pad)
     metric = value_name(result)
     if data.values.ndim == 2:
         vlim = color_limits(data.values, vmin, vmax)
