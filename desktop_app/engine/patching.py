@@ -18,7 +18,7 @@ from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
 from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_per_batch
 from desktop_app.engine.metrics import METRICS, MetricContext
 from desktop_app.engine.prompts import PromptPair
-from desktop_app.engine.replay import RecordedRun, record_run, run_from_layer
+from desktop_app.engine.replay import RecordedRun, can_start_later, record_run, run_from_layer
 from desktop_app.engine.results import AnalysisResult, empty_values
 
 COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
@@ -120,21 +120,32 @@ def _patch_rows(act: torch.Tensor, source: torch.Tensor, cells, heads: bool) -> 
     return act
 
 
+def _first_changed_position(lm, target: RecordedRun, block: int, cells) -> int:
+    """Where the rows' computation can start: a patch at position p leaves positions before p as they were in
+    the target run, so a chunk whose cells all sit at p or later reuses those (0 when it cannot)."""
+    if any(pos < 0 for pos, _ in cells) or block >= lm.info.n_layers or not can_start_later(target, block):
+        return 0
+    return min(pos for pos, _ in cells)
+
+
 def _chunk_logits(lm, target: RecordedRun, source: RecordedRun, component: str, layer: int, cells, cancel):
     from desktop_app.engine.capture import hooks
 
-    hidden, start = _rows_hidden(target, layer, component, len(cells))
+    hidden, block = _rows_hidden(target, layer, component, len(cells))
+    start = _first_changed_position(lm, target, block, cells)
+    hidden = hidden[:, start:]
+    cells = [(pos - start if pos >= 0 else pos, head) for pos, head in cells]
     if component in ("resid_pre", "resid_post"):
         src = source.resid_pre[layer] if component == "resid_pre" else source.resid_post(layer)
-        hidden = _patch_rows(hidden, src, cells, heads=False)
-        if start == lm.info.n_layers:  # resid_post of the last layer: straight to the unembedding
+        hidden = _patch_rows(hidden, src[:, start:], cells, heads=False)
+        if block == lm.info.n_layers:  # resid_post of the last layer: straight to the unembedding
             return lm.adapter.logits_from_resid(hidden[:, -1]).float()
-        return run_from_layer(lm, target, start, hidden, cancel)
+        return run_from_layer(lm, target, block, hidden, cancel, start=start)
     name = hook_name(layer, "attn.hook_z" if component == "head_out" else component)
-    src = source.acts[name]
+    src = source.acts[name][:, start:]
     write = {name: lambda act: _patch_rows(act, src, cells, heads=component == "head_out")}
     with hooks(lm, write=write):
-        return run_from_layer(lm, target, start, hidden, cancel)
+        return run_from_layer(lm, target, block, hidden, cancel, start=start)
 
 
 def activation_patching_job(lm, pair: PromptPair, component: str = "resid_pre", positions: str = "each",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from desktop_app.engine.adapters import block_output_tensor
-from desktop_app.engine.capture import as_ids, forward_logits, hooks
+from desktop_app.engine.capture import as_ids, hooks
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken
 
@@ -24,6 +24,7 @@ class RecordedRun:
     resid_pre: list[torch.Tensor]  # per layer [1, pos, d_model] on the block's device
     block_kwargs: list[dict]
     block_args: list[tuple]  # positional arguments after the hidden state (GPT-2 passes its mask this way)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (keys, values) [1, kv_heads, pos, d]
     acts: dict[str, torch.Tensor] = field(default_factory=dict)  # extra hook points, on the model's devices
 
     @property
@@ -45,13 +46,10 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
 
     def keeper(index):
         def hook(_mod, args, kwargs):
-            kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kept = {k: (_CACHE if _is_cache(v) else v) for k, v in kwargs.items() if k != "hidden_states"}
             kept["use_cache"] = False
-            kept.pop("past_key_values", None)
-            kept.pop("layer_past", None)
             kwargs_per_block[index] = kept
-            # a positional KV cache (GPT-2's second argument) is not wanted: use_cache is off
-            args_per_block[index] = tuple(None if _is_cache(a) else a for a in args[1:])
+            args_per_block[index] = tuple(_CACHE if _is_cache(a) else a for a in args[1:])
         return hook
 
     last = hook_name(len(blocks) - 1, "resid_post")
@@ -60,31 +58,109 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(keeper(i), with_kwargs=True))
         with torch.inference_mode(), hooks(lm, read=reads, cancel=cancel) as store:
-            logits = forward_logits(lm, as_ids(ids))
+            # with a KV cache, so that a restart can reuse the keys and values of the positions before a patch
+            out = lm.model(input_ids=as_ids(ids).to(lm.input_device), use_cache=True)
     finally:
         for h in handles:
             h.remove()
     resid = [store.pop(hook_name(L, "resid_pre")) for L in range(len(blocks))]
     acts = dict(store)
-    return RecordedRun(ids=as_ids(ids), logits_last=logits[0, -1].float().cpu(), resid_pre=resid,
-                       block_kwargs=kwargs_per_block, block_args=args_per_block, acts=acts)
+    return RecordedRun(ids=as_ids(ids), logits_last=out.logits[0, -1].float().cpu(), resid_pre=resid,
+                       block_kwargs=kwargs_per_block, block_args=args_per_block, acts=acts,
+                       prefix_kv=_cache_tensors(getattr(out, "past_key_values", None), len(blocks)))
+
+
+_CACHE = object()  # where the model passed its KV cache to a block
 
 
 def _is_cache(obj) -> bool:
     return type(obj).__name__.endswith("Cache")
 
 
+def _cache_tensors(cache, n_layers: int):
+    """Per layer (keys, values) of a transformers cache, or None when its layout is not the one known here."""
+    layers = getattr(cache, "layers", None)
+    try:
+        kv = [(layers[i].keys, layers[i].values) for i in range(n_layers)]
+    except (TypeError, IndexError, AttributeError):
+        return None
+    return kv if all(isinstance(k, torch.Tensor) and k.dim() == 4 for k, _ in kv) else None
+
+
+class _PrefixKV:
+    """Stands in for a KV cache: each attention layer gets the recorded keys and values of the first `start`
+    positions in front of its own (the rows only compute positions from `start` on). Nothing is mutated, so
+    one object serves every row and every chunk."""
+
+    def __init__(self, prefix_kv, start: int):
+        self.prefix = [(k[:, :, :start], v[:, :, :start]) for k, v in prefix_kv]
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        pk, pv = self.prefix[layer_idx]
+        rows = keys.shape[0]
+        return (torch.cat([pk.to(keys.device, keys.dtype).expand(rows, -1, -1, -1), keys], dim=-2),
+                torch.cat([pv.to(values.device, values.dtype).expand(rows, -1, -1, -1), values], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix[layer_idx][0].shape[-2]
+
+
+def _from_position(value, start: int, n_pos: int):
+    """A block argument cut to the positions from `start` on (masks along their query dimension)."""
+    if isinstance(value, tuple):
+        return tuple(_from_position(v, start, n_pos) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.dim() == 4 and value.shape[-2] == n_pos:  # attention mask [batch, 1, query, key]
+        return value[..., start:, :]
+    if value.dim() == 1 and value.shape[0] == n_pos:  # cache_position
+        return value[start:]
+    if value.dim() in (2, 3) and value.shape[1] == n_pos:  # position ids, rotary cos / sin
+        return value[:, start:]
+    return value
+
+
+def can_start_later(run: RecordedRun, layer: int) -> bool:
+    """Whether blocks from `layer` on can be run on a suffix of the positions (needs the recorded keys and
+    values and an explicit attention mask to cut)."""
+    if run.prefix_kv is None:
+        return False
+    for L in range(layer, len(run.block_kwargs)):
+        masks = [v for v in list(run.block_kwargs[L].values()) + list(run.block_args[L])
+                 if isinstance(v, torch.Tensor) and v.dim() == 4]
+        if not masks:
+            return False
+    return True
+
+
+def _block_call(run: RecordedRun, layer: int, start: int):
+    """(args, kwargs) for block `layer`: the recorded ones, cut to the positions from `start` on with the
+    prefix keys and values standing in for the cache (start > 0), or with no cache (start == 0)."""
+    cache = _PrefixKV(run.prefix_kv, start) if start > 0 else None
+    n_pos = run.n_pos
+    args = tuple(cache if a is _CACHE else _from_position(a, start, n_pos) if start else a
+                 for a in run.block_args[layer])
+    kwargs = {k: cache if v is _CACHE else _from_position(v, start, n_pos) if start else v
+              for k, v in run.block_kwargs[layer].items()}
+    return args, kwargs
+
+
 def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cancel: CancelToken | None = None,
-                   last_only: bool = True) -> torch.Tensor:
+                   last_only: bool = True, start: int = 0) -> torch.Tensor:
     """Feed `hidden` [batch, pos, d_model] into block `layer` and run to the logits. Returns float32 logits
     [batch, vocab] at the last position (or [batch, pos, vocab] if not last_only). Hooks registered by the
-    caller (e.g. a write at this layer) apply as in a normal forward pass."""
+    caller (e.g. a write at this layer) apply as in a normal forward pass.
+
+    With start > 0, `hidden` holds only the positions from `start` on: the earlier positions are the recorded
+    run's (a patch never changes what comes before it in a causal model), so only their keys and values are
+    needed, taken from the recording (check can_start_later first)."""
     blocks = lm.adapter.blocks
     h = hidden
     for L in range(layer, len(blocks)):
         if cancel is not None:
             cancel.check()
-        h = block_output_tensor(blocks[L](h, *run.block_args[L], **run.block_kwargs[L]))
+        args, kwargs = _block_call(run, L, start)
+        h = block_output_tensor(blocks[L](h, *args, **kwargs))
     if last_only:
         h = h[:, -1]
     return lm.adapter.logits_from_resid(h).float()

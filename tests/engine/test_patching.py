@@ -175,3 +175,19 @@ def test_equal_clean_and_corrupted_returns_raw(lm_gpt2):
     result = drive(activation_patching_job(lm_gpt2, pair, "resid_pre", "each", "denoise", "logit_diff_recovered"))
     assert "undefined" in result.message
     assert np.allclose(result.values, result.clean_metric, atol=1e-5)
+
+
+def test_rows_start_at_the_first_patched_position(tiny_lm, pair_of):
+    """The reference comparisons above go through the shortcut that runs only the positions from the first
+    patched one on (reusing the recorded keys and values): check that it is really taken, and exact."""
+    from desktop_app.engine.replay import can_start_later, record_run, run_from_layer
+
+    lm, pair = tiny_lm, pair_of(tiny_lm)
+    run = record_run(lm, pair.corrupted.ids)
+    assert all(can_start_later(run, L) for L in range(lm.info.n_layers))
+    with torch.inference_mode():
+        full = run_from_layer(lm, run, 1, run.resid_pre[1])
+        for start in (1, 4, pair.n_pos - 1):
+            suffix = run_from_layer(lm, run, 1, run.resid_pre[1][:, start:], start=start)
+            torch.testing.assert_close(suffix, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full[0], run.logits_last, atol=1e-5, rtol=0)
