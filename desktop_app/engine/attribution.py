@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks
-from desktop_app.engine.errors import JobCancelled, OutOfMemory, SpecError
+from desktop_app.engine.errors import JobCancelled, OutOfMemory
 from desktop_app.engine.hooknames import EMBED, hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress
 from desktop_app.engine.memory import is_oom
 from desktop_app.engine.metrics import MetricContext
-from desktop_app.engine.patching import SweepPlan, _labels, validate
+from desktop_app.engine.patching import new_sweep_result
 from desktop_app.engine.prompts import PromptPair
-from desktop_app.engine.results import AnalysisResult, empty_values
 
 # A backward pass costs about two forward passes (a matmul's gradient needs two matmuls of its size), so the
 # whole heatmap costs 1 (source) + 1 (target) + 2 (backward) forward-pass equivalents, whatever its size.
@@ -73,18 +72,11 @@ def attribution_patching_job(lm, pair: PromptPair, component: str = "resid_pre",
                              direction: str = "denoise", metric: str = "logit_diff_recovered",
                              name: str = "attribution", layers=None, cancel: CancelToken | None = None):
     cancel = cancel or CancelToken()
-    layers = validate(component, direction, metric, lm, layers)
-    if positions not in ("each", "all"):
-        raise SpecError(f"positions must be 'each' or 'all', not {positions!r}.")
     t0 = time.perf_counter()
-    plan = SweepPlan(component, positions == "each", layers, pair.n_pos, lm.info.n_heads)
-    values = empty_values(plan.shape)
-    result = AnalysisResult(
-        name=name, kind="attribution_patching",
-        params=dict(component=component, positions=positions, direction=direction, metric=metric),
-        dims=plan.dims, values=values, labels=_labels(lm, plan, pair),
-        tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
-    names = [_hook_of(component, L) for L in layers]
+    plan, result = new_sweep_result(lm, pair, "attribution_patching", component, positions, direction, metric,
+                                    name, layers)
+    values = result.values
+    names = [_hook_of(component, L) for L in plan.layers]
     source_ids, target_ids = ((pair.clean.ids, pair.corrupted.ids) if direction == "denoise"
                               else (pair.corrupted.ids, pair.clean.ids))
     yield Progress(0, 3, "source run")

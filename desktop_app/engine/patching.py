@@ -148,22 +148,31 @@ def _chunk_logits(lm, target: RecordedRun, source: RecordedRun, component: str, 
         return run_from_layer(lm, target, block, hidden, cancel, start=start)
 
 
+def new_sweep_result(lm, pair: PromptPair, kind: str, component: str, positions: str, direction: str,
+                     metric: str, name: str, layers=None) -> tuple[SweepPlan, AnalysisResult]:
+    """The checked plan and the empty (all-NaN) result of a patching-shaped sweep: activation or attribution
+    patching, and the window's skeleton that streamed cells are drawn into."""
+    layers = validate(component, direction, metric, lm, layers)
+    if positions not in ("each", "all"):
+        raise SpecError(f"positions must be 'each' or 'all', not {positions!r}.")
+    plan = SweepPlan(component, positions == "each", layers, pair.n_pos, lm.info.n_heads)
+    result = AnalysisResult(
+        name=name, kind=kind,
+        params=dict(component=component, positions=positions, direction=direction, metric=metric),
+        dims=plan.dims, values=empty_values(plan.shape), labels=_labels(lm, plan, pair),
+        tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
+    return plan, result
+
+
 def activation_patching_job(lm, pair: PromptPair, component: str = "resid_pre", positions: str = "each",
                             direction: str = "denoise", metric: str = "logit_diff_recovered",
                             name: str = "patching", layers=None, cancel: CancelToken | None = None,
                             batch_size: int | None = None):
     cancel = cancel or CancelToken()
-    layers = validate(component, direction, metric, lm, layers)
-    if positions not in ("each", "all"):
-        raise SpecError(f"positions must be 'each' or 'all', not {positions!r}.")
     t0 = time.perf_counter()
-    plan = SweepPlan(component, positions == "each", layers, pair.n_pos, lm.info.n_heads)
-    values = empty_values(plan.shape)
-    result = AnalysisResult(
-        name=name, kind="activation_patching",
-        params=dict(component=component, positions=positions, direction=direction, metric=metric),
-        dims=plan.dims, values=values, labels=_labels(lm, plan, pair),
-        tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
+    plan, result = new_sweep_result(lm, pair, "activation_patching", component, positions, direction, metric,
+                                    name, layers)
+    values = result.values
     yield Progress(0, values.size, "recording the clean and corrupted runs")
 
     def cells():

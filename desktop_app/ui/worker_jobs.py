@@ -6,7 +6,6 @@ AnalysisResult), never the model itself.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from desktop_app.engine.errors import ModelLoadError
@@ -113,20 +112,15 @@ def _skeleton(lm, prompts, spec):
     """The empty result of a patching-shaped spec, so streamed cells can be drawn before the job returns."""
     if spec.kind not in ("activation_patching", "attribution_patching") or spec.component.startswith("blocks."):
         return None
-    import numpy as np
-
-    from desktop_app.engine.patching import SweepPlan, _labels
+    from desktop_app.engine.patching import new_sweep_result
     from desktop_app.engine.prompts import prepare_pair
-    from desktop_app.engine.results import AnalysisResult, empty_values
 
     pair = prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
                         prompts.prepend_bos)
-    layers = list(getattr(spec, "layers", None) or range(lm.info.n_layers))
-    plan = SweepPlan(spec.component, spec.positions == "each", layers, pair.n_pos, lm.info.n_heads)
-    params = dict(component=spec.component, positions=spec.positions, direction=spec.direction, metric=spec.metric)
-    return AnalysisResult(name=spec.name, kind=spec.kind, params=params, dims=plan.dims,
-                          values=empty_values(plan.shape), labels=_labels(lm, plan, pair), status="partial",
-                          tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids))
+    _plan, result = new_sweep_result(lm, pair, spec.kind, spec.component, spec.positions, spec.direction,
+                                     spec.metric, spec.name, getattr(spec, "layers", None))
+    result.status = "partial"
+    return result
 
 
 def run_analysis(prompts, spec, batch_size: int | None = None):
@@ -136,32 +130,10 @@ def run_analysis(prompts, spec, batch_size: int | None = None):
         skeleton = _skeleton(lm, prompts, spec)
         if skeleton is not None:
             yield Skeleton(skeleton)
-        try:
-            from desktop_app.project.execute import analysis_job
-        except ImportError:
-            analysis_job = None
-        if analysis_job is not None:
-            kwargs = {}
-            if batch_size and "batch_size" in inspect.signature(analysis_job).parameters:
-                kwargs["batch_size"] = batch_size
-            return (yield from analysis_job(lm, prompts, spec, cancel, **kwargs))
-        return (yield from _activation_patching_only(lm, prompts, spec, cancel, batch_size))
+        from desktop_app.project.execute import analysis_job
+
+        return (yield from analysis_job(lm, prompts, spec, cancel, batch_size=batch_size or None))
     return job
-
-
-def _activation_patching_only(lm, prompts, spec, cancel, batch_size):
-    from desktop_app.engine.errors import SpecError
-    from desktop_app.engine.patching import activation_patching_job
-    from desktop_app.engine.prompts import prepare_pair
-
-    if spec.kind != "activation_patching":
-        raise SpecError(f"{spec.kind.replace('_', ' ')} is not available in this build yet; "
-                        "choose activation patching.")
-    pair = prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
-                        prompts.prepend_bos)
-    return (yield from activation_patching_job(
-        lm, pair, spec.component, spec.positions, spec.direction, spec.metric, name=spec.name,
-        layers=spec.layers, cancel=cancel, batch_size=batch_size or None))
 
 
 @dataclass

@@ -24,7 +24,7 @@ def _prepare(lm, sae: SAE, hook_name: str | None) -> str:
     return hook
 
 
-def _run_sae(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_sae(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_hat in x's dtype/device/shape, feature acts) for activations from a hook."""
     if sae.device != x.device:
         sae.to(x.device)
@@ -73,7 +73,7 @@ def ce_loss_with_sae(lm, sae: SAE, input_ids, hook_name: str | None = None,
     if ids.shape[-1] < 2:
         raise SAEError("The CE loss needs a prompt of at least 2 tokens; use a longer text.")
     clean = _next_token_ce(forward_logits(lm, ids), ids)
-    with hooks(lm, write={hook: lambda x: _run_sae(sae, x)[0]}, cancel=cancel):
+    with hooks(lm, write={hook: lambda x: run_sae(sae, x)[0]}, cancel=cancel):
         spliced = _next_token_ce(forward_logits(lm, ids), ids)
     with hooks(lm, write={hook: torch.zeros_like}, cancel=cancel):
         zero = _next_token_ce(forward_logits(lm, ids), ids)
@@ -94,7 +94,9 @@ class FeatureEdit:
             raise SAEError(f"Feature edit mode {self.mode!r} is unknown; use ablate, clamp or steer.")
 
 
-def _edit_hook(sae: SAE, edits: Sequence[FeatureEdit]):
+def edit_hook(sae: SAE, edits: Sequence[FeatureEdit], keep_error: bool = True):
+    """A write function for the SAE's hook that replaces the activation by the SAE's reconstruction from the
+    edited features, plus the SAE's error term (keep_error) so that no edit leaves the activation unchanged."""
     for e in edits:
         if not 0 <= e.feature < sae.d_sae:
             raise SAEError(f"Feature {e.feature} does not exist; this SAE has features 0-{sae.d_sae - 1}.")
@@ -103,11 +105,11 @@ def _edit_hook(sae: SAE, edits: Sequence[FeatureEdit]):
                        "use an SAE with normalize_activations none.")
 
     def write(x: torch.Tensor) -> torch.Tensor:
-        x_hat, f = _run_sae(sae, x)
-        error = x - x_hat
+        x_hat, f = run_sae(sae, x)
         f = f.clone()
         for e in edits:
-            pos = slice(None) if e.positions is None else torch.as_tensor(list(e.positions), device=f.device)
+            pos = slice(None) if e.positions is None else torch.as_tensor(
+                [p for p in e.positions if p < f.shape[1]], dtype=torch.long, device=f.device)
             if e.mode == "ablate":
                 f[:, pos, e.feature] = 0.0
             elif e.mode == "clamp":
@@ -115,8 +117,8 @@ def _edit_hook(sae: SAE, edits: Sequence[FeatureEdit]):
             else:
                 f[:, pos, e.feature] += e.value
         d_head = x.shape[-1] if x.shape[-1] != sae.d_in else None
-        edited = sae.decode(f, d_head=d_head)
-        return (edited.to(x.dtype) + error).to(x.dtype)
+        edited = sae.decode(f, d_head=d_head).to(x.dtype)
+        return edited + (x - x_hat) if keep_error else edited
 
     return write
 
@@ -126,5 +128,5 @@ def intervene(lm, sae: SAE, input_ids, edits: Sequence[FeatureEdit], hook_name: 
               cancel: CancelToken | None = None) -> torch.Tensor:
     """Logits [batch, pos, vocab] (float32, CPU) with the features edited at the SAE's hook."""
     hook = _prepare(lm, sae, hook_name)
-    with hooks(lm, write={hook: _edit_hook(sae, list(edits))}, cancel=cancel):
+    with hooks(lm, write={hook: edit_hook(sae, list(edits))}, cancel=cancel):
         return forward_logits(lm, as_ids(input_ids)).float().cpu()

@@ -27,7 +27,7 @@ from desktop_app.engine.metrics import MetricContext
 from desktop_app.engine.results import AnalysisResult, empty_values
 from desktop_app.engine.sae import corpus as corpus_mod
 from desktop_app.engine.sae.formats import check_fits, load_sae, require_hook, save_saelens
-from desktop_app.engine.sae.inspect import FeatureEdit, _edit_hook, ce_loss_with_sae, feature_table
+from desktop_app.engine.sae.inspect import FeatureEdit, ce_loss_with_sae, edit_hook, feature_table, run_sae
 from desktop_app.engine.sae.metrics import explained_variance
 from desktop_app.engine.sae.model import SAE
 from desktop_app.engine.sae.training import TrainConfig, train_sae
@@ -77,14 +77,6 @@ def _tokens(lm, text_or_ids, prepend_bos=None):
 def _flat(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Hook activations as [..., d_in] (hook_z heads flattened)."""
     return x.reshape(*x.shape[:-2], sae.d_in) if x.shape[-1] != sae.d_in else x
-
-
-def _sae_out(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction shaped and typed like x, feature acts) on x's device."""
-    if sae.device != x.device:
-        sae.to(x.device)
-    x_hat, f = sae(x.float() if sae.dtype == torch.float32 else x.to(sae.dtype))
-    return x_hat.to(x.dtype), f
 
 
 # ---- sae_features ------------------------------------------------------------------------------------------
@@ -158,7 +150,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
             xs.append(x)
             x_hats.append(x_hat.float())
             sums["l0"] += float((f != 0).sum())
-            with hooks(lm, write={hook: lambda a: _sae_out(sae, a)[0]}, cancel=cancel):
+            with hooks(lm, write={hook: lambda a: run_sae(sae, a)[0]}, cancel=cancel):
                 spliced = forward_logits(lm, ids)[0].float().cpu()
             ref = torch.log_softmax(logits[0], -1)
             kl = (ref.exp() * (ref - torch.log_softmax(spliced, -1))).sum(-1)
@@ -187,29 +179,6 @@ def metrics_dict(result: AnalysisResult) -> dict[str, float]:
 
 
 # ---- interventions -----------------------------------------------------------------------------------------
-
-def _writer(sae: SAE, edits: list[FeatureEdit], keep_error: bool):
-    with_error = _edit_hook(sae, edits)  # also validates the edits
-    if keep_error:
-        return with_error
-
-    def write(x: torch.Tensor) -> torch.Tensor:
-        _, f = _sae_out(sae, x)
-        f = f.clone()
-        for e in edits:
-            pos = slice(None) if e.positions is None else torch.as_tensor(
-                [p for p in e.positions if p < f.shape[1]], dtype=torch.long, device=f.device)
-            if e.mode == "ablate":
-                f[:, pos, e.feature] = 0.0
-            elif e.mode == "clamp":
-                f[:, pos, e.feature] = e.value
-            else:
-                f[:, pos, e.feature] += e.value
-        d_head = x.shape[-1] if x.shape[-1] != sae.d_in else None
-        return sae.decode(f, d_head=d_head).to(x.dtype)
-
-    return write
-
 
 def _greedy(lm, ids: torch.Tensor, n: int, write, hook: str, cancel) -> list[int]:
     eos = getattr(lm.tokenizer, "eos_token_id", None)
@@ -242,7 +211,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     hook = _fitted_hook(lm, sae, hook)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
-    write = _writer(sae, edits, keep_error)
+    write = edit_hook(sae, edits, keep_error)
     total = 2 + 2 * max(0, int(n_continue))
     yield Progress(0, total, "next-token distributions")
     with torch.inference_mode():
