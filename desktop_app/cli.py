@@ -364,10 +364,6 @@ def open_window(argv, project_path: str | None = None, demo: bool = False) -> in
             raise CliError(f"the window needs {err.name.split('.')[0]}, which is not installed; install it with "
                            f"pip install interp-workbench.") from None
         raise
-    except ImportError as err:  # desktop_app.ui.app exists but has no run_app yet
-        if "run_app" not in str(err):
-            raise
-        raise CliError("the window is not available in this build; use the run, export and info commands.") from None
     code = run_app([sys.argv[0] if sys.argv and sys.argv[0] else PROG] + list(argv),
                    project_path=project_path, demo=demo)
     return EXIT_OK if code is None else int(code)
