@@ -197,6 +197,7 @@ def train_demo_sae(lm, folder: Path) -> dict:
     result = drive(train_sae(acts, cfg), None)
     sae = result.sae
     sae.cfg.metadata = {**(sae.cfg.metadata or {}), "model_name": "interp-workbench-demo-ioi-gpt2",
+                        "model_fingerprint": lm.config_hash,  # the model folder is named "model"
                         "prepend_bos": False, "context_size": MODEL["n_positions"],
                         "dataset_path": f"desktop_app.demo_task.corpus({SAE_CORPUS_SENTENCES}, "
                                         f"seed={SAE_CORPUS_SEED})"}

@@ -123,7 +123,8 @@ def output_token_effects(lm, sae, features: list[int], n: int = 10):
 
 def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, context: int = 8,
                          cancel: CancelToken | None = None, batch_size: int = 16, seq_len: int = 128,
-                         max_tokens: int = 200_000, n_logit: int = 10):
+                         max_tokens: int = 200_000, n_logit: int = 10, hook: str | None = None,
+                         force_hook: bool = False):
     """Job returning [FeatureDashboard] for `features` (None = all). On cancel, the dashboards of the part
     scanned so far are returned."""
     import torch
@@ -134,8 +135,8 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
     from desktop_app.engine.sae.jobs import _as_sae, _fitted_hook
 
     cancel = cancel or CancelToken()
-    sae = _as_sae(sae)
-    hook = _fitted_hook(lm, sae, None)
+    sae = _as_sae(sae, hook)
+    hook = _fitted_hook(lm, sae, hook, force_hook)
     features = list(range(sae.d_sae)) if features is None else [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < sae.d_sae]
     if bad:

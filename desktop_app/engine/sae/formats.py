@@ -132,6 +132,7 @@ def _cfg_from_saelens_dict(raw: dict, where: Path) -> tuple[dict, dict]:
                        f"{', '.join(ARCHITECTURES)}.")
     k = raw.get("k", act_kwargs.get("k"))
     norm = raw.get("normalize_activations")
+    assumed = _assumed_saelens_settings(raw, where)
     if isinstance(norm, bool) or norm is None:  # pre-6 configs stored a flag
         norm = "expected_average_only_in" if norm else "none"
     for key in ("d_in", "d_sae"):
@@ -151,7 +152,21 @@ def _cfg_from_saelens_dict(raw: dict, where: Path) -> tuple[dict, dict]:
         if key not in meta and raw.get(key) is not None:
             meta[key] = raw[key]
     meta.pop("hook_name", None)
+    fields["assumptions"] = assumed
     return fields, meta
+
+
+def _assumed_saelens_settings(raw: dict, where: Path) -> list[str]:
+    """What a cfg.json leaves unstated that changes the SAE's output, as sentences saying what is assumed."""
+    assumed = []
+    if "normalize_activations" not in raw:
+        assumed.append(f"{where} does not state normalize_activations; assumed none (the SAE reads raw activations).")
+    elif raw["normalize_activations"] in (True, "expected_average_only_in") and raw.get("norm_scaling_factor") is None:
+        assumed.append(f"{where} sets normalize_activations to expected_average_only_in without a norm_scaling_factor; "
+                       "assumed the factor is folded into the weights (scale 1), as SAELens does on save.")
+    if "apply_b_dec_to_input" not in raw:
+        assumed.append(f"{where} does not state apply_b_dec_to_input; assumed true (b_dec is subtracted first).")
+    return assumed
 
 
 def _load_saelens_folder(folder: Path, dtype: Any, norm_scaling_factor: float | None) -> SAE:
@@ -162,6 +177,7 @@ def _load_saelens_folder(folder: Path, dtype: Any, norm_scaling_factor: float | 
     fields, meta = _cfg_from_saelens_dict(raw, folder / CFG_FILE)
     if norm_scaling_factor is not None:
         fields["norm_scaling_factor"] = float(norm_scaling_factor)
+        fields["assumptions"] = [a for a in fields["assumptions"] if "norm_scaling_factor" not in a]
     cfg = SAEConfig(**fields, metadata=meta)
     state = _read_safetensors(weights_path)
     sae = _build(cfg, state, weights_path, _torch_dtype(dtype or cfg.dtype, folder / CFG_FILE))
@@ -218,7 +234,10 @@ def _load_gemma_scope(path: Path, hook_name: str | None, dtype: Any) -> SAE:
                        "pickled objects); copy it again.", details=str(exc)) from exc
     state = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
     arch = "jumprelu" if "threshold" in state else "standard"
-    return _from_bare_state(state, path, hook_name, dtype, arch, k=None, apply_b_dec_to_input=False)
+    sae = _from_bare_state(state, path, hook_name, dtype, arch, k=None, apply_b_dec_to_input=False)
+    sae.cfg.assumptions = [f"{path} states no normalisation and no b_dec handling; assumed raw activations and "
+                           "apply_b_dec_to_input false, as Gemma Scope SAEs are trained."]
+    return sae
 
 
 def _load_plain_safetensors(path: Path, hook_name: str | None, dtype: Any, k: int | None,
@@ -235,11 +254,19 @@ def _load_plain_safetensors(path: Path, hook_name: str | None, dtype: Any, k: in
     arch = header.get("architecture") or (
         "jumprelu" if "threshold" in state or "log_threshold" in state
         else "gated" if "b_gate" in state else "topk" if k is not None else "standard")
+    assumed = []
     if apply_b_dec_to_input is None:
         flag = header.get("apply_b_dec_to_input")
         # jumprelu weights without a config are almost always Gemma Scope, which does not subtract b_dec
         apply_b_dec_to_input = (flag.lower() == "true") if flag is not None else arch != "jumprelu"
-    return _from_bare_state(state, path, hook_name, dtype, arch, k, apply_b_dec_to_input)
+        if flag is None:
+            assumed.append(f"{path} does not state apply_b_dec_to_input; assumed "
+                           f"{str(apply_b_dec_to_input).lower()} for a {arch} SAE.")
+    if "normalize_activations" not in header:
+        assumed.append(f"{path} states no normalisation; assumed none (the SAE reads raw activations).")
+    sae = _from_bare_state(state, path, hook_name, dtype, arch, k, apply_b_dec_to_input)
+    sae.cfg.assumptions = assumed
+    return sae
 
 
 def _from_bare_state(state: dict, path: Path, hook_name: str | None, dtype: Any, arch: str, k: int | None,

@@ -14,14 +14,24 @@ import torch
 from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
 from desktop_app.engine.errors import SAEError
 from desktop_app.engine.jobs import CancelToken
-from desktop_app.engine.sae.formats import check_fits, require_hook
+from desktop_app.engine.hook_trust import trusted_hook
+from desktop_app.engine.sae.formats import check_fits
 from desktop_app.engine.sae.model import SAE
 
 
-def _prepare(lm, sae: SAE, hook_name: str | None) -> str:
-    hook = require_hook(sae, hook_name)
+def fitted_hook(lm, sae: SAE, hook_name: str | None = None, force_hook: bool = False) -> str:
+    """The hook at which `sae` is applied to `lm`: refused (one sentence naming both) when its file names
+    another hook or another model, unless force_hook; then its width is checked against the hook's."""
+    meta = sae.cfg.metadata or {}
+    hook = trusted_hook("SAE", getattr(sae, "source_path", None) or "in memory", sae.cfg.hook_name, hook_name,
+                        stated_model=meta.get("model_name"), stated_fingerprint=meta.get("model_fingerprint"),
+                        lm=lm, force_hook=force_hook)
     check_fits(sae, hook, lm.hook_point(hook).shape)
     return hook
+
+
+def _prepare(lm, sae: SAE, hook_name: str | None) -> str:
+    return fitted_hook(lm, sae, hook_name)
 
 
 def run_sae(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

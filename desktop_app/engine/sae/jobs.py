@@ -26,8 +26,9 @@ from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_p
 from desktop_app.engine.metrics import MetricContext
 from desktop_app.engine.results import AnalysisResult, empty_values
 from desktop_app.engine.sae import corpus as corpus_mod
-from desktop_app.engine.sae.formats import check_fits, load_sae, require_hook, save_saelens
-from desktop_app.engine.sae.inspect import FeatureEdit, ce_loss_with_sae, edit_hook, feature_table, run_sae
+from desktop_app.engine.sae.formats import load_sae, save_saelens
+from desktop_app.engine.sae.inspect import (FeatureEdit, ce_loss_with_sae, edit_hook, feature_table, fitted_hook,
+                                           run_sae)
 from desktop_app.engine.sae.metrics import explained_variance
 from desktop_app.engine.sae.model import SAE
 from desktop_app.engine.sae.training import TrainConfig, train_sae
@@ -61,10 +62,18 @@ def _as_sae(sae_or_path, hook: str | None = None) -> SAE:
     return sae_or_path if isinstance(sae_or_path, SAE) else cached_load_sae(sae_or_path, hook)
 
 
-def _fitted_hook(lm, sae: SAE, hook: str | None) -> str:
-    hook = require_hook(sae, hook)
-    check_fits(sae, hook, lm.hook_point(hook).shape)
-    return hook
+def _fitted_hook(lm, sae: SAE, hook: str | None, force_hook: bool = False) -> str:
+    return fitted_hook(lm, sae, hook, force_hook)
+
+
+def trust_params(sae: SAE, force_hook: bool) -> dict:
+    """What a result records about how far its SAE was trusted: settings assumed, a forced hook."""
+    out = {}
+    if sae.cfg.assumptions:
+        out["assumptions"] = list(sae.cfg.assumptions)
+    if force_hook:
+        out["force_hook"] = True
+    return out
 
 
 def _tokens(lm, text_or_ids, prepend_bos=None):
@@ -83,7 +92,7 @@ def _flat(sae: SAE, x: torch.Tensor) -> torch.Tensor:
 
 def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = None, top_k: int = 10,
                      name: str = "sae", cancel: CancelToken | None = None, prompt_label: str = "clean", *,
-                     text: str | None = None, prepend_bos: bool | None = None):
+                     text: str | None = None, prepend_bos: bool | None = None, force_hook: bool = False):
     """The `sae_features` analysis: values [position, feature] of the features in labels["feature"]."""
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
@@ -94,7 +103,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
         raise SAEError(f"top_k must be 0 (all features) or a positive number, not {top_k}.")
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
-    hook = _fitted_hook(lm, sae, hook)
+    hook = _fitted_hook(lm, sae, hook, force_hook)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
     yield Progress(1, 2, "encoding with the SAE")
@@ -109,7 +118,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
     result = AnalysisResult(
         name=name, kind="sae_features",
         params=dict(sae=str(sae_path if not isinstance(sae_path, SAE) else getattr(sae, "source_path", "")),
-                    hook=hook, prompt=prompt_label, top_k=int(top_k)),
+                    hook=hook, prompt=prompt_label, top_k=int(top_k), **trust_params(sae, force_hook)),
         dims=["position", "feature"], values=values,
         labels={"position": tokens.labels(), "feature": [str(i) for i in chosen]},
         tokens_clean=np.array(tokens.ids, dtype=np.int64),
@@ -127,7 +136,7 @@ METRIC_NAMES = ("l0", "explained_variance", "ce_clean", "ce_spliced", "ce_zero_a
 
 
 def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str | None = None,
-                    name: str = "sae_metrics", prepend_bos: bool | None = None):
+                    name: str = "sae_metrics", prepend_bos: bool | None = None, force_hook: bool = False):
     """Token-weighted means over `texts` (a string or a list of strings); values [metric]."""
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
@@ -135,7 +144,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
     if not texts:
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook)
+    hook = _fitted_hook(lm, sae, hook, force_hook)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
     n_tok = n_next = 0
@@ -169,7 +178,8 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
     out["ce_recovered"] = (out["ce_zero_ablated"] - out["ce_spliced"]) / denom if abs(denom) > 1e-12 else float("nan")
     yield Progress(len(texts), len(texts), "done")
     return AnalysisResult(
-        name=name, kind="sae_metrics", params=dict(hook=hook, n_texts=len(texts), n_tokens=n_tok),
+        name=name, kind="sae_metrics",
+        params=dict(hook=hook, n_texts=len(texts), n_tokens=n_tok, **trust_params(sae, force_hook)),
         dims=["metric"], values=np.array([out[k] for k in METRIC_NAMES], dtype=np.float32),
         labels={"metric": list(METRIC_NAMES)}, elapsed_s=time.perf_counter() - t0)
 
@@ -201,14 +211,15 @@ def _as_edits(edits) -> list[FeatureEdit]:
 
 def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_continue: int = 20,
                          cancel: CancelToken | None = None, hook: str | None = None,
-                         name: str = "sae_intervention", top_n: int = 10, prepend_bos: bool | None = None):
+                         name: str = "sae_intervention", top_n: int = 10, prepend_bos: bool | None = None,
+                         force_hook: bool = False):
     """values [which (before, after), rank] = probabilities of each distribution's top tokens; extras hold the
     token ids / strings, the KL(before || after) and the greedy continuations."""
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook)
+    hook = _fitted_hook(lm, sae, hook, force_hook)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
     write = edit_hook(sae, edits, keep_error)
@@ -235,7 +246,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
         params=dict(sae=str(getattr(sae, "source_path", "")), hook=hook, keep_error=bool(keep_error),
                     n_continue=int(n_continue), edits=[dataclasses.asdict(e) | {
                         "positions": None if e.positions is None else [int(p) for p in e.positions]}
-                        for e in edits]),
+                        for e in edits], **trust_params(sae, force_hook)),
         dims=["which", "rank"], values=np.stack([t.values.numpy() for t in top]).astype(np.float32),
         labels={"which": ["before", "after"], "rank": [str(r + 1) for r in range(k)]},
         tokens_clean=np.array(tokens.ids, dtype=np.int64),
@@ -257,7 +268,7 @@ def _decoder_directions(sae: SAE, features: list[int]) -> torch.Tensor:
 
 def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, batch_size: int | None = None,
                              hook: str | None = None, positions: str = "all", name: str = "sae_feature_patching",
-                             metric: str = "logit_diff_recovered"):
+                             metric: str = "logit_diff_recovered", force_hook: bool = False):
     """Run the corrupted prompt with one feature's activations set to the clean run's (all positions, or one
     position at a time with positions="each"), keeping the corrupted run's SAE error term. Features: those
     active in either run at any position. dims ["feature"] or ["position", "feature"]."""
@@ -268,7 +279,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     if positions not in ("all", "each"):
         raise SAEError(f"positions must be 'all' or 'each', not {positions!r}.")
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook)
+    hook = _fitted_hook(lm, sae, hook, force_hook)
     layer, kind = parse_hook_name(hook)
     yield Progress(0, 1, "recording the clean and corrupted runs")
     with torch.inference_mode():
@@ -287,7 +298,8 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
         [(-1, j) for j in range(len(features))]
     result = AnalysisResult(
         name=name, kind="sae_feature_patching",
-        params=dict(sae=str(getattr(sae, "source_path", "")), hook=hook, positions=positions, metric=metric),
+        params=dict(sae=str(getattr(sae, "source_path", "")), hook=hook, positions=positions, metric=metric,
+                    **trust_params(sae, force_hook)),
         dims=dims, values=values,
         labels={"feature": [str(i) for i in features], **({"position": pair.clean.labels()} if per_pos else {})},
         tokens_clean=np.array(pair.clean.ids), tokens_corrupted=np.array(pair.corrupted.ids),
@@ -402,6 +414,8 @@ def sae_training_job(lm, hook: str, corpus_path, config: TrainConfig | dict | No
     sae = trained.sae
     sae.cfg.metadata.update(model_name=os.path.basename(str(lm.path)), context_size=int(context),
                             dataset_path=str(corpus_path))
+    if lm.config_hash:
+        sae.cfg.metadata["model_fingerprint"] = lm.config_hash
     with torch.inference_mode():
         fired = torch.zeros(sae.d_sae)
         for start in range(0, acts.shape[0], 4096):

@@ -37,6 +37,8 @@ class SAEConfig:
     reshape_activations: str = "none"  # "none" | "hook_z"
     dtype: str = "float32"
     metadata: dict[str, Any] = field(default_factory=dict)  # kept and written back on save
+    # settings the file did not state and the loader had to assume, one sentence each (shown with results)
+    assumptions: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
