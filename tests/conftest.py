@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The test models are tiny: one thread is faster than two fighting over a small matmul, and the suite's
 # processes (pytest, CLI subprocesses) do not oversubscribe the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The SAE activation cache goes to a throw-away folder, never the user's cache dir.
+def _throwaway_dir(prefix: str) -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+os.environ.setdefault("INTERP_WORKBENCH_CACHE_DIR", _throwaway_dir("iwb-test-cache-"))
 
 import pytest
 

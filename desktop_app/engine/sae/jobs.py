@@ -373,7 +373,7 @@ def _patched_logits(lm, run, hook, layer, kind, delta, hz, cancel, run_from_laye
 
 # ---- training ----------------------------------------------------------------------------------------------
 
-TRAIN_METRICS = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "aux_loss")
+TRAIN_METRICS = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "aux_loss", "lr")
 
 
 def collect_activations(lm, hook: str, texts: list[str], context: int = 128, max_tokens: int = 200_000,
@@ -394,11 +394,20 @@ def collect_activations(lm, hook: str, texts: list[str], context: int = 128, max
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
+def _prepends_bos(lm, docs) -> bool:
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    return bool(docs) and bos is not None and docs[0][:1] == [int(bos)]
+
+
 def sae_training_job(lm, hook: str, corpus_path, config: TrainConfig | dict | None = None, out_folder=None,
                      cancel: CancelToken | None = None, context: int = 128, max_tokens: int = 200_000,
-                     name: str = "sae_training"):
-    """Collect activations at `hook` over a local corpus, train an SAE (TrainMetrics events pass through),
-    write it as an SAELens folder to out_folder (also when cancelled: the SAE so far). values [step, metric]."""
+                     name: str = "sae_training", *, cache_dir=None, batch_size: int = 16, resume_from=None):
+    """Activations at `hook` over a local corpus (from the activation cache, computed only once per model,
+    hook, corpus and context), then training (TrainMetrics events pass through); writes an SAELens folder to
+    out_folder (also when cancelled: the SAE so far) with checkpoints in out_folder/checkpoints.
+    cache_dir=False keeps the activations in memory instead. values [step, metric]."""
+    from desktop_app.engine.sae.activation_cache import collect_activations_cached
+
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
     if out_folder is None:
@@ -407,28 +416,42 @@ def sae_training_job(lm, hook: str, corpus_path, config: TrainConfig | dict | No
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     cfg = dataclasses.replace(cfg, hook_name=hook)
     texts = corpus_mod.read_corpus(corpus_path)
-    acts = yield from collect_activations(lm, hook, texts, context, max_tokens, cancel=cancel)
-    if acts.shape[0] < 2:
+    if cache_dir is False:
+        acts = yield from collect_activations(lm, hook, texts, context, max_tokens, batch_size, cancel=cancel)
+        cache_folder = ""
+    else:
+        docs = corpus_mod.tokenize_documents(lm, texts, context, max_tokens)
+        if not docs:
+            raise SAEError(f"Corpus {corpus_path} gives no tokens; add more text.")
+        cache = yield from collect_activations_cached(lm, hook, docs, context, cache_dir=cache_dir,
+                                                      batch_size=batch_size, cancel=cancel)
+        acts = cache.rows(skip_ids=corpus_mod.special_ids(lm))
+        cache_folder = str(cache.folder)
+    if len(acts) < 2:
         raise SAEError(f"Corpus {corpus_path} gives fewer than 2 tokens at {hook}; add more text.")
-    trained = yield from train_sae(acts, cfg, cancel)
+    ckpt_dir = Path(out_folder) / "checkpoints"
+    trained = yield from train_sae(acts, cfg, cancel, checkpoint_dir=ckpt_dir, resume_from=resume_from)
     sae = trained.sae
     sae.cfg.metadata.update(model_name=os.path.basename(str(lm.path)), context_size=int(context),
-                            dataset_path=str(corpus_path))
+                            dataset_path=str(corpus_path),
+                            prepend_bos=_prepends_bos(lm, corpus_mod.tokenize_documents(lm, texts[:1], context)))
     if lm.config_hash:
         sae.cfg.metadata["model_fingerprint"] = lm.config_hash
     with torch.inference_mode():
         fired = torch.zeros(sae.d_sae)
-        for start in range(0, acts.shape[0], 4096):
-            fired += (sae.encode(acts[start:start + 4096]) != 0).sum(0).float()
-    log_density = torch.log10(fired / acts.shape[0] + 1e-10)
+        for chunk in (acts.chunks(4096) if hasattr(acts, "chunks") else acts.split(4096)):
+            fired += (sae.encode(chunk) != 0).sum(0).float()
+    log_density = torch.log10(fired / len(acts) + 1e-10)
     folder = save_saelens(sae, out_folder, sparsity=log_density)
     history = trained.history
     values = np.array([[getattr(m, k) for k in TRAIN_METRICS] for m in history], dtype=np.float32).reshape(
         len(history), len(TRAIN_METRICS))
     return AnalysisResult(
         name=name, kind="sae_training",
-        params=dict(hook=hook, corpus=str(corpus_path), out_folder=str(folder), n_tokens=int(acts.shape[0]),
-                    steps_done=int(trained.steps_done), config=dataclasses.asdict(cfg)),
+        params=dict(hook=hook, corpus=str(corpus_path), out_folder=str(folder), n_tokens=int(len(acts)),
+                    steps_done=int(trained.steps_done), config=dataclasses.asdict(cfg),
+                    activation_cache=cache_folder, resumed_from=int(trained.resumed_from),
+                    checkpoint=trained.checkpoint),
         dims=["step", "metric"], values=values,
         labels={"step": [str(m.step) for m in history], "metric": list(TRAIN_METRICS)},
         status="partial" if trained.cancelled else "complete",
