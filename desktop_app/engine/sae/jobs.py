@@ -437,6 +437,8 @@ def sae_training_job(lm, hook: str, corpus_path, config: TrainConfig | dict | No
                             prepend_bos=_prepends_bos(lm, corpus_mod.tokenize_documents(lm, texts[:1], context)))
     if lm.config_hash:
         sae.cfg.metadata["model_fingerprint"] = lm.config_hash
+    # trained on inputs scaled so that E|x| = sqrt(d_in); the factor is folded into the saved weights
+    sae.cfg.metadata["norm_scaling_factor_folded"] = float(trained.scaling_factor)
     with torch.inference_mode():
         fired = torch.zeros(sae.d_sae)
         for chunk in (acts.chunks(4096) if hasattr(acts, "chunks") else acts.split(4096)):

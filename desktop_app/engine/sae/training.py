@@ -54,8 +54,8 @@ class TrainConfig:
     aux_k_coefficient: float = 1 / 32
     dead_tokens: int = 20_000  # a feature that has not fired for this many tokens is dead
     resample_every: int = 500  # standard only; 0 disables resampling
-    jumprelu_init_threshold: float = 0.001
-    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.01  # SAELens 6 defaults
+    jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float = 0.01  # batchtopk: step size of the running threshold estimate
     hook_name: str | None = None
     seed: int = 0

@@ -150,3 +150,29 @@ def test_default_location_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "activations"
     monkeypatch.delenv("INTERP_WORKBENCH_CACHE_DIR")
     assert "interp-workbench" in str(default_cache_dir())
+
+
+def test_training_job_resumes_from_its_checkpoints(lm, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(demo_task.corpus(60, seed=2)))
+    cfg = TrainConfig(architecture="topk", d_sae=32, k=4, steps=40, batch_size=128, log_every=10,
+                      checkpoint_every=20)
+    cache = tmp_path / "cache"
+    whole = drive(sae_training_job(lm, HOOK, corpus, cfg, tmp_path / "whole", cache_dir=cache))
+    cancel = CancelToken()
+    stop = lambda e: cancel.cancel() if type(e).__name__ == "TrainMetrics" and e.step >= 10 else None  # noqa: E731
+    part = drive(sae_training_job(lm, HOOK, corpus, cfg, tmp_path / "part", cache_dir=cache, cancel=cancel), stop)
+    assert part.status == "partial" and part.params["checkpoint"].endswith("ckpt-00000010")
+    resumed = drive(sae_training_job(lm, HOOK, corpus, cfg, tmp_path / "part", cache_dir=cache,
+                                     resume_from=tmp_path / "part" / "checkpoints"))
+    assert resumed.status == "complete" and resumed.params["resumed_from"] == 10
+    np.testing.assert_array_equal(resumed.values, whole.values)
+    from safetensors.numpy import load_file
+    a = load_file(str(tmp_path / "whole" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "part" / "sae_weights.safetensors"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    import json
+    meta = json.loads((tmp_path / "whole" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == HOOK and meta["context_size"] == 128 and meta["model_name"] == "gpt2"
+    assert meta["model_fingerprint"] == lm.config_hash and meta["norm_scaling_factor_folded"] > 0
