@@ -124,9 +124,10 @@ def output_token_effects(lm, sae, features: list[int], n: int = 10):
 def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, context: int = 8,
                          cancel: CancelToken | None = None, batch_size: int = 16, seq_len: int = 128,
                          max_tokens: int = 200_000, n_logit: int = 10, hook: str | None = None,
-                         force_hook: bool = False):
+                         force_hook: bool = False, cache_dir=None):
     """Job returning [FeatureDashboard] for `features` (None = all). On cancel, the dashboards of the part
-    scanned so far are returned."""
+    scanned so far are returned. The activations come from the activation cache (computed once per model,
+    hook, corpus and seq_len); cache_dir=False runs the model batch by batch instead."""
     import torch
 
     from desktop_app.engine.capture import run_with_cache
@@ -157,14 +158,22 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
     n_batches = (len(docs) + batch_size - 1) // batch_size
     offsets = torch.arange(-context, context + 1)
     sae.to("cpu")
+    act_cache = None
+    if cache_dir is not False and docs:
+        from desktop_app.engine.sae.activation_cache import collect_activations_cached
+        act_cache = yield from collect_activations_cached(lm, hook, docs, seq_len, cache_dir=cache_dir,
+                                                          batch_size=batch_size, cancel=cancel)
     try:
         for b, (doc_ids, ids, lengths) in enumerate(corpus_mod.padded_batches(docs, batch_size)):
             cancel.check()
             yield Progress(b, n_batches, f"dashboards: batch {b + 1} of {n_batches}")
-            _, cache = run_with_cache(lm, ids, [hook], cancel=cancel)
-            with torch.inference_mode():
+            if act_cache is not None:
+                x = act_cache.doc_batch(doc_ids[0], doc_ids[-1] + 1)
+            else:
+                _, cache = run_with_cache(lm, ids, [hook], cancel=cancel)
                 x = cache[hook].float()
                 x = x.reshape(*x.shape[:2], -1)
+            with torch.inference_mode():
                 f = sae.encode(x)[..., feat_idx].float()  # [B, L, n_f]
             valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
             f = torch.where(valid[..., None], f, torch.full_like(f, -1.0))

@@ -176,3 +176,35 @@ def test_training_job_resumes_from_its_checkpoints(lm, tmp_path):
     meta = json.loads((tmp_path / "whole" / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == HOOK and meta["context_size"] == 128 and meta["model_name"] == "gpt2"
     assert meta["model_fingerprint"] == lm.config_hash and meta["norm_scaling_factor_folded"] > 0
+
+
+def test_dashboards_reuse_the_cache_and_equal_a_direct_scan(lm, tmp_path):
+    from desktop_app.engine.sae.dashboards import build_dashboards_job, dashboards_to_list
+    from desktop_app.engine.sae.formats import save_saelens
+    from desktop_app.engine.sae.model import SAE, SAEConfig
+
+    g = torch.Generator().manual_seed(1)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=12, hook_name=HOOK))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = save_saelens(sae, tmp_path / "sae")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(demo_task.corpus(30, seed=4)))
+    out = []
+    for cache_dir in (tmp_path / "cache", tmp_path / "cache", False):
+        counter = ForwardCounter(lm)
+        try:
+            dash = drive(build_dashboards_job(lm, folder, corpus, n_top=3, context=2, batch_size=8,
+                                              cache_dir=cache_dir))
+        finally:
+            counter.close()
+        out.append((dashboards_to_list(dash), counter.model))
+    (first, n1), (second, n2), (direct, n3) = out
+    assert n1 > 0 and n2 == 0 and n3 > 0
+    assert second == first
+    for a, b in zip(first, direct):
+        assert a["density"] == b["density"] and a["histogram_counts"] == b["histogram_counts"]
+        assert [c["tokens"] for c in a["top_contexts"]] == [c["tokens"] for c in b["top_contexts"]]
+        np.testing.assert_allclose([c["activation"] for c in a["top_contexts"]],
+                                   [c["activation"] for c in b["top_contexts"]], atol=1e-5)
