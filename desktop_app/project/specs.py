@@ -335,6 +335,8 @@ class SAEFeaturesSpec(AnalysisSpec):
                         tip="clean, corrupted, or a literal text")
     top_k: int = param(10, widget="int", minimum=0, maximum=100_000,
                        tip="The strongest features of each token to show (0: all)")
+    force_hook: bool = param(False, widget="bool",
+                             tip="Apply the SAE even where its file names another hook or model (normally refused)")
 
 
 # ---- dict <-> spec ---------------------------------------------------------------------------------------

@@ -18,6 +18,25 @@ def all_specs():
         AblationSpec("abl", component="blocks.1.attn.hook_z", method="resample", positions="each",
                      metric="logit_diff_recovered", layers=[1], noise=0.5, seed=3),
         SAEFeaturesSpec("sae", sae="/saes/res_0", hook="blocks.0.hook_resid_post", prompt="corrupted", top_k=0),
+        *sae_workflow_specs(),
+    ]
+
+
+def sae_workflow_specs():
+    from desktop_app.project.kinds.sae_workflows import (SAEDashboardsSpec, SAEEditSpec, SAEMetricsSpec,
+                                                         SAETrainingSpec)
+    return [
+        SAETrainingSpec("train", hook="blocks.1.hook_mlp_out", corpus="/c.txt", out="/saes/new", architecture="jumprelu",
+                        width=64, k=4, l1=1.0, l0=0.5, tokens=5000, context=32, steps=10, batch_size=64, lr=1e-2,
+                        lr_warmup_steps=2, checkpoint_every=5, resume=True, cache=False, seed=3),
+        SAEDashboardsSpec("dash", sae="/saes/res_0", corpus="/c.txt", hook="blocks.0.hook_resid_post",
+                          features=[1, 5], top_n=3, n_top=4, window=2, context=64, tokens=100, force_hook=True),
+        SAEEditSpec("edit", sae="/saes/res_0", edits=[{"feature": 2, "op": "steer", "value": -1.5,
+                                                       "positions": [0, 3]}],
+                    prompt="corrupted", hook="blocks.0.hook_resid_post", keep_error=False, n_continue=4, top_n=3,
+                    force_hook=True),
+        SAEMetricsSpec("metrics", sae="/saes/res_0", corpus="/c.jsonl", hook="blocks.0.hook_resid_post",
+                       max_texts=7, force_hook=True),
     ]
 
 

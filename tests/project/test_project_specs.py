@@ -10,8 +10,12 @@ from iwb_testkit import all_specs
 
 
 def test_every_kind_is_registered_and_covered():
+    from desktop_app.project import kinds
+
+    kinds.load()
     assert set(ANALYSIS_KINDS) == {"activation_patching", "causal_tracing", "attribution_patching",
-                                   "ablation", "sae_features"}
+                                   "ablation", "sae_features", "sae_training", "sae_dashboards", "sae_edit",
+                                   "sae_metrics"}
     assert {s.kind for s in all_specs()} == set(ANALYSIS_KINDS)
 
 

@@ -27,6 +27,13 @@ EXAMPLES = {
                  "layers": (0,), "noise": 0.5, "seed": 2, "mean_over": "positions",
                  "reference_prompts": ("a reference", "another one"), "source_prompt": "unused here"},
     "sae_features": {"sae": None, "hook": HOOK, "prompt": "corrupted", "top_k": 5},  # sae: set by the test
+    # sae / corpus / out: set by the test
+    "sae_training": {"corpus": None, "out": None, "hook": HOOK, "architecture": "batchtopk", "width": 16, "k": 2,
+                     "steps": 12, "batch_size": 32, "tokens": 400, "seed": 1},
+    "sae_dashboards": {"sae": None, "corpus": None, "top_n": 4, "n_top": 2, "window": 1, "tokens": 300},
+    "sae_edit": {"sae": None, "edits": ('{"feature": 1, "op": "clamp", "value": 3.0, "positions": null}',),
+                 "prompt": "corrupted", "n_continue": 2, "top_n": 4},
+    "sae_metrics": {"sae": None, "corpus": None, "max_texts": 3},
 }
 
 
@@ -85,8 +92,14 @@ def test_panel_rows_come_from_the_registry(window, record):
 def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, kind):
     record = kinds.get(kind)
     values = dict(EXAMPLES[kind])
-    if kind == "sae_features":
+    if "sae" in values:
         values["sae"] = str(_random_sae(tmp_path / "sae"))
+    if "corpus" in values:
+        from desktop_app import demo_task
+        (tmp_path / "corpus.txt").write_text("\n".join(demo_task.corpus(20, seed=1)))
+        values["corpus"] = str(tmp_path / "corpus.txt")
+    if "out" in values:
+        values["out"] = str(tmp_path / "trained")
     load_model(qtbot, window, ioi_gpt2_dir)
     assert window.model_loaded is not None, window.message_bar.text()
     type_prompts(window)

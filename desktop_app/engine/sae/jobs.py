@@ -10,6 +10,7 @@ Every result is numpy only (strings as unicode arrays, never object arrays) so t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -62,8 +63,16 @@ def _as_sae(sae_or_path, hook: str | None = None) -> SAE:
     return sae_or_path if isinstance(sae_or_path, SAE) else cached_load_sae(sae_or_path, hook)
 
 
-def _fitted_hook(lm, sae: SAE, hook: str | None, force_hook: bool = False) -> str:
-    return fitted_hook(lm, sae, hook, force_hook)
+def _trusted(lm, sae: SAE, hook: str | None, force_hook: bool) -> tuple[SAE, str]:
+    """(the SAE to use, the hook): with force_hook, a shallow copy (weights shared) whose config names the hook
+    it is applied at and no model, so that the engine's own checks further in accept it."""
+    hook = fitted_hook(lm, sae, hook, force_hook)
+    if not force_hook:
+        return sae, hook
+    other = copy.copy(sae)
+    meta = {k: v for k, v in sae.cfg.metadata.items() if k not in ("model_name", "model_fingerprint")}
+    other.cfg = dataclasses.replace(sae.cfg, hook_name=hook, metadata=meta)
+    return other, hook
 
 
 def trust_params(sae: SAE, force_hook: bool) -> dict:
@@ -103,7 +112,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
         raise SAEError(f"top_k must be 0 (all features) or a positive number, not {top_k}.")
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
-    hook = _fitted_hook(lm, sae, hook, force_hook)
+    sae, hook = _trusted(lm, sae, hook, force_hook)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
     yield Progress(1, 2, "encoding with the SAE")
@@ -144,7 +153,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
     if not texts:
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook, force_hook)
+    sae, hook = _trusted(lm, sae, hook, force_hook)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
     n_tok = n_next = 0
@@ -219,7 +228,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     t0 = time.perf_counter()
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook, force_hook)
+    sae, hook = _trusted(lm, sae, hook, force_hook)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
     write = edit_hook(sae, edits, keep_error)
@@ -279,7 +288,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     if positions not in ("all", "each"):
         raise SAEError(f"positions must be 'all' or 'each', not {positions!r}.")
     sae = _as_sae(sae, hook)
-    hook = _fitted_hook(lm, sae, hook, force_hook)
+    sae, hook = _trusted(lm, sae, hook, force_hook)
     layer, kind = parse_hook_name(hook)
     yield Progress(0, 1, "recording the clean and corrupted runs")
     with torch.inference_mode():

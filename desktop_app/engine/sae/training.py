@@ -22,6 +22,7 @@ steps and on cancel; resume_from continues a run bit for bit (same seed and sett
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -335,9 +336,10 @@ def train_sae(acts, cfg: TrainConfig, cancel: CancelToken | None = None, *, chec
         raise SAEError(f"Training needs at least 2 activations, got {len(rows)}.")
     cancel = cancel or CancelToken()
     started = time.perf_counter()
-    st = _State(cfg, rows, torch.Generator().manual_seed(cfg.seed))
-    if resume_from is not None:
-        st.restore(*load_checkpoint(resume_from, cfg))
+    with _grad_mode():
+        st = _State(cfg, rows, torch.Generator().manual_seed(cfg.seed))
+        if resume_from is not None:
+            st.restore(*load_checkpoint(resume_from, cfg))
     result = TrainResult(sae=st.sae, scaling_factor=st.scale, resumed_from=st.step, history=st.history)
     batch = min(cfg.batch_size, st.n)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -349,34 +351,8 @@ def train_sae(acts, cfg: TrainConfig, cancel: CancelToken | None = None, *, chec
             result.cancelled = True
             break
         step = st.step
-        if st.cursor + batch > st.n:
-            st.order, st.cursor = torch.randperm(st.n, generator=st.gen), 0
-        x = rows.rows(st.order[st.cursor:st.cursor + batch]) * st.scale
-        st.cursor += batch
-        lr = _lr_at(step, cfg)
-        for group in st.opt.param_groups:
-            group["lr"] = lr
-        loss, mse, aux, f, x_hat = _loss(st, x, step)
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(st.params.values()), 1.0)
-        st.opt.step()
-        if step % 32 == 31:
-            _flush_tiny_optimizer_state(st.opt)
-        with torch.no_grad():
-            if cfg.architecture != "standard":
-                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            fired = (f != 0).any(dim=0)
-            st.since_fired += batch
-            st.since_fired[fired] = 0
-
-        if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
-                and step + 1 < cfg.steps * 0.8:
-            dead_now = st.since_fired >= min(cfg.dead_tokens, cfg.resample_every * batch)
-            sample = rows.rows(torch.randint(0, st.n, (min(st.n, 8192),), generator=st.gen)) * st.scale
-            _resample_dead(sae, st.opt, sample, dead_now, st.gen)
-            st.since_fired[dead_now] = 0
-
+        with _grad_mode():
+            loss, mse, aux, f, x_hat, x, lr = _train_step(st, rows, batch, step)
         st.step = step + 1
         result.steps_done = st.step
         if step == 0 or st.step % cfg.log_every == 0 or st.step == cfg.steps:
@@ -396,9 +372,51 @@ def train_sae(acts, cfg: TrainConfig, cancel: CancelToken | None = None, *, chec
 
     if result.cancelled and ckpt_root is not None:
         result.checkpoint = str(save_checkpoint(ckpt_root, st.step, st.tensors(), st.info()))
-    result.sae = _finished_sae(st)
+    with _grad_mode():
+        result.sae = _finished_sae(st)
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+
+@contextlib.contextmanager
+def _grad_mode():
+    """Training needs autograd even when the caller (the window's worker) runs jobs in inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _train_step(st: _State, rows, batch: int, step: int):
+    """One optimiser step (data, loss, update, decoder norm, dead-feature bookkeeping, resampling)."""
+    cfg = st.cfg
+    if st.cursor + batch > st.n:
+        st.order, st.cursor = torch.randperm(st.n, generator=st.gen), 0
+    x = rows.rows(st.order[st.cursor:st.cursor + batch]) * st.scale
+    st.cursor += batch
+    lr = _lr_at(step, cfg)
+    for group in st.opt.param_groups:
+        group["lr"] = lr
+    loss, mse, aux, f, x_hat = _loss(st, x, step)
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(st.params.values()), 1.0)
+    st.opt.step()
+    if step % 32 == 31:
+        _flush_tiny_optimizer_state(st.opt)
+    with torch.no_grad():
+        if cfg.architecture != "standard":
+            st.sae.W_dec /= st.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        fired = (f != 0).any(dim=0)
+        st.since_fired += batch
+        st.since_fired[fired] = 0
+
+    if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
+            and step + 1 < cfg.steps * 0.8:
+        dead_now = st.since_fired >= min(cfg.dead_tokens, cfg.resample_every * batch)
+        sample = rows.rows(torch.randint(0, st.n, (min(st.n, 8192),), generator=st.gen)) * st.scale
+        _resample_dead(st.sae, st.opt, sample, dead_now, st.gen)
+        st.since_fired[dead_now] = 0
+    return loss, mse, aux, f, x_hat, x, lr
 
 
 def _loss(st: _State, x: torch.Tensor, step: int):

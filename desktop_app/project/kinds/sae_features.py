@@ -10,7 +10,7 @@ def _job(lm, prompts, spec, cancel, batch_size):
 
     return sae_features_job(lm, sae_path=spec.sae, hook=spec.hook, top_k=spec.top_k, name=spec.name, cancel=cancel,
                             prompt_label=spec.prompt, text=prompt_text(prompts, spec.prompt),
-                            prepend_bos=prompts.prepend_bos)
+                            prepend_bos=prompts.prepend_bos, force_hook=spec.force_hook)
 
 
 def _name(values: dict) -> str:

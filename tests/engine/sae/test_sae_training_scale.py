@@ -123,3 +123,14 @@ def test_jumprelu_pseudo_derivatives_match_the_paper():
     (_Step.apply(pre_s, theta, eps) * w).sum().backward()
     np.testing.assert_allclose(theta.grad.numpy(), (-(1 / eps) * k * w.numpy()).sum(0), rtol=1e-12)
     assert pre_s.grad is None or not pre_s.grad.any()
+
+
+def test_training_inside_inference_mode_equals_training_outside(acts, tmp_path):
+    """The window's worker runs every job in torch.inference_mode(); training switches autograd back on."""
+    cfg = TrainConfig(architecture="jumprelu", d_sae=16, steps=15, batch_size=64, checkpoint_every=5)
+    outside = run(acts, cfg)
+    with torch.inference_mode():
+        inside = run(acts, cfg, checkpoint_dir=tmp_path)
+        again = run(acts, cfg, resume_from=tmp_path / "ckpt-00000010")
+    same_sae(inside.sae, outside.sae)
+    same_sae(again.sae, outside.sae)
