@@ -142,7 +142,9 @@ class ActivationCache:
         """Activations of documents start..end-1 as [n, longest, width] float32, zero-padded on the right."""
         lengths = self.doc_lengths
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        rows = self.rows()
+        if getattr(self, "_all_rows", None) is None or len(self._all_rows) != self.n_tokens:
+            self._all_rows = self.rows()  # memory maps opened once, not per batch
+        rows = self._all_rows
         width = max(lengths[start:end])
         out = torch.zeros(end - start, width, self.width)
         for i, d in enumerate(range(start, end)):
