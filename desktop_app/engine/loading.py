@@ -75,6 +75,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
         p.requires_grad_(False)
 
     from desktop_app.engine.adapters import make_adapter
+    from desktop_app.engine.conformance import check_loadable
     from desktop_app.engine.model import LoadedModel
 
     adapter = make_adapter(model)
@@ -82,6 +83,8 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
                      config_hash=config_hash, source_kind="gguf" if gguf_file else "folder")
     lm.info = _model_info(model, adapter, torch_dtype, device_map, torch_device)
     _smoke_forward(lm, dtype, device)
+    yield Progress(95, 100, "checking the hook points (conformance)")
+    check_loadable(lm)
     yield Progress(100, 100, "loaded")
     return lm
 
@@ -390,4 +393,6 @@ def wrap_model(model, tokenizer=None, path: str = "<in memory>"):
     dtype = next(model.parameters()).dtype
     lm = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=None, path=path, config_hash="")
     lm.info = _model_info(model, adapter, dtype, None, torch.device("cpu"))
+    from desktop_app.engine.conformance import check_loadable
+    check_loadable(lm)
     return lm

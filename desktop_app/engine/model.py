@@ -97,6 +97,7 @@ class LoadedModel:
     path: str
     config_hash: str
     source_kind: str = "folder"  # or "gguf"
+    conformance: object = None  # engine.conformance.Conformance, measured at load
     _hook_points: list[HookPoint] = field(default_factory=list, repr=False)
 
     @property

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
+from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.errors import SAEError
 from desktop_app.engine.hooknames import parse_hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -95,6 +96,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE features at {hook}", restarts=False)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
     yield Progress(1, 2, "encoding with the SAE")
@@ -209,6 +211,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE interventions at {hook}", restarts=False)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
     write = edit_hook(sae, edits, keep_error)
@@ -270,6 +273,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
     layer, kind = parse_hook_name(hook)
+    require_for_hook(lm, hook, f"SAE feature patching at {hook}")
     yield Progress(0, 1, "recording the clean and corrupted runs")
     with torch.inference_mode():
         clean = record_run(lm, pair.clean.ids, [hook], cancel)

@@ -1,0 +1,81 @@
+"""Tiny random models of many transformers families, built from their config classes (tests and the bench).
+
+Every model has 2 layers (3 where a family mixes layer types), d_model 64, 4 query heads, grouped-query
+attention (2 key/value heads) where the family has it, and a sliding window of 4 tokens (shorter than the test
+prompts) where the family has one. `build_family(name, vocab_size)` returns the model in float32.
+"""
+from __future__ import annotations
+
+D, HEADS, KV, MLP, LAYERS, WINDOW = 64, 4, 2, 128, 2, 4
+
+_LLAMA_LIKE = dict(hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                   num_key_value_heads=KV, max_position_embeddings=256, tie_word_embeddings=False)
+
+# family: (config class, model class, config kwargs)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      max_position_embeddings=256, use_parallel_residual=True, tie_word_embeddings=False)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=256, rotary_dim=8, tie_word_embeddings=False)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_LLAMA_LIKE)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, sliding_window=WINDOW)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(_LLAMA_LIKE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[])),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(_LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_LLAMA_LIKE, head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(_LLAMA_LIKE, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(_LLAMA_LIKE, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
+                         query_pre_attn_scalar=16, final_logit_softcapping=5.0,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi": ("PhiConfig", "PhiForCausalLM",
+            dict(hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 max_position_embeddings=256, partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_LLAMA_LIKE, sliding_window=WINDOW, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_LLAMA_LIKE)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(_LLAMA_LIKE, logits_scaling=4.0, residual_multiplier=0.5, embedding_multiplier=3.0,
+                     attention_multiplier=0.2)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(_LLAMA_LIKE, logit_scale=0.5, tie_word_embeddings=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(_LLAMA_LIKE, partial_rotary_factor=0.25)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, new_decoder_architecture=False,
+                    multi_query=True, parallel_attn=True, alibi=False, bias=False, max_position_embeddings=256)),
+    "falcon_alibi": ("FalconConfig", "FalconForCausalLM",  # Falcon-RW: ALiBi, sequential blocks
+                     dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                          new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True,
+                          bias=True, max_position_embeddings=256)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(hidden_size=D, ffn_dim=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 word_embed_proj_dim=D, max_position_embeddings=256, do_layer_norm_before=True)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=D, n_layer=LAYERS, n_head=HEADS)),
+}
+
+
+def build_family(name: str, vocab_size: int, seed: int = 0, bos_id: int = 0):
+    import torch
+    import transformers
+
+    config_cls, model_cls, kwargs = FAMILIES[name]
+    kwargs = dict(kwargs)
+    kwargs.setdefault("pad_token_id", None)
+    config = getattr(transformers, config_cls)(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=bos_id,
+                                               initializer_range=0.1, **kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # random norms and biases, so that a missed norm or bias shows in the checks
+        for mod_name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
