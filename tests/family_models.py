@@ -30,6 +30,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                        shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[])),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
               dict(_LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       decoder_sparse_step=1, mlp_only_layers=[])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_LLAMA_LIKE, head_dim=16)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(_LLAMA_LIKE, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
@@ -38,6 +42,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                     dict(_LLAMA_LIKE, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
                          query_pre_attn_scalar=16, final_logit_softcapping=5.0,
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", {}),  # multimodal: build_gemma3_multimodal
     "phi": ("PhiConfig", "PhiForCausalLM",
             dict(hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                  max_position_embeddings=256, partial_rotary_factor=0.5, tie_word_embeddings=False)),
@@ -62,10 +67,41 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+def build_gemma3_multimodal(vocab_size: int, seed: int = 0, bos_id: int = 0):
+    """A Gemma 3 checkpoint with a vision tower (as 4B and up are): Gemma3ForConditionalGeneration. Its image
+    tokens lie beyond the tokenizer's vocabulary, so text prompts never contain one."""
+    import torch
+    import transformers
+
+    text = dict(FAMILIES["gemma3_text"][2], vocab_size=vocab_size + 3, bos_token_id=bos_id, eos_token_id=bos_id,
+                pad_token_id=None, initializer_range=0.1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=vocab_size, boi_token_index=vocab_size + 1,
+                                       eoi_token_index=vocab_size + 2, initializer_range=0.1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    _randomise_vectors(model)
+    return model
+
+
+def _randomise_vectors(model):
+    import torch
+
+    with torch.no_grad():  # random norms and biases, so that a missed norm or bias shows in the checks
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
 def build_family(name: str, vocab_size: int, seed: int = 0, bos_id: int = 0):
     import torch
     import transformers
 
+    if name == "gemma3":
+        return build_gemma3_multimodal(vocab_size, seed, bos_id)
     config_cls, model_cls, kwargs = FAMILIES[name]
     kwargs = dict(kwargs)
     kwargs.setdefault("pad_token_id", None)
@@ -74,8 +110,5 @@ def build_family(name: str, vocab_size: int, seed: int = 0, bos_id: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
-    with torch.no_grad():  # random norms and biases, so that a missed norm or bias shows in the checks
-        for mod_name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    _randomise_vectors(model)
     return model

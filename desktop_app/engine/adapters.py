@@ -124,7 +124,8 @@ FAMILIES = {
     "granite": {"logit_scale": lambda c: 1.0 / float(_cfg(c, "logits_scaling", 1.0)),
                 "residual_multiplier": lambda c: float(_cfg(c, "residual_multiplier", 1.0))},
     "gemma2": {"post_norms": _POST_NORMS}, "gemma3_text": {"post_norms": _POST_NORMS},
-    "gemma3": {"post_norms": _POST_NORMS}, "olmo2": {"post_norms": _POST_NORMS},
+    # Gemma3ForConditionalGeneration (multimodal checkpoints) does not soft-cap its logits; Gemma3ForCausalLM does
+    "gemma3": {"post_norms": _POST_NORMS, "softcap": lambda c: None}, "olmo2": {"post_norms": _POST_NORMS},
     # BloomAttention and BloomMLP add the residual themselves: read their last projection instead
     "bloom": {"attn_out_path": "self_attention.dense", "mlp_out_path": "mlp.dense_4h_to_h"},
     "opt": {"mlp_out_path": "fc2"},  # OPT's MLP is fc1 / activation / fc2 directly in the block
@@ -168,7 +169,7 @@ def make_adapter(model: nn.Module) -> Adapter:
         parallel_attn_mlp=parallel,
         post_attn_norm_name=post_norms[0] if post_norms else None,
         post_mlp_norm_name=post_norms[1] if post_norms else None,
-        final_logit_softcap=_cfg(text_config, "final_logit_softcapping") or None,
+        final_logit_softcap=known.get("softcap", lambda c: _cfg(c, "final_logit_softcapping"))(text_config) or None,
         logit_scale=known.get("logit_scale", lambda c: 1.0)(text_config),
         residual_multiplier=known.get("residual_multiplier", lambda c: 1.0)(text_config),
         attn_out_path=known.get("attn_out_path"),

@@ -61,7 +61,11 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
             # with a KV cache, so that a restart can reuse the keys and values of the positions before a patch. A
             # DynamicCache made without the config keeps every position on every layer: the model's own cache keeps
             # only the last window of keys on sliding-window layers (Mistral, Gemma 2/3, Phi-3, Qwen2 windows).
-            out = lm.model(input_ids=as_ids(ids).to(lm.input_device), use_cache=True, cache=_full_cache())
+            ids_in = as_ids(ids).to(lm.input_device)
+            try:
+                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache())
+            except TypeError:  # remote code without transformers' `cache` argument: its own cache, checked below
+                out = lm.model(input_ids=ids_in, use_cache=True)
     finally:
         for h in handles:
             h.remove()
