@@ -80,8 +80,12 @@ class Conformance:
                     f"'{name}' failed ({check.describe()}).")
 
     def to_dict(self) -> dict:
+        """Plain JSON (a difference that could not be measured is null)."""
+        def plain(v):
+            return None if isinstance(v, float) and v != v else v
         return {"family": self.family, "total_ms": round(self.total_ms, 3),
-                "checks": {n: {k: v for k, v in asdict(c).items() if k != "name"} for n, c in self.checks.items()}}
+                "checks": {n: {k: plain(v) for k, v in asdict(c).items() if k != "name"}
+                           for n, c in self.checks.items()}}
 
     def summary(self) -> str:
         bad = [c.name for c in self.failed()]
