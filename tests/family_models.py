@@ -112,3 +112,42 @@ def build_family(name: str, vocab_size: int, seed: int = 0, bos_id: int = 0):
     model = getattr(transformers, model_cls)(config).float().eval()
     _randomise_vectors(model)
     return model
+
+
+def main(argv=None) -> int:
+    """Print each family's conformance checks and their time, loaded through the real loader (the family table):
+    PYTHONPATH=. python tests/family_models.py [family ...]"""
+    import statistics
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from desktop_app import demo_task
+    from desktop_app.engine.conformance import check_model
+    from desktop_app.engine.loading import load_model
+
+    names = (argv if argv is not None else sys.argv[1:]) or list(FAMILIES)
+    tok = demo_task.train_tokenizer(demo_task.corpus(300, seed=0), vocab_size=512)
+    print(f"{'family':13s} {'adapter':12s} {'form':10s} {'load check ms':>13s} {'median of 5 ms':>14s}  result")
+    with tempfile.TemporaryDirectory() as root:
+        for name in names:
+            folder = Path(root) / name
+            build_family(name, tok.get_vocab_size()).save_pretrained(folder)
+            demo_task.save_hf_tokenizer(tok, folder)
+            lm = load_model(folder, dtype="float32", device="cpu")
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                check_model(lm)
+                times.append((time.perf_counter() - t0) * 1e3)
+            conf = lm.conformance
+            failed = [f"{c.name} ({c.describe()})" for c in conf.failed()]
+            form = "parallel" if lm.adapter.parallel_attn_mlp else "sequential"
+            print(f"{name:13s} {conf.family:12s} {form:10s} {conf.total_ms:13.1f} {statistics.median(times):14.1f}  "
+                  f"{'all 6 checks pass' if not failed else 'failed: ' + '; '.join(failed)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

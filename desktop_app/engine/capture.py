@@ -64,7 +64,9 @@ class _Registrar:
             act = get(output)
             if write is not None:
                 act = write(act)
-                output = put(output, act)
+                # a kept graph stores `act` itself: the model gets a copy, since some blocks add to a sub-layer's
+                # output in place (Falcon's parallel block: mlp_output += attention_output)
+                output = put(output, act.clone() if self.keep_graph else act)
             if write is None or name in self.reads:
                 self.keep(name, act)
             return output if write is not None else None

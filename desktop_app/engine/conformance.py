@@ -113,7 +113,7 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
     """Run every check on `lm` (in inference mode) and return the results; never raises for a failed check."""
     from desktop_app.engine.capture import forward_logits, hooks
     from desktop_app.engine.hooknames import hook_name
-    from desktop_app.engine.replay import can_start_later, record_run, run_from_layer
+    from desktop_app.engine.replay import can_start_later, record_run, run_block, run_from_layer
 
     ids = probe_ids(lm, n_pos)[None]
     n = lm.info.n_layers
@@ -150,8 +150,12 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         return max(diffs), _tolerance(dtype, *refs), ""
 
     def block_form():
-        # move attn_out at every position by a vector of its own size and see whether mlp_out follows
+        # move attn_out at every position by a vector of its own size and see whether mlp_out follows; each block
+        # runs alone on its recorded input (the restart check's recording), so this costs one forward pass
         a = state["acts"]
+        run = state.get("run")
+        if run is None:
+            raise RuntimeError("the restart check did not record a run")
         changes, refs = [], []
         for L in range(n):
             attn, mlp = a[hook_name(L, "attn_out")], a[hook_name(L, "mlp_out")]
@@ -160,7 +164,7 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
             delta = (noise * 3.0 * attn.float().std().clamp_min(1e-3)).to(attn.device, attn.dtype)
             with torch.inference_mode(), hooks(lm, read=[hook_name(L, "mlp_out")],
                                                write={hook_name(L, "attn_out"): lambda x, d=delta: x + d}) as st:
-                forward_logits(lm, ids)
+                run_block(run, lm, L, run.resid_pre[L])
             changes.append(_diff(st[hook_name(L, "mlp_out")], mlp))
             refs.append(mlp)
         tol = _tolerance(dtype, *refs)
@@ -226,8 +230,8 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
             conf.checks[name] = CheckResult(name, False, float("nan"), 0.0, 0.0, note)
         conf.total_ms = (time.perf_counter() - t_all) * 1e3
         return conf
-    for name, fn in (("decomposition", decomposition), ("block_form", block_form), ("unembed", unembed),
-                     ("restart", restart), ("prefix_restart", prefix_restart), ("hook_z", hook_z)):
+    for name, fn in (("decomposition", decomposition), ("unembed", unembed), ("restart", restart),
+                     ("prefix_restart", prefix_restart), ("block_form", block_form), ("hook_z", hook_z)):
         measure(name, fn)
     conf.total_ms = (time.perf_counter() - t_all) * 1e3
     return conf

@@ -175,6 +175,12 @@ def _block_call(run: RecordedRun, layer: int, start: int, rows: int = 1):
     return args, kwargs
 
 
+def run_block(run: RecordedRun, lm, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Block `layer` alone on `hidden` [batch, pos, d_model] with the recorded arguments: its resid_post."""
+    args, kwargs = _block_call(run, layer, 0, rows=hidden.shape[0])
+    return block_output_tensor(lm.adapter.blocks[layer](hidden, *args, **kwargs))
+
+
 def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cancel: CancelToken | None = None,
                    last_only: bool = True, start: int = 0) -> torch.Tensor:
     """Feed `hidden` [batch, pos, d_model] into block `layer` and run to the logits. Returns float32 logits

@@ -213,3 +213,37 @@ def test_prefix_check_catches_keys_of_the_wrong_positions(ioi_tokenizer, monkeyp
     monkeypatch.setattr(replay, "_cache_tensors", without_coverage_check)
     lm = wrap_model(model)
     assert not lm.conformance.ok("prefix_restart") and lm.conformance.ok("restart")
+
+
+# ---- attribution patching (gradients through every family's hook points) ----------------------------------
+
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "head_out"])
+def test_attribution_equals_a_finite_difference(family_lm, component):
+    """Attribution patching's value for a whole layer (positions "all") is the metric's directional derivative
+    towards the clean activation; a central finite difference of plain forward passes gives the same."""
+    from desktop_app.engine.attribution import attribution_patching_job
+
+    family, lm = family_lm
+    pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    result = drive(attribution_patching_job(lm, pair, component=component, positions="all", metric="logit_diff"))
+    kind = "attn.hook_z" if component == "head_out" else component
+    a, w = pair.answer_id, pair.wrong_id
+
+    def metric_at(name, act):
+        with torch.no_grad(), hooks(lm, write={name: lambda x: act.to(x.dtype)}):
+            logits = forward_logits(lm, torch.tensor([pair.corrupted.ids]))[0, -1].double()
+        return float(logits[a] - logits[w])
+    eps = 1e-2
+    for L in range(lm.info.n_layers):
+        name = hook_name(L, kind)
+        with torch.no_grad(), hooks(lm, read=[name]) as src:
+            forward_logits(lm, torch.tensor([pair.clean.ids]))
+        with torch.no_grad(), hooks(lm, read=[name]) as tgt:
+            base_logits = forward_logits(lm, torch.tensor([pair.corrupted.ids]))[0, -1]
+        base = float(base_logits[a] - base_logits[w])
+        d = src[name] - tgt[name]
+        slope = (metric_at(name, tgt[name] + eps * d) - metric_at(name, tgt[name] - eps * d)) / (2 * eps)
+        expected = base + slope
+        values = result.values[L] if component != "head_out" else result.values[L].sum() - \
+            (lm.info.n_heads - 1) * base
+        assert values == pytest.approx(expected, abs=2e-3 * max(1.0, abs(slope))), (L, values, expected)
