@@ -197,15 +197,18 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         run = state.get("run")
         if run is None:
             raise RuntimeError("the restart check did not record a run")
-        start = ids.shape[1] // 2
         if not can_start_later(run, 0):
             raise RuntimeError("no recorded keys and values cover the prompt; sweeps restart from position 0")
+        # from block 0 at position 1 (one recorded key per layer) and from the middle block at the middle position
+        starts = [(0, 1), (n // 2, ids.shape[1] // 2)]
+        diffs, refs = [], []
         with torch.inference_mode():
-            outs = [run_from_layer(lm, run, L, run.resid_pre[L][:, start:].expand(2, -1, -1), last_only=False,
-                                   start=start) for L in restart_layers]
-        ref = state["logits"][:, start:].expand(2, -1, -1)
-        return (max(_diff(o, ref) for o in outs), _tolerance(dtype, ref),
-                f"from layers {restart_layers}, position {start}")
+            for L, start in starts:
+                out = run_from_layer(lm, run, L, run.resid_pre[L][:, start:].expand(2, -1, -1), last_only=False,
+                                     start=start)
+                refs.append(state["logits"][:, start:].expand(2, -1, -1))
+                diffs.append(_diff(out, refs[-1]))
+        return max(diffs), _tolerance(dtype, *refs), f"from (layer, position) {starts}"
 
     def hook_z():
         a = state["acts"]

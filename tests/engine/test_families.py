@@ -76,7 +76,7 @@ def _reference(lm, pair, component):
     return out
 
 
-@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "head_out"])
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "head_out", "resid_post"])
 def test_patching_equals_reference(family_lm, component):
     family, lm = family_lm
     pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
@@ -211,8 +211,14 @@ def test_prefix_check_catches_keys_of_the_wrong_positions(ioi_tokenizer, monkeyp
     def without_coverage_check(cache, n_layers, n_pos):
         return [(cache.layers[i].keys, cache.layers[i].values) for i in range(n_layers)]
     monkeypatch.setattr(replay, "_cache_tensors", without_coverage_check)
-    lm = wrap_model(model)
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_object=ioi_tokenizer, bos_token=demo_task.BOS_TOKEN)
+    lm = wrap_model(model, tok)
     assert not lm.conformance.ok("prefix_restart") and lm.conformance.ok("restart")
+    # the sweep still runs, restarted from position 0 instead of refusing, and stays exact
+    pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    result = drive(activation_patching_job(lm, pair, component="mlp_out", metric="logit_diff", batch_size=5))
+    np.testing.assert_allclose(result.values, _reference(lm, pair, "mlp_out"), atol=1e-4, rtol=0)
 
 
 # ---- attribution patching (gradients through every family's hook points) ----------------------------------
