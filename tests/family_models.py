@@ -64,6 +64,13 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
             dict(hidden_size=D, ffn_dim=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                  word_embed_proj_dim=D, max_position_embeddings=256, do_layer_norm_before=True)),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=D, n_layer=LAYERS, n_head=HEADS)),
+    # variants whose residual stream is not a sum of sub-layer outputs: attn_out / mlp_out analyses are refused
+    "opt_post_ln": ("OPTConfig", "OPTForCausalLM",  # OPT-350m: the layer norms come after the residual additions
+                    dict(hidden_size=D, ffn_dim=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         word_embed_proj_dim=D // 2, max_position_embeddings=256, do_layer_norm_before=False)),
+    "bloom_ln_residual": ("BloomConfig", "BloomForCausalLM",  # the residual is the layer norm's output
+                          dict(hidden_size=D, n_layer=LAYERS, n_head=HEADS,
+                               apply_residual_connection_post_layernorm=True)),
 }
 
 

@@ -59,6 +59,8 @@ class Adapter:
     residual_multiplier: float = 1.0  # Granite: block output = residual + multiplier * sub-layer output
     attn_out_path: str | None = None  # the module whose output is attn_out, inside the block (Bloom: the dense)
     mlp_out_path: str | None = None
+    final_proj: nn.Module | None = None  # OPT-350m: a projection between the final residual and the unembedding
+    final_norm_in_model: bool = True  # False where the model has no final norm (an identity stands in)
 
     def attn(self, layer: int) -> nn.Module:
         return _first(self.blocks[layer], _ATTNS)
@@ -94,7 +96,10 @@ class Adapter:
     def logits_from_resid(self, resid_final: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding of a residual stream (any leading dims), as the model's head does."""
         device = next(self.final_norm.parameters(), resid_final).device
-        logits = self.unembed(self.final_norm(resid_final.to(device)))
+        normed = self.final_norm(resid_final.to(device))
+        if self.final_proj is not None:
+            normed = self.final_proj(normed)
+        logits = self.unembed(normed)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.final_logit_softcap:
@@ -140,6 +145,11 @@ def make_adapter(model: nn.Module) -> Adapter:
     embed = _first(model, _EMBEDS)
     final_norm = _first(model, _FINAL_NORMS)
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    final_proj, final_norm_in_model = None, True
+    if model_type == "opt":  # OPTDecoder: final_layer_norm only with pre-norm layers, then project_out if any
+        final_proj = _get(model, "model.decoder.project_out")
+        if final_norm is None:
+            final_norm, final_norm_in_model = nn.Identity(), False
     if blocks is None or embed is None or final_norm is None or unembed is None:
         raise ModelLoadError(
             f"Interp Workbench does not know where the layers of a {model_type or type(model).__name__} model are; "
@@ -174,6 +184,8 @@ def make_adapter(model: nn.Module) -> Adapter:
         residual_multiplier=known.get("residual_multiplier", lambda c: 1.0)(text_config),
         attn_out_path=known.get("attn_out_path"),
         mlp_out_path=known.get("mlp_out_path"),
+        final_proj=final_proj,
+        final_norm_in_model=final_norm_in_model,
     )
 
 

@@ -76,6 +76,8 @@ class _Registrar:
         self._output_hook(self.a.embed, name, write)
 
     def _ln_final_hook_normalized(self, name, _layer, write):
+        if not self.a.final_norm_in_model:
+            raise SpecError(f"{name} does not exist: this model has no final norm; use the last block's resid_post.")
         self._output_hook(self.a.final_norm, name, write)
 
     def _resid_post(self, name, layer, write):

@@ -7,7 +7,7 @@ import torch
 
 from desktop_app import demo_task
 from desktop_app.engine.capture import forward_logits, hooks
-from desktop_app.engine.conformance import CHECKS, check_model
+from desktop_app.engine.conformance import CHECKS, check_model, checks_for_component
 from desktop_app.engine.errors import ConformanceError, ModelLoadError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import drive
@@ -19,8 +19,14 @@ from family_models import FAMILIES, build_family
 CLEAN = "When Mary and John went to the store, John gave a drink to"  # 14 tokens: longer than the windows (4)
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "falcon"}
-# family -> {check: expected to fail}; every other check must pass
-EXPECTED_FAILURES: dict[str, set[str]] = {}
+# family -> the checks expected to fail (the analyses that depend on them are refused); every other check passes
+EXPECTED_FAILURES: dict[str, set[str]] = {"opt_post_ln": {"decomposition"}, "bloom_ln_residual": {"decomposition"}}
+ADAPTER_FAMILY = {"falcon_alibi": "falcon", "opt_post_ln": "opt", "bloom_ln_residual": "bloom"}
+
+
+def refused(lm, component, restarts=True):
+    """The first failed check `component` depends on, or None."""
+    return next((c for c in checks_for_component(component, restarts) if not lm.conformance.ok(c)), None)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -40,7 +46,7 @@ def test_conformance_checks(family_lm):
     expected = EXPECTED_FAILURES.get(family, set())
     failed = {c.name for c in conf.failed()}
     assert failed == expected, {c.name: c.describe() for c in conf.failed()}
-    assert conf.to_dict()["family"] == {"falcon_alibi": "falcon"}.get(family, family)
+    assert conf.to_dict()["family"] == ADAPTER_FAMILY.get(family, family)
     for c in conf.checks.values():
         assert c.time_ms >= 0 and c.tolerance > 0
 
@@ -81,6 +87,13 @@ def test_patching_equals_reference(family_lm, component):
     family, lm = family_lm
     pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
     assert pair.n_pos > 4  # longer than the sliding windows of the tiny models
+    check = refused(lm, component)
+    if check:
+        with pytest.raises(ConformanceError, match=rf"^activation patching of {component} is not available for this "
+                                                   rf"\w+ model: the load-time conformance check '{check}' failed "
+                                                   r"\(.* by \d\.\d\de[+-]\d\d \(tolerance .*\)\)\.$"):
+            drive(activation_patching_job(lm, pair, component=component, metric="logit_diff"))
+        return
     result = drive(activation_patching_job(lm, pair, component=component, positions="each", metric="logit_diff",
                                            batch_size=7))
     assert result.status == "complete", result.message
@@ -91,6 +104,10 @@ def test_patching_equals_reference(family_lm, component):
 def test_resid_mid_only_where_it_exists(family_lm):
     family, lm = family_lm
     pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    if refused(lm, "resid_mid"):
+        with pytest.raises(ConformanceError, match="resid_mid"):
+            drive(activation_patching_job(lm, pair, component="resid_mid", metric="logit_diff"))
+        return
     if family in PARALLEL:
         with pytest.raises(Exception, match="resid_mid does not exist"):
             drive(activation_patching_job(lm, pair, component="resid_mid", positions="each", metric="logit_diff"))
@@ -231,6 +248,10 @@ def test_attribution_equals_a_finite_difference(family_lm, component):
 
     family, lm = family_lm
     pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    if refused(lm, component, restarts=False):
+        with pytest.raises(ConformanceError, match=f"attribution patching of {component} is not available"):
+            drive(attribution_patching_job(lm, pair, component=component, metric="logit_diff"))
+        return
     result = drive(attribution_patching_job(lm, pair, component=component, positions="all", metric="logit_diff"))
     kind = "attn.hook_z" if component == "head_out" else component
     a, w = pair.answer_id, pair.wrong_id
