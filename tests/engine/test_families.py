@@ -274,3 +274,53 @@ def test_attribution_equals_a_finite_difference(family_lm, component):
         values = result.values[L] if component != "head_out" else result.values[L].sum() - \
             (lm.info.n_heads - 1) * base
         assert values == pytest.approx(expected, abs=2e-3 * max(1.0, abs(slope))), (L, values, expected)
+
+
+def _with_failed(lm, check):
+    import copy
+    out = copy.copy(lm)
+    out.conformance = copy.deepcopy(lm.conformance)
+    c = out.conformance.checks[check]
+    c.passed, c.max_abs_diff = False, 0.5
+    return out
+
+
+@pytest.mark.parametrize("check, job, refused_kw, allowed_kw", [
+    ("decomposition", "tracing", dict(component="mlp_out"), dict(component="resid_post")),
+    ("restart", "tracing", dict(component="resid_post"), None),
+    ("hook_z", "ablation", dict(component="head_out"), dict(component="mlp_out")),
+    ("decomposition", "ablation", dict(component="blocks.1.hook_attn_out"), dict(component="blocks.1.attn.hook_z")),
+    ("restart", "ablation", dict(component="resid_pre"), dict(component="blocks.0.hook_resid_pre")),
+    ("unembed", "patching", dict(component="resid_pre"), None),
+    ("prefix_restart", "patching", None, dict(component="attn_out")),
+])
+def test_each_analysis_needs_exactly_its_checks(lm_llama, check, job, refused_kw, allowed_kw):
+    from desktop_app.engine.ablation import ablation_job
+    from desktop_app.engine.tracing import causal_tracing_job
+
+    lm = _with_failed(lm_llama, check)
+    pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    run = {"tracing": lambda kw: causal_tracing_job(lm, pair, subject="John", samples=2, **kw),
+           "ablation": lambda kw: ablation_job(lm, pair, metric="logit_diff", **kw),
+           "patching": lambda kw: activation_patching_job(lm, pair, metric="logit_diff", **kw)}[job]
+    if refused_kw is not None:
+        with pytest.raises(ConformanceError, match=f"'{check}' failed .*5.00e-01"):
+            drive(run(refused_kw))
+    if allowed_kw is not None:
+        assert drive(run(allowed_kw)).status == "complete"
+
+
+def test_sae_jobs_need_exactly_their_checks(lm_llama):
+    from desktop_app.engine.sae.jobs import sae_feature_patching_job, sae_features_job
+    from desktop_app.engine.sae.model import SAE, SAEConfig
+
+    def sae(hook):
+        return SAE(SAEConfig(architecture="standard", d_in=64, d_sae=32, hook_name=hook))
+    lm = _with_failed(lm_llama, "decomposition")
+    pair = prepare_pair(lm, CLEAN, CORRUPTED, " Mary", " John")
+    with pytest.raises(ConformanceError, match="SAE features at blocks.1.hook_attn_out .*'decomposition' failed"):
+        drive(sae_features_job(lm, CLEAN, sae("blocks.1.hook_attn_out")))
+    assert drive(sae_features_job(lm, CLEAN, sae("blocks.1.hook_resid_pre"))).status == "complete"
+    lm = _with_failed(lm_llama, "restart")
+    with pytest.raises(ConformanceError, match="SAE feature patching at blocks.1.hook_resid_pre .*'restart' failed"):
+        drive(sae_feature_patching_job(lm, pair, sae("blocks.1.hook_resid_pre")))
