@@ -117,19 +117,19 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
 
     ids = probe_ids(lm, n_pos)[None]
     n = lm.info.n_layers
-    dtype = lm.info.dtype and getattr(torch, lm.info.dtype, torch.float32)
+    dtype = getattr(torch, lm.info.dtype or "float32", torch.float32)
     conf = Conformance(family=lm.adapter.family)
     state: dict = {}
     t_all = time.perf_counter()
 
     def measure(name, fn):
+        """fn() -> (measured, tolerance, note[, passed]); passed defaults to measured <= tolerance."""
         t0 = time.perf_counter()
         try:
-            diff, tol, note, *inverted = fn()
-            passed = bool(diff > tol) if inverted else bool(diff <= tol)
+            diff, tol, note, *passed = fn()
+            passed = bool(passed[0]) if passed else bool(diff <= tol)
         except Exception as err:  # noqa: BLE001 - any failure of a check is a failed check, never a crash
-            diff, tol, note, passed = float("nan"), 0.0, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" \
-                if str(err) else type(err).__name__, False
+            diff, tol, note, passed = float("nan"), 0.0, _error_note(err), False
         conf.checks[name] = CheckResult(name, passed, diff, tol, (time.perf_counter() - t0) * 1e3, note)
 
     def plain():
@@ -170,8 +170,8 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         tol = _tolerance(dtype, *refs)
         if lm.adapter.parallel_attn_mlp:  # parallel: mlp_out must not move
             return max(changes), tol, "parallel block: mlp_out must not follow attn_out"
-        # sequential: mlp_out must move in every block (passes when the smallest move is above the tolerance)
-        return min(changes), tol, "sequential block: mlp_out must follow attn_out", "inverted"
+        # sequential: mlp_out must move in every block, by more than the tolerance
+        return min(changes), tol, "sequential block: mlp_out must follow attn_out", min(changes) > tol
 
     def unembed():
         final = state["acts"][hook_name(n - 1, "resid_post")]
@@ -228,7 +228,7 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
     try:
         plain()
     except Exception as err:  # noqa: BLE001
-        note = f"the plain forward pass with hooks failed: {type(err).__name__}: {str(err)[:160]}"
+        note = f"the plain forward pass with hooks failed: {_error_note(err)}"
         for name in CHECKS:
             conf.checks[name] = CheckResult(name, False, float("nan"), 0.0, 0.0, note)
         conf.total_ms = (time.perf_counter() - t_all) * 1e3
@@ -238,6 +238,11 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         measure(name, fn)
     conf.total_ms = (time.perf_counter() - t_all) * 1e3
     return conf
+
+
+def _error_note(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
 
 
 def conformance_of(lm) -> Conformance:
