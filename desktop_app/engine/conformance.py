@@ -102,11 +102,30 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
 
 
+def _special_ids(config) -> set[int]:
+    """Ids the config names (bos, eos, pad, image and other placeholder tokens a multimodal forward would treat
+    specially), in the config and its text config."""
+    found = set()
+    configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    for cfg in configs:
+        for key, value in vars(cfg).items():
+            if key.endswith(("token_id", "token_index", "token_ids")):
+                found.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    return found
+
+
 def probe_ids(lm, n_pos: int = PROMPT_LEN) -> torch.Tensor:
-    """A fixed, tokenizer-free prompt: spread-out ids of the vocabulary."""
+    """A fixed, tokenizer-free prompt: spread-out ordinary ids of the vocabulary."""
     n_pos = max(2, min(n_pos, lm.info.n_ctx))
     vocab = lm.info.vocab_size
-    return (torch.arange(n_pos) * 7919 + 11) % vocab
+    avoid = _special_ids(lm.model.config)
+    ids = []
+    for i in range(n_pos):
+        token = (i * 7919 + 11) % vocab
+        while token in avoid and len(avoid) < vocab:
+            token = (token + 1) % vocab
+        ids.append(token)
+    return torch.tensor(ids)
 
 
 def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:

@@ -324,3 +324,18 @@ def test_sae_jobs_need_exactly_their_checks(lm_llama):
     lm = _with_failed(lm_llama, "restart")
     with pytest.raises(ConformanceError, match="SAE feature patching at blocks.1.hook_resid_pre .*'restart' failed"):
         drive(sae_feature_patching_job(lm, pair, sae("blocks.1.hook_resid_pre")))
+
+
+def test_probe_prompt_avoids_image_and_special_tokens(ioi_tokenizer):
+    """The check's prompt never holds a token a multimodal forward treats specially (Gemma 3's image token)."""
+    import dataclasses
+
+    from desktop_app.engine.conformance import probe_ids
+    from desktop_app.engine.loading import wrap_model
+
+    lm = wrap_model(build_family("gemma3", ioi_tokenizer.get_vocab_size()))
+    config = lm.model.config
+    specials = {config.image_token_index, config.boi_token_index, config.eoi_token_index, 0}
+    lm.info = dataclasses.replace(lm.info, n_ctx=400)
+    ids = set(probe_ids(lm, 400).tolist())
+    assert max(ids) > config.image_token_index and not ids & specials
