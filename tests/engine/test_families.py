@@ -337,5 +337,7 @@ def test_probe_prompt_avoids_image_and_special_tokens(ioi_tokenizer):
     config = lm.model.config
     specials = {config.image_token_index, config.boi_token_index, config.eoi_token_index, 0}
     lm.info = dataclasses.replace(lm.info, n_ctx=400)
-    ids = set(probe_ids(lm, 400).tolist())
-    assert max(ids) > config.image_token_index and not ids & specials
+    ids = probe_ids(lm, 400).tolist()
+    plain = [(i * 7919 + 11) % lm.info.vocab_size for i in range(400)]
+    assert set(plain) & specials  # the unguarded spread would hit them
+    assert len(ids) == 400 and not set(ids) & specials
