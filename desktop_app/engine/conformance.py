@@ -6,7 +6,8 @@ On one short prompt (token ids, no tokenizer needed) the engine measures:
 - block_form: in a sequential block the MLP reads resid_mid (moving attn_out moves mlp_out), in a parallel one it
   does not; resid_mid exists only in the first case;
 - unembed: the adapter's final norm + unembedding of the last residual == the model's own logits;
-- restart: a run restarted from a middle layer with the recorded block arguments == the plain forward pass;
+- restart: a run restarted from block 0 and from a middle block with the recorded block arguments gives the plain
+  forward pass's final residual stream (whose unembedding the unembed check covers), the latter for two rows;
 - prefix_restart: the same restarted from a later position with the recorded keys and values (prefix reuse);
 - hook_z: hook_z through the output projection (and the post-norm, residual multiplier) == attn_out.
 
@@ -200,17 +201,24 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         return _diff(mine, ref), _tolerance(dtype, ref), ""
 
     # restarts from block 0 (every block runs on recorded arguments) and from the middle one (the hand-over of a
-    # recorded resid_pre); two rows, as sweeps batch several patched rows on one recorded run of batch 1
+    # recorded resid_pre); the latter with two rows, as sweeps batch several patched rows on one recorded run
     restart_layers = sorted({0, n // 2})
+
+    def rows(L):
+        return 2 if L == n // 2 else 1
+
+    # the restarts compare the final residual stream at every position (the unembedding is the unembed check's)
+    def final_resid():
+        return state["acts"][hook_name(n - 1, "resid_post")]
 
     def restart():
         with torch.inference_mode():
             run = record_run(lm, ids)
             state["run"] = run
-            outs = [run_from_layer(lm, run, L, run.resid_pre[L].expand(2, -1, -1), last_only=False)
-                    for L in restart_layers]
-        ref = state["logits"].expand(2, -1, -1)
-        return max(_diff(o, ref) for o in outs), _tolerance(dtype, ref), f"from layers {restart_layers}"
+            outs = [run_from_layer(lm, run, L, run.resid_pre[L].expand(rows(L), -1, -1), last_only=False,
+                                   unembed=False) for L in restart_layers]
+        ref = final_resid()
+        return max(_diff(o, ref.expand_as(o)) for o in outs), _tolerance(dtype, ref), f"from layers {restart_layers}"
 
     def prefix_restart():
         run = state.get("run")
@@ -223,10 +231,10 @@ def check_model(lm, n_pos: int = PROMPT_LEN) -> Conformance:
         diffs, refs = [], []
         with torch.inference_mode():
             for L, start in starts:
-                out = run_from_layer(lm, run, L, run.resid_pre[L][:, start:].expand(2, -1, -1), last_only=False,
-                                     start=start)
-                refs.append(state["logits"][:, start:].expand(2, -1, -1))
-                diffs.append(_diff(out, refs[-1]))
+                out = run_from_layer(lm, run, L, run.resid_pre[L][:, start:].expand(rows(L), -1, -1),
+                                     last_only=False, start=start, unembed=False)
+                refs.append(final_resid()[:, start:])
+                diffs.append(_diff(out, refs[-1].expand_as(out)))
         return max(diffs), _tolerance(dtype, *refs), f"from (layer, position) {starts}"
 
     def hook_z():

@@ -63,7 +63,7 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
             # only the last window of keys on sliding-window layers (Mistral, Gemma 2/3, Phi-3, Qwen2 windows).
             ids_in = as_ids(ids).to(lm.input_device)
             try:
-                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache())
+                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache(), logits_to_keep=1)
             except TypeError:  # remote code without transformers' `cache` argument: its own cache, checked below
                 out = lm.model(input_ids=ids_in, use_cache=True)
     finally:
@@ -182,7 +182,7 @@ def run_block(run: RecordedRun, lm, layer: int, hidden: torch.Tensor) -> torch.T
 
 
 def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cancel: CancelToken | None = None,
-                   last_only: bool = True, start: int = 0) -> torch.Tensor:
+                   last_only: bool = True, start: int = 0, unembed: bool = True) -> torch.Tensor:
     """Feed `hidden` [batch, pos, d_model] into block `layer` and run to the logits. Returns float32 logits
     [batch, vocab] at the last position (or [batch, pos, vocab] if not last_only). Hooks registered by the
     caller (e.g. a write at this layer) apply as in a normal forward pass.
@@ -199,4 +199,4 @@ def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cance
         h = block_output_tensor(blocks[L](h, *args, **kwargs))
     if last_only:
         h = h[:, -1]
-    return lm.adapter.logits_from_resid(h).float()
+    return lm.adapter.logits_from_resid(h).float() if unembed else h
