@@ -63,7 +63,7 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
             # only the last window of keys on sliding-window layers (Mistral, Gemma 2/3, Phi-3, Qwen2 windows).
             ids_in = as_ids(ids).to(lm.input_device)
             try:
-                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache(), logits_to_keep=1)
+                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache())
             except TypeError:  # remote code without transformers' `cache` argument: its own cache, checked below
                 out = lm.model(input_ids=ids_in, use_cache=True)
     finally:

@@ -138,6 +138,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE metrics at {hook}", restarts=False)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
     n_tok = n_next = 0
@@ -371,6 +372,7 @@ TRAIN_METRICS = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "au
 def collect_activations(lm, hook: str, texts: list[str], context: int = 128, max_tokens: int = 200_000,
                         batch_size: int = 16, cancel: CancelToken | None = None):
     """Job: activations [tokens, width] (float32, CPU) at `hook` over the texts, special tokens left out."""
+    require_for_hook(lm, hook, f"collecting activations at {hook}", restarts=False)
     docs = corpus_mod.tokenize_documents(lm, texts, context, max_tokens)
     skip = corpus_mod.special_ids(lm)
     chunks, n_batches = [], (len(docs) + batch_size - 1) // batch_size
