@@ -56,6 +56,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, new_decoder_architecture=False,
                     multi_query=True, parallel_attn=True, alibi=False, bias=False, max_position_embeddings=256)),
+    "falcon_new": ("FalconConfig", "FalconForCausalLM",  # Falcon-40B/180B: grouped KV heads, two parallel norms
+                   dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_kv_heads=KV,
+                        new_decoder_architecture=True, num_ln_in_parallel_attn=2, parallel_attn=True, alibi=False,
+                        bias=False, max_position_embeddings=256)),
     "falcon_alibi": ("FalconConfig", "FalconForCausalLM",  # Falcon-RW: ALiBi, sequential blocks
                      dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                           new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True,

@@ -18,10 +18,10 @@ from family_models import FAMILIES, build_family
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"  # 14 tokens: longer than the windows (4)
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
-PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "falcon"}
+PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "falcon", "falcon_new"}
 # family -> the checks expected to fail (the analyses that depend on them are refused); every other check passes
 EXPECTED_FAILURES: dict[str, set[str]] = {"opt_post_ln": {"decomposition"}, "bloom_ln_residual": {"decomposition"}}
-ADAPTER_FAMILY = {"falcon_alibi": "falcon", "opt_post_ln": "opt", "bloom_ln_residual": "bloom"}
+ADAPTER_FAMILY = {"falcon_alibi": "falcon", "falcon_new": "falcon", "opt_post_ln": "opt", "bloom_ln_residual": "bloom"}
 
 
 def refused(lm, component, restarts=True):
