@@ -75,6 +75,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
         p.requires_grad_(False)
 
     from desktop_app.engine.adapters import make_adapter
+    from desktop_app.engine.conformance import check_loadable
     from desktop_app.engine.model import LoadedModel
 
     adapter = make_adapter(model)
@@ -82,6 +83,8 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
                      config_hash=config_hash, source_kind="gguf" if gguf_file else "folder")
     lm.info = _model_info(model, adapter, torch_dtype, device_map, torch_device)
     _smoke_forward(lm, dtype, device)
+    yield Progress(95, 100, "checking the hook points (conformance)")
+    check_loadable(lm)
     yield Progress(100, 100, "loaded")
     return lm
 
@@ -325,7 +328,9 @@ def _first_line(err: BaseException) -> str:
 def _model_info(model, adapter, torch_dtype, device_map, torch_device):
     from desktop_app.engine.model import ModelInfo
 
-    cfg = model.config
+    top = model.config
+    # multimodal checkpoints (Gemma 3 4B and up) keep the language model's shape in their text config
+    cfg = top.get_text_config() if hasattr(top, "get_text_config") else top
     n_heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head"))
     d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
     d_head = int(getattr(cfg, "head_dim", None) or d_model // n_heads)
@@ -341,9 +346,9 @@ def _model_info(model, adapter, torch_dtype, device_map, torch_device):
     else:
         device_text = str(next(model.parameters()).device)
     return ModelInfo(
-        architecture=(cfg.architectures or [type(model).__name__])[0] if getattr(cfg, "architectures", None)
+        architecture=(top.architectures or [type(model).__name__])[0] if getattr(top, "architectures", None)
         else type(model).__name__,
-        model_type=cfg.model_type,
+        model_type=top.model_type,
         n_layers=len(adapter.blocks),
         n_heads=n_heads,
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or n_heads),
@@ -390,4 +395,6 @@ def wrap_model(model, tokenizer=None, path: str = "<in memory>"):
     dtype = next(model.parameters()).dtype
     lm = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=None, path=path, config_hash="")
     lm.info = _model_info(model, adapter, dtype, None, torch.device("cpu"))
+    from desktop_app.engine.conformance import check_loadable
+    check_loadable(lm)
     return lm

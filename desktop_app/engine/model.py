@@ -97,6 +97,7 @@ class LoadedModel:
     path: str
     config_hash: str
     source_kind: str = "folder"  # or "gguf"
+    conformance: object = None  # engine.conformance.Conformance, measured at load
     _hook_points: list[HookPoint] = field(default_factory=list, repr=False)
 
     @property
@@ -126,7 +127,8 @@ class LoadedModel:
                 yield HookPoint(hook_name(layer, "resid_mid"), layer, "resid_mid", d, "residual")
             yield HookPoint(hook_name(layer, "mlp_out"), layer, "mlp_out", d, "mlp")
             yield HookPoint(hook_name(layer, "resid_post"), layer, "resid_post", d, "residual")
-        yield HookPoint(FINAL_NORM, None, FINAL_NORM, d, "final")
+        if self.adapter.final_norm_in_model:
+            yield HookPoint(FINAL_NORM, None, FINAL_NORM, d, "final")
 
     def hook_point(self, name: str) -> HookPoint:
         for hp in self.hook_points():
@@ -145,7 +147,9 @@ class LoadedModel:
             in_layer = [p for p in points if p.layer == layer]
             groups = [(g, [p for p in in_layer if p.group == g]) for g in ("attention", "mlp", "residual")]
             tree.append((f"block {layer}", groups))
-        tree.append(("final norm", [("final", [p for p in points if p.group == "final"])]))
+        final = [p for p in points if p.group == "final"]
+        if final:
+            tree.append(("final norm", [("final", final)]))
         return tree
 
     # ---- tokens ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from desktop_app.engine.errors import JobCancelled
 def test_info_of_each_family(lm_gpt2, lm_llama, lm_neox):
     assert lm_gpt2.info.model_type == "gpt2" and lm_gpt2.adapter.family == "gpt2"
     assert lm_llama.info.n_heads == 4 and lm_llama.info.n_kv_heads == 2
-    assert lm_llama.adapter.family == "llama_like"
+    assert lm_llama.adapter.family == "llama"
     assert lm_neox.info.parallel_attn_mlp and lm_neox.adapter.family == "gpt_neox"
     for lm in (lm_gpt2, lm_llama, lm_neox):
         i = lm.info
