@@ -14,7 +14,7 @@ from pathlib import Path
 
 from desktop_app.engine.errors import ProjectFileError
 from desktop_app.project.atomic import TMP_PREFIX, atomic_write
-from desktop_app.project.bounded_io import is_regular_file, loads_json, read_regular_bytes
+from desktop_app.engine.bounded_io import is_regular_file, loads_json, read_regular_bytes
 from desktop_app.project.document import Project
 from desktop_app.project.iwb import load_project, save_project
 

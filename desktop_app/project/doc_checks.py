@@ -10,7 +10,7 @@ import numbers
 from typing import Any
 
 from desktop_app.engine.results import STATUSES
-from desktop_app.project.bounded_io import BoundedReadError
+from desktop_app.engine.bounded_io import BoundedReadError
 
 _SCALAR = (str, int, float, bool, type(None))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from desktop_app.engine.errors import SpecError
-from desktop_app.project.bounded_io import BoundedReadError, loads_json, read_regular_bytes
+from desktop_app.engine.bounded_io import BoundedReadError, loads_json, read_regular_bytes
 from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts, analysis_from_dict
 
 EXPERIMENT_VERSION = 1

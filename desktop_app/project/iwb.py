@@ -21,7 +21,8 @@ import numpy as np
 from desktop_app import __version__
 from desktop_app.engine.errors import ProjectFileError, WorkbenchError
 from desktop_app.engine.results import AnalysisResult
-from desktop_app.project import bounded_io, doc_checks
+from desktop_app.engine import bounded_io
+from desktop_app.project import doc_checks
 from desktop_app.project.atomic import atomic_write
 from desktop_app.project.text_safety import encode_json_document
 from desktop_app.project.document import AnalysisEntry, Project

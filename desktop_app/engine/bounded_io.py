@@ -28,7 +28,7 @@ class Limits:
     json_bytes: int = 256 * 2**20  # one JSON document (project.json, an experiment file)
     members: int = 100_000
     json_depth: int = 64
-    int_digits: int = 30  # longer integer literals are refused (Python would spend quadratic time on them)
+    int_digits: int = 100  # longer integer literals are refused (Python would spend quadratic time on them)
     max_ratio: int = 2000  # uncompressed / compressed size of a deflated member; a zip bomb is far above this
 
 
@@ -211,7 +211,8 @@ def read_npy_header(fh, allowed_kinds: str = "biufcUS") -> NpyHeader:
     except (ValueError, SyntaxError, TypeError, EOFError) as e:
         raise BoundedReadError(f"it has a damaged .npy header ({str(e).splitlines()[0][:120]})") from None
     if dtype.hasobject or dtype.kind not in allowed_kinds or dtype.fields is not None:
-        raise BoundedReadError(f"it is an array of {dtype} values (Python objects or records), which is never loaded")
+        what = "Python objects (pickled)" if dtype.hasobject else f"{dtype} records" if dtype.fields else str(dtype)
+        raise BoundedReadError(f"it is an array of {what}, which is never loaded")
     if len(shape) > 32 or any((not isinstance(d, int)) or d < 0 for d in shape):
         raise BoundedReadError(f"its .npy header declares an invalid shape {shape!r}")
     count = 1
