@@ -29,7 +29,8 @@ class Limits:
     members: int = 100_000
     json_depth: int = 64
     int_digits: int = 100  # longer integer literals are refused (Python would spend quadratic time on them)
-    max_ratio: int = 2000  # uncompressed / compressed size of a deflated member; a zip bomb is far above this
+    max_ratio: int = 200  # uncompressed / compressed size of a big compressed member (real arrays: under 10)
+    ratio_from_bytes: int = 16 * 2**20  # the ratio is checked for members larger than this
 
 
 LIMITS = Limits()
@@ -155,11 +156,16 @@ def check_zip_directory(zf: zipfile.ZipFile, limits: Limits = LIMITS) -> None:
         if info.file_size > limits.member_bytes:
             raise BoundedReadError(f"its member {info.filename!r} declares {_size(info.file_size)}, more than "
                                    f"the {_size(limits.member_bytes)} allowed per member")
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > 1 << 20 and \
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > limits.ratio_from_bytes and \
                 info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise BoundedReadError(f"its member {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}"
                                    f" times when decompressed, which only a zip bomb does")
         total += info.file_size
+    spans = sorted((i.header_offset, i.header_offset + 30 + len(i.filename.encode("utf-8", "replace")) +
+                    i.compress_size, i.filename) for i in infos)
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if end > start:  # members sharing compressed data: the "overlapping files" zip bomb
+            raise BoundedReadError(f"its members {name!r} and {other!r} overlap, which only a zip bomb does")
     if total > limits.total_bytes:
         raise BoundedReadError(f"its members declare {_size(total)} in all, more than the "
                                f"{_size(limits.total_bytes)} allowed")
@@ -223,28 +229,35 @@ def read_npy_header(fh, allowed_kinds: str = "biufcUS") -> NpyHeader:
 
 def load_npy_member(zf: zipfile.ZipFile, name: str, limits: Limits = LIMITS,
                     allowed_kinds: str = "biufcUS") -> np.ndarray:
-    """Load one .npy member: the header is checked against the member's declared size and the limits first,
-    so a header declaring a huge shape is refused before any memory is allocated."""
+    """Load one .npy member: the header is checked against the member's declared size and the limits first
+    (a header declaring a huge shape is refused before any memory is allocated), then the data is read
+    straight into the array, never past the declared size."""
     info = zf.getinfo(name)
     with zf.open(info) as m:
         header = read_npy_header(m, allowed_kinds)
         header_len = m.tell()
-    if header.data_bytes > limits.member_bytes:
-        raise BoundedReadError(f"its member {name!r} declares a {header.shape} array of {_size(header.data_bytes)}, "
-                               f"more than the {_size(limits.member_bytes)} allowed")
-    if header_len + header.data_bytes != info.file_size:
-        raise BoundedReadError(f"its member {name!r} declares a {header.shape} array of {header.dtype} "
-                               f"({_size(header.data_bytes)}) but holds {_size(max(info.file_size - header_len, 0))} "
-                               f"of data")
-    raw = read_member(zf, name)
-    try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise BoundedReadError(f"its member {name!r} cannot be read as an array ({str(e).splitlines()[0][:120]})") \
-            from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-        raise BoundedReadError(f"its member {name!r} is not a plain array")
-    return arr
+        if header.data_bytes > limits.member_bytes:
+            raise BoundedReadError(f"its member {name!r} declares a {header.shape} array of "
+                                   f"{_size(header.data_bytes)}, more than the {_size(limits.member_bytes)} allowed")
+        if header_len + header.data_bytes != info.file_size:
+            raise BoundedReadError(f"its member {name!r} declares a {header.shape} array of {header.dtype} "
+                                   f"({_size(header.data_bytes)}) but holds "
+                                   f"{_size(max(info.file_size - header_len, 0))} of data")
+        count = header.data_bytes // header.dtype.itemsize if header.dtype.itemsize else 0
+        try:
+            flat = np.empty(count, dtype=header.dtype)
+        except (MemoryError, ValueError):
+            raise BoundedReadError(f"its member {name!r} holds a {header.shape} array of {_size(header.data_bytes)}, "
+                                   f"which does not fit in the memory available") from None
+        view = memoryview(flat).cast("B") if flat.size else memoryview(b"")
+        filled = 0
+        while filled < len(view):
+            n = m.readinto(view[filled:filled + (1 << 22)])
+            if not n:
+                raise BoundedReadError(f"its member {name!r} ends before the {_size(header.data_bytes)} of data its "
+                                       f"header declares")
+            filled += n
+    return flat.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
 def check_npz(path: str | os.PathLike, limits: Limits = LIMITS, allowed_kinds: str = "biufc") -> None:
