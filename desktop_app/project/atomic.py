@@ -77,13 +77,13 @@ def conflict_path(path: Path) -> Path:
 
 
 def _open_tmp(target: Path) -> tuple[BinaryIO, Path]:
-    """A new temporary file in the target's folder: O_EXCL (never an existing file or symlink), mode 0600."""
+    """A new temporary file in the target's folder, created with O_EXCL: never an existing file or symlink."""
     folder = target.parent if str(target.parent) else Path(".")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp"
         try:
-            fd = os.open(tmp, flags, 0o600)
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
         except FileExistsError:
             continue
         return os.fdopen(fd, "wb"), tmp

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -294,11 +295,25 @@ def saelens_cfg_dict(sae: SAE) -> dict:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """write(tmp) into a new, uniquely named file beside `path` (O_EXCL: never through a planted symlink),
+    fsync, rename over `path`; a failure or a kill leaves the previous file in place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.with_name(f".iwb-save-{os.urandom(8).hex()}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def save_saelens(sae: SAE, folder: str | os.PathLike, sparsity: torch.Tensor | None = None) -> Path:
