@@ -144,9 +144,11 @@ def _keep_backup(path: Path, bak: Path) -> None:
         shutil.copyfile(path, staging)
     try:
         os.replace(staging, bak)
-    except OSError:
+    except BaseException:
         _remove_quietly(staging)
         raise
+    if os.path.lexists(staging):  # bak was already a hard link to this file: rename(2) then does nothing
+        _remove_quietly(staging)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, backup: bool = False,
@@ -193,6 +195,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
             os.replace(tmp, path)
             tmp = None
         _fsync_folder(folder)
+        _remove_stale_leftovers(folder)
     except SaveConflict:
         raise
     except OSError as e:
@@ -205,6 +208,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
             _remove_quietly(tmp)
         raise
     return path
+
+
+STALE_AFTER_S = 3600
+
+
+def _remove_stale_leftovers(folder: Path) -> None:
+    """Temporary files of saves that were killed (hours ago: a save in progress is never that old)."""
+    now = time.time()
+    try:
+        for p in folder.glob(TMP_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                if now - p.lstat().st_mtime > STALE_AFTER_S:
+                    p.unlink()
+    except OSError:
+        pass
 
 
 def _remove_quietly(p: Path) -> None:
