@@ -73,7 +73,15 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None = None):
 
 def read_regular_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
     with open_regular(path, max_bytes) as f:
-        data = f.read(max_bytes + 1)
+        expected = os.fstat(f.fileno()).st_size  # read(n) reserves n bytes at once: ask for what is there
+        chunks, got = [], 0
+        while got <= max_bytes:
+            chunk = f.read(min(max(expected - got, 0) + 1, max_bytes + 1 - got, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
     if len(data) > max_bytes:
         raise BoundedReadError(f"it grew past the {_size(max_bytes)} allowed while being read")
     return data
