@@ -161,6 +161,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     than OSError from write() propagate after the temporary file is removed."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if len(path.name.encode("utf-8", "surrogateescape")) > name_max(folder):
+        raise ProjectFileError(f"cannot save {what} {path}: the file name is longer than the "
+                               f"{name_max(folder)} bytes this file system allows; choose a shorter name.")
     if not folder.is_dir():
         raise ProjectFileError(f"cannot save {what} {path}: the folder {folder} does not exist; "
                                f"choose an existing folder.")
@@ -169,9 +172,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     if os.path.lexists(path) and not (path.is_file() or os.path.islink(path)):
         raise ProjectFileError(f"cannot save {what} {path}: it is a device, pipe or socket, not a file; "
                                f"choose another file name.")
-    if len(path.name.encode("utf-8", "surrogateescape")) > name_max(folder):
-        raise ProjectFileError(f"cannot save {what} {path}: the file name is longer than the "
-                               f"{name_max(folder)} bytes this file system allows; choose a shorter name.")
     before = _identity(path)
     tmp = None
     try:

@@ -248,9 +248,14 @@ LOADERS: dict[int, Callable[[_Archive, dict], Project]] = {1: _load_schema_1, 2:
 def load_project(path: str | Path) -> Project:
     """Open a .iwb file of any known schema version; raises ProjectFileError with one sentence."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise ProjectFileError(f"cannot open project {path}: {getattr(e, 'strerror', None) or e}; check the "
+                               f"path.") from None
+    if not exists:
         raise ProjectFileError(f"project file {path} does not exist; check the path.")
-    if path.is_dir():
+    if is_dir:
         raise ProjectFileError(f"{path} is a folder, not a project file; choose a .iwb file.")
     try:
         with bounded_io.open_regular(path) as fh, zipfile.ZipFile(fh) as zf:

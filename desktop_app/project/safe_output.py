@@ -44,6 +44,10 @@ def check_writable(out: str | os.PathLike, what: str = "output") -> None:
     (missing or read-only folder, a name too long, a folder or a pipe where the file should be)."""
     out = Path(out)
     folder = out.parent if str(out.parent) else Path(".")
+    limit = name_max(folder)
+    if len(out.name.encode("utf-8", "surrogateescape")) > limit:
+        raise ProjectFileError(f"cannot write {out}: the file name is longer than the {limit} bytes this file "
+                               f"system allows; choose a shorter name.")
     if out.is_dir():
         raise ProjectFileError(f"{out} is a folder; give the name of the {what} to write, such as "
                                f"{out / 'result'}.")
@@ -52,10 +56,6 @@ def check_writable(out: str | os.PathLike, what: str = "output") -> None:
     if os.path.lexists(out) and not (out.is_file() or out.is_symlink()):
         raise ProjectFileError(f"cannot write {out}: it is a pipe, device or socket, not a file; choose another "
                                f"file name.")
-    limit = name_max(folder)
-    if len(out.name.encode("utf-8", "surrogateescape")) > limit:
-        raise ProjectFileError(f"cannot write {out}: the file name is longer than the {limit} bytes this file "
-                               f"system allows; choose a shorter name.")
     probe = folder / f"{TMP_PREFIX}probe-{secrets.token_hex(6)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
