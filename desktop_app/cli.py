@@ -219,7 +219,7 @@ def cmd_run(argv) -> int:
             run_experiment(experiment, report, cancel, project=project, batch_size=args.batch_size)
     except KeyboardInterrupt:  # a second Ctrl-C: save the analyses that had finished, then stop
         cancel.cancel()
-    with cli_safety.interrupts_deferred():
+    with cli_safety.interrupts_deferred(restore=not _AS_PROGRAM):
         saved_to, save_failed, notes = save_project_or_recover(project, out)
     for note in notes:
         cli_safety.write_err("note: " + cli_safety.clean_line(note))
@@ -406,7 +406,12 @@ def _dispatch(argv: list[str]) -> int:
     return open_window(qt_args, project_path=args.project, demo=args.demo)  # leftover -options go to Qt
 
 
+_AS_PROGRAM = False  # main() runs as the program (not called from Python with its own argv)
+
+
 def main(argv=None) -> int:
+    global _AS_PROGRAM
+    _AS_PROGRAM = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         bad = cli_safety.bad_argument(argv)

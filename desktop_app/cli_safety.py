@@ -58,9 +58,10 @@ def write_err(line: str) -> None:
 
 
 @contextlib.contextmanager
-def interrupts_deferred(message: str = "saving what was finished; please wait"):
+def interrupts_deferred(message: str = "saving what was finished; please wait", restore: bool = True):
     """While inside, Ctrl-C does not stop the program: it prints `message` once and is otherwise ignored
-    (used around the final save, which must not be cut short by an impatient second or third Ctrl-C)."""
+    (used around the final save, which must not be cut short by an impatient second or third Ctrl-C).
+    With restore=False Ctrl-C stays ignored afterwards: the program is about to end with nothing left to stop."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -76,4 +77,5 @@ def interrupts_deferred(message: str = "saving what was finished; please wait"):
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # restore=False: ignore Ctrl-C at the C level, which also covers the interpreter's own shutdown
+        signal.signal(signal.SIGINT, previous if restore else signal.SIG_IGN)
