@@ -321,7 +321,8 @@ def _walk_gguf(r: _Reader, size: int) -> str | None:
     n_tensors = r.unpack("<Q", "the tensor count")
     n_kv = r.unpack("<Q", "the metadata count")
     if n_tensors > size // 24 or n_kv > size // 12:
-        return f"has a corrupt header: it declares {n_tensors} tensors and {n_kv} metadata keys, more than fit in it"
+        return (f"is truncated or has a corrupt header: it declares {n_tensors} tensors and {n_kv} metadata keys, "
+                f"more than its {size} bytes can hold")
     alignment = 32
     for i in range(n_kv):
         key = r.string(f"metadata key {i}")
