@@ -166,8 +166,9 @@ def check_zip_directory(zf: zipfile.ZipFile, limits: Limits = LIMITS) -> None:
                                    f"the {_size(limits.member_bytes)} allowed per member")
         if info.compress_type != zipfile.ZIP_STORED and info.file_size > limits.ratio_from_bytes and \
                 info.file_size > limits.max_ratio * max(info.compress_size, 1):
-            raise BoundedReadError(f"its member {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}"
-                                   f" times when decompressed, which only a zip bomb does")
+            ratio = info.file_size // max(info.compress_size, 1)
+            raise BoundedReadError(f"its member {info.filename!r} expands {ratio} times when decompressed, which "
+                                   f"only a zip bomb does")
         total += info.file_size
     spans = sorted((i.header_offset, i.header_offset + 30 + len(i.filename.encode("utf-8", "replace")) +
                     i.compress_size, i.filename) for i in infos)

@@ -213,7 +213,8 @@ def test_nan_weights_are_refused(tmp_path):
 @pytest.mark.parametrize("field, value, needle", [
     ("k", "abc", "k = 'abc'"), ("apply_b_dec_to_input", "false", "apply_b_dec_to_input"),
     ("d_in", "8", "d_in"), ("norm_scaling_factor", "big", "norm_scaling_factor"), ("hook_name", 5, "hook_name"),
-    ("metadata", ["x"], "metadata"), ("dtype", 32, "dtype"), ("activation_fn_kwargs", {"k": "3"}, "activation_fn_kwargs.k"),
+    ("metadata", ["x"], "metadata"), ("dtype", 32, "dtype"),
+    ("activation_fn_kwargs", {"k": "3"}, "activation_fn_kwargs.k"),
     ("normalize_activations", 1.5, "normalize_activations"), ("d_sae", 0, "d_sae"),
 ])
 def test_wrong_typed_cfg_fields_are_one_sentence(tmp_path, field, value, needle):
