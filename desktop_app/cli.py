@@ -208,7 +208,9 @@ def cmd_run(argv) -> int:
     _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
     experiment = load_experiment(args.experiment)
     experiment.model = with_model_overrides(experiment.model, args.device, args.dtype)
-    _check_output_path(out, "project file", [(experiment.model.path, "the model")])
+    _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
+        (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
+        for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)])
 
     project = new_project(experiment)
     cancel = CancelToken()
@@ -430,5 +432,15 @@ def main(argv=None) -> int:
     except MemoryError:
         _error("ran out of memory; close other programs, or use a smaller --batch-size or a smaller model.")
         return EXIT_BAD_INPUT
+    except OSError as err:  # a path the system refuses (too long, a loop of symlinks, ...)
+        where = f" ({err.filename})" if err.filename else ""
+        _error(f"{err.strerror or err}{where}; check the paths given.")
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - a bug: one line, and the traceback only on request
+        if os.environ.get("IWB_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        _error(f"internal error ({type(err).__name__}: {err}); please report it (IWB_DEBUG=1 shows the details).")
+        return EXIT_INTERNAL
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_BAD_INPUT)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from desktop_app.engine.errors import ProjectFileError, WorkbenchError
-from desktop_app.project.atomic import TMP_PREFIX, name_max
+from desktop_app.project.atomic import TMP_PREFIX, SaveConflict, name_max
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -96,6 +96,8 @@ def save_project_or_recover(project, out: str | os.PathLike) -> tuple[Path, str 
         try:
             save_project(project, out)
             return out, None, _notes(caught)
+        except SaveConflict as err:  # another program saved `out` meanwhile: ours is complete beside it
+            return err.kept_at, str(err), _notes(caught)
         except Exception as err:  # noqa: BLE001 - any failure: the results must still reach the disk
             reason = str(err) if isinstance(err, WorkbenchError) else f"{type(err).__name__}: {err}"
         stem = out.stem or "results"

@@ -297,7 +297,7 @@ def test_bad_arguments_are_one_line_never_a_traceback(capsys, tmp_path):
              ["export", "p.iwb", "--analysis", "a", "--out", "x.png", "--dpi", "1e999999"],
              ["info"], ["info", "a", "b"], ["frobnicate"], ["--no-such-flag", "x"],
              ["info", "p\x00.iwb"], ["run", "e.json", "--out", "a\x00b.iwb"], ["info", "\udcff.iwb"],
-             ["info", str(tmp_path / ("z" * 5000))]]
+             ["info", str(tmp_path / ("z" * 5000))], [str(tmp_path / ("w" * 5000 + ".iwb"))]]
     for argv in cases:
         _one_error(capsys, argv)
     assert main(["export", "--help"]) == 0
@@ -317,3 +317,15 @@ def test_a_closed_pipe_is_quiet(tmp_path):
     assert proc.wait(timeout=60) == 0, err
     assert err == "", err
     assert run_cli(["info", str(project)]).returncode == 0
+
+
+def test_an_unexpected_error_is_one_line_with_exit_1(capsys, monkeypatch, tmp_path):
+    import desktop_app.cli as cli
+
+    def broken(argv):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "_dispatch", lambda argv: broken(argv))
+    assert main(["info", "p.iwb"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "internal error" in err
