@@ -16,6 +16,7 @@ import pickletools
 import stat
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -247,12 +248,12 @@ def pytorch_bin_problem(path: Path) -> str | None:
                 data = zf.read(pkl[0])
     except BoundedReadError as e:
         return f"cannot be used: {e}"
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        return f"is a damaged PyTorch archive ({str(e)[:80]})"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, struct.error, NotImplementedError, zlib.error) as e:
+        return f"is a damaged PyTorch archive ({type(e).__name__}: {str(e)[:80]})"
     try:
         names = _pickle_globals(data)
-    except (ValueError, EOFError, struct.error, UnicodeDecodeError) as e:
-        return f"has a damaged data.pkl ({str(e)[:80]})"
+    except Exception as e:  # noqa: BLE001 - genops only parses; any failure means a damaged pickle
+        return f"has a damaged data.pkl ({type(e).__name__}: {str(e)[:80]})"
     bad = sorted({n for n in names if _unsafe(n)})
     if bad:
         return (f"holds Python objects besides tensors (its pickle calls {', '.join(bad[:3])}), which are never "

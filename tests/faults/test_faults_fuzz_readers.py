@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -19,7 +20,9 @@ from desktop_app.project.data_export import csv_text
 from desktop_app.project.experiment import parse_experiment
 from desktop_app.project.iwb import load_project, save_project
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+# IWB_FUZZ_EXAMPLES=5000 IWB_FUZZ_RANDOM=1 runs a long, randomized search by hand; the suite stays bounded.
+FUZZ = settings(max_examples=int(os.environ.get("IWB_FUZZ_EXAMPLES", "120")),
+                derandomize=not os.environ.get("IWB_FUZZ_RANDOM"), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
@@ -210,3 +213,55 @@ def test_fuzzing_reaches_both_outcomes(tmp_path_factory):
     path.write_bytes(base["data"][:100])
     assert _opens_or_refuses(path) == "refused"
     np.testing.assert_equal(parse_experiment(json.dumps(VALID_EXPERIMENT)).version, 1)
+
+
+def _model_files(folder):
+    """A small safetensors file, GGUF file and PyTorch .bin to damage."""
+    import gguf
+    import torch
+    from safetensors.numpy import save_file
+
+    folder.mkdir(exist_ok=True)
+    save_file({"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, dtype=np.int64)},
+              str(folder / "w.safetensors"), metadata={"format": "pt"})
+    w = gguf.GGUFWriter(str(folder / "m.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_string("general.name", "fuzz")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    w.add_tensor("t0", np.arange(16, dtype=np.float32))
+    w.add_tensor("t1", np.ones((2, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    torch.save({"w": torch.zeros(3)}, folder / "pytorch_model.bin")
+    return {name: (folder / name).read_bytes() for name in ("w.safetensors", "m.gguf", "pytorch_model.bin")}
+
+
+_MODEL_FILES: dict = {}
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 60) if not os.environ.get("IWB_FUZZ_EXAMPLES") else
+          FUZZ.max_examples)
+@given(data=st.data())
+def test_model_file_checks_never_raise(tmp_path_factory, data):
+    """Damaged weights and GGUF files: every check answers None (consistent) or a phrase, never an exception."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    from desktop_app.engine.file_checks import gguf_problem, pytorch_bin_problem, safetensors_problem
+
+    if not _MODEL_FILES:
+        _MODEL_FILES.update(_model_files(tmp_path_factory.mktemp("model_files")))
+    name = data.draw(st.sampled_from(sorted(_MODEL_FILES)))
+    raw = bytearray(_MODEL_FILES[name])
+    for _ in range(data.draw(st.integers(0, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
+    path = tmp_path_factory.mktemp("f") / name
+    path.write_bytes(bytes(raw[:cut] if cut is not None else raw))
+    check = {"w.safetensors": safetensors_problem, "m.gguf": gguf_problem, "pytorch_model.bin": pytorch_bin_problem}
+    answer = check[name](path)
+    assert answer is None or (isinstance(answer, str) and "\n" not in answer)
+    if cut is not None and cut < len(_MODEL_FILES[name]) // 2 and name != "pytorch_model.bin":
+        assert answer is not None  # half a file is never consistent
