@@ -11,8 +11,6 @@ for blocked in ("PySide6", "pyqtgraph", "torch", "transformers"):
 import desktop_app.project
 from desktop_app.project import (atomic, autosave, data_export, document, experiment, iwb, recent, specs,
                                  undo)
-from desktop_app.project import doc_checks, safe_output, text_safety
-from desktop_app.engine import bounded_io
 loaded = [m for m in ("PySide6", "pyqtgraph", "torch", "transformers") if sys.modules.get(m) is not None]
 assert not loaded, loaded
 print("ok")
