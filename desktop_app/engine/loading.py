@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 from desktop_app.engine.errors import JobCancelled, ModelLoadError
+from desktop_app.engine.file_checks import check_model_files, loader_error_text
 from desktop_app.engine.jobs import CancelToken, Progress, drive
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -35,6 +36,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     cancel = cancel or CancelToken()
     yield Progress(0, 100, "checking files")
     folder, gguf_file = _resolve_path(path)
+    check_model_files(folder, gguf_file)  # damaged or hostile files: one sentence, before any parser sees them
     if gguf_file is None:
         config_dict = _read_config(folder)
         _check_architecture(folder, config_dict, trust_remote_code)
@@ -322,7 +324,7 @@ def _gguf_or_config_error(folder, gguf_file, err):
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+    return loader_error_text((text[0] if text else type(err).__name__)[:300])
 
 
 def _model_info(model, adapter, torch_dtype, device_map, torch_device):

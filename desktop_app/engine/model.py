@@ -10,6 +10,16 @@ from desktop_app.engine.adapters import Adapter
 from desktop_app.engine.errors import PromptError
 from desktop_app.engine.hooknames import EMBED, FINAL_NORM, hook_name
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """A lone surrogate (a broken \\ud800 escape in a JSON file) is not text a tokenizer can read."""
+    m = _LONE_SURROGATE.search(text) if isinstance(text, str) else None
+    if m:
+        raise PromptError(f"the {what} holds U+{ord(m.group()):04X} at character {m.start()}, half of a broken "
+                          f"character pair that is not valid text; remove it or retype the {what}.")
+
 POS = -1  # stands for the sequence length in a hook point's shape
 
 
@@ -156,6 +166,7 @@ class LoadedModel:
     def tokenize(self, text: str, prepend_bos: bool | None = None, what: str = "prompt") -> TokenInfo:
         if text is None or not text.strip():
             raise PromptError(f"the {what} is empty; type some text.")
+        _check_encodable(text, what)
         tok = self.tokenizer
         ids = list(tok(text, add_special_tokens=prepend_bos is not False)["input_ids"])
         bos_id = getattr(tok, "bos_token_id", None)
@@ -183,6 +194,7 @@ class LoadedModel:
 
     def token_pieces(self, text: str) -> TokenInfo:
         """The tokens of a short string without special tokens (answers, subjects)."""
+        _check_encodable(text, "text")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._token_info(ids, False)
 
