@@ -193,6 +193,7 @@ def main(argv=None) -> int:
           "activation and need no forward pass)")
     print(f"{'model':40s} {'sweep':28s} {'cells':>6s} {'cells/s':>9s} {'baseline/s':>10s} {'speed-up':>8s}")
     for label, lm in _models(args.models):
+        print(f"{label:40s} load-time conformance check: {lm.conformance.summary()}", flush=True)
         pair = _pair(lm, args.positions, differ_at)
         for component, title in (("resid_pre", "resid_pre [layer, pos]"), ("head_out", "head_out [layer, pos, head]")):
             rate, cells = _sweep_rate(lm, pair, component)

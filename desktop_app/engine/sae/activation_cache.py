@@ -264,8 +264,11 @@ def collect_activations_cached(lm, hook: str, docs: list[list[int]], context: in
                                shard_bytes: int = SHARD_BYTES):
     """Job: the ActivationCache of `hook` over `docs`, computing only the documents not cached yet. On cancel
     the finished batches are written before JobCancelled propagates."""
+    from desktop_app.engine.conformance import require_for_hook
+
     cancel = cancel or CancelToken()
     lm.hook_point(hook)
+    require_for_hook(lm, hook, f"collecting activations at {hook}", restarts=False)
     if not docs:
         raise SAEError("The corpus gives no tokens; add some text to it.")
     cache, complete = open_cache(lm, hook, docs, context, cache_dir)
