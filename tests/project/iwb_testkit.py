@@ -23,6 +23,9 @@ def all_specs():
 
 
 def sae_workflow_specs():
+    from desktop_app.project import kinds
+
+    kinds.load()  # built-in kinds first: importing a kind module directly would register it ahead of them
     from desktop_app.project.kinds.sae_workflows import (SAEDashboardsSpec, SAEEditSpec, SAEMetricsSpec,
                                                          SAETrainingSpec)
     return [
