@@ -358,8 +358,19 @@ def lime_weights(keep: np.ndarray) -> np.ndarray:
 def _lime(f, base, result, samples, seed, **_):
     n = f.embeds.shape[0]
     keep = lime_masks(n, samples, seed)
-    y = (yield from _evaluate_masks(f, base, torch.as_tensor(keep), "LIME")).numpy()
-    return weighted_ridge(keep.astype(np.float64), y, lime_weights(keep), LIME_RIDGE_ALPHA)
+    weights = lime_weights(keep)
+    x = keep.astype(np.float64)
+    y = np.zeros(samples)
+    values = result.values
+    for start in range(0, samples, f.rows):
+        stop = min(samples, start + f.rows)
+        chunk = torch.as_tensor(keep[start:stop])
+        y[start:stop] = (yield from _evaluate_masks(f, base, chunk, "LIME", samples, start)).numpy()
+        if stop >= 2:  # the fit on the samples so far survives a cancel
+            values[:] = weighted_ridge(x[:stop], y[:stop], weights[:stop], LIME_RIDGE_ALPHA).astype(np.float32)
+            yield Partial(index=(np.arange(n),), values=values.copy())
+    result.extras["lime_samples"] = np.array([samples], dtype=np.int64)
+    return weighted_ridge(x, y, weights, LIME_RIDGE_ALPHA)
 
 
 _METHOD_JOBS = {"saliency": _saliency, "grad_x_input": _grad_x_input, "integrated_gradients": _integrated_gradients,

@@ -257,3 +257,16 @@ def test_real_model_integrated_gradients_is_complete(stories_dir):
     res = drive(token_attribution_job(lm, tokens, a, w, method="integrated_gradients", steps=64))
     gap = res.extras["deletion_curve"][0] - res.extras["baseline_target"][0]
     assert abs(res.extras["convergence_delta"][0]) < 0.02 * max(1.0, abs(gap))
+
+
+def test_lime_cancel_keeps_the_fit_on_the_samples_so_far(lm_gpt2):
+    tokens, a, w = _setup(lm_gpt2, SHORT)
+    cancel = CancelToken()
+
+    def on_event(ev):
+        if isinstance(ev, Partial):
+            cancel.cancel()
+    res = drive(token_attribution_job(lm_gpt2, tokens, a, w, method="lime", samples=64, batch_size=8,
+                                      cancel=cancel), on_event)
+    assert res.status == "partial" and np.isfinite(res.values).all()
+    assert "deletion_curve" not in res.extras
