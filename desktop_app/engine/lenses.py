@@ -6,8 +6,8 @@ translator for that layer. One forward pass records every layer; the grid is [la
 probability of the target token. The target is the pair's answer, a literal single token, or "prediction":
 at each position, the token the model itself predicts there (the last layer's top token).
 
-Extras: top_token_ids / top_token_probs [layer, position, k], target_ids [position], target_rank
-[layer, position] (0 = the lens's top token).
+Extras: top_token_ids / top_token_probs / top_token_text [layer, position, k], target_ids [position],
+target_rank [layer, position] (0 = the lens's top token).
 """
 from __future__ import annotations
 
@@ -98,4 +98,16 @@ def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int
                 ranks[L] = (probs > p_target[:, None]).sum(-1).numpy()
                 yield Partial(index=(np.full(n_pos, L), np.arange(n_pos)), values=values[L].copy())
                 yield Progress((L + 1) * n_pos, values.size, f"layer {L}")
+        result.extras["top_token_text"] = token_texts(lm, top_ids)
     return (yield from stream_cells(result, cells(), t0))
+
+
+def token_texts(lm, ids: np.ndarray) -> np.ndarray:
+    """The display text ('·Mary') of every id in `ids`, same shape (a unicode array, no pickle needed)."""
+    flat = ids.reshape(-1)
+    unique = sorted({int(i) for i in flat if i >= 0})
+    if lm.tokenizer is not None and unique:
+        shown = dict(zip(unique, lm.tokens_of_ids(unique).display))
+    else:
+        shown = {i: str(i) for i in unique}
+    return np.array([shown.get(int(i), "") for i in flat], dtype=str).reshape(ids.shape)

@@ -40,6 +40,8 @@ def test_last_layer_lens_equals_the_model_logits_and_middle_layers_match(tiny_lm
     rank = (torch.softmax(logits, -1) > probs[:, answer:answer + 1]).sum(-1)
     np.testing.assert_array_equal(res.extras["target_rank"][-1], rank.numpy())
     assert res.labels["position"][1].startswith("1: ")
+    top = int(res.extras["top_token_ids"][-1, -1, 0])
+    assert res.extras["top_token_text"][-1, -1, 0] == tiny_lm.tokens_of_ids([top]).display[0]
 
 
 def test_prediction_target_is_the_final_top_token(lm_gpt2):
