@@ -13,7 +13,7 @@ from PySide6.QtCore import Qt, QTimer
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
-from desktop_app.ui import worker_jobs
+from desktop_app.ui import kind_views, worker_jobs
 from desktop_app.ui.panels import HOOK_COMPONENT
 
 
@@ -245,6 +245,7 @@ class AnalysisMixin:
     def _show_result(self, result: AnalysisResult):
         self.result_view.set_result(result)
         record = kinds.find(result.kind) if result is not None else None
+        kind_views.show_detail(self, result, record)  # views keyed by view type (lens grid, patterns, strips)
         if record is not None and record.view == "feature_table" and result.values.size:
             dock = self.docks["saeDock"]
             if not dock.isVisible():
