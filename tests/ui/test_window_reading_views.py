@@ -62,3 +62,25 @@ def test_strip_colours_are_centred_on_zero(qapp):
     html = strip_html(r)
     assert "rgb(255,255,255)" in html  # 0 is white
     assert html.index("·a") < html.index("·b") < html.index("·c")
+
+
+def test_double_clicking_a_pattern_hook_point_opens_its_patterns(qtbot, window, gpt2_dir):
+    from PySide6.QtCore import Qt
+
+    load_model(qtbot, window, gpt2_dir)
+    type_prompts(window)
+    tree = child(window, "layerTree")
+    items = [tree.topLevelItem(i) for i in range(tree.topLevelItemCount())]
+    target = None
+    while items:
+        item = items.pop(0)
+        data = item.data(0, Qt.UserRole)
+        if data and data[0] == "blocks.1.attn.hook_pattern":
+            target = item
+        items.extend(item.child(i) for i in range(item.childCount()))
+    assert target is not None
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        tree.itemDoubleClicked.emit(target, 0)
+    result = window.project.analyses[-1].result
+    assert result.kind == "attention_patterns" and result.labels["layer"] == ["1"]
+    assert child(window, "attentionPatternView").result is result
