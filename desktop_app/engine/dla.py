@@ -34,7 +34,10 @@ class FrozenNorm:
         x = x.double()
         with torch.no_grad():
             apply = lambda v: norm(v.to(_dtype(norm))[None]).double()[0]  # noqa: E731
-            self.centred = bool(torch.allclose(apply(x + 3.0), apply(x), atol=1e-4 * (1 + float(x.abs().max()))))
+            # LayerNorm ignores a constant added to every coordinate, an RMS norm does not
+            out = apply(x)
+            shift = 4.0 * float(x.pow(2).mean().sqrt()) + 1.0
+            self.centred = bool(torch.allclose(apply(x + shift), out, atol=1e-3 * float(out.abs().max()) + 1e-6))
             eps = next((float(getattr(norm, a)) for a in ("eps", "variance_epsilon", "epsilon")
                         if isinstance(getattr(norm, a, None), (int, float))), 0.0)
             d = x.shape[-1]
@@ -45,7 +48,7 @@ class FrozenNorm:
             p = self._centre(probe)
             self.gain = (apply(probe) - self.bias) * torch.sqrt(p.pow(2).mean() + eps) / p
             self.scale = torch.sqrt(self._centre(x).pow(2).mean() + eps)
-            self.actual = apply(x)
+            self.actual = out
 
     def _centre(self, v: torch.Tensor) -> torch.Tensor:
         return v - v.mean(-1, keepdim=True) if self.centred else v
@@ -97,28 +100,28 @@ def direct_logit_attribution_job(lm, tokens: TokenInfo, answer_id: int, wrong_id
     attn = torch.stack([last[hook_name(L, "attn_out")] for L in range(n_layers)])
     mlp = torch.stack([last[hook_name(L, "mlp_out")] for L in range(n_layers)])
     final = last[names[1]]
-    check_close("embedding + attention + MLP outputs (the residual stream)", embed + attn.sum(0) + mlp.sum(0), final)
-    heads, o_bias = [], []
-    for L in range(n_layers):
-        cancel.check()
-        z = store[hook_name(L, "attn.hook_z")][0, -1].to(a.o_proj(L).weight.device, _dtype(a.o_proj(L)))
-        h, b = head_outputs(a.o_proj(L), z)
-        check_close(f"the sum of layer {L}'s head outputs and bias (its attention output)", h.sum(0) + b, attn[L])
-        heads.append(h)
-        o_bias.append(b)
-    heads, o_bias = torch.stack(heads), torch.stack(o_bias)  # [layer, head, d], [layer, d]
+    computed_in = getattr(torch, lm.info.dtype, None)
+    terms = float((embed.abs() + attn.abs().sum(0) + mlp.abs().sum(0)).max())
+    check_close("embedding + attention + MLP outputs (the residual stream)", embed + attn.sum(0) + mlp.sum(0), final,
+                computed_in=computed_in, magnitude=terms)
+    d_model = embed.shape[-1]
+    heads, o_bias = torch.zeros(0, n_heads, d_model, dtype=torch.float64), torch.zeros(0, d_model, dtype=torch.float64)
+    if granularity == "heads":
+        heads, o_bias = _per_head(lm, store, attn, cancel, computed_in)  # [layer, head, d], [layer, d]
 
     norm = FrozenNorm(a.final_norm, final.to(torch.float32))
-    check_close("the final norm with its scale frozen", norm.linear(final) + norm.bias, norm.actual)
+    check_close("the final norm with its scale frozen", norm.linear(final) + norm.bias, norm.actual,
+                computed_in=computed_in)
     yield Progress(2, 3, "through the unembedding")
-    rows = torch.cat([embed[None], heads.reshape(-1, heads.shape[-1]), o_bias, mlp, attn])
+    rows = torch.cat([embed[None], heads.reshape(-1, d_model), o_bias, mlp, attn])
     parts = _logit_diff_of(lm, norm.linear(rows), answer_id, wrong_id)
-    n_hd = n_layers * n_heads
+    n_hd = heads.shape[0] * n_heads
     embed_part = float(parts[0])
-    head_parts = parts[1:1 + n_hd].reshape(n_layers, n_heads)
-    o_bias_parts = parts[1 + n_hd:1 + n_hd + n_layers]
-    mlp_parts = parts[1 + n_hd + n_layers:1 + n_hd + 2 * n_layers]
-    attn_parts = parts[1 + n_hd + 2 * n_layers:]
+    n_b = o_bias.shape[0]
+    head_parts = parts[1:1 + n_hd].reshape(-1, n_heads)
+    o_bias_parts = parts[1 + n_hd:1 + n_hd + n_b]
+    mlp_parts = parts[1 + n_hd + n_b:1 + n_hd + n_b + n_layers]
+    attn_parts = parts[1 + n_hd + n_b + n_layers:]
     unembed_bias = float(_logit_diff_of(lm, norm.bias[None], answer_id, wrong_id, with_bias=True)[0])
     if granularity == "heads":
         values = head_parts
@@ -130,8 +133,9 @@ def direct_logit_attribution_job(lm, tokens: TokenInfo, answer_id: int, wrong_id
         bias_part, other = unembed_bias, 0.0
         dims, labels = ["layer", "sublayer"], {"sublayer": ["attn", "mlp"]}
     parts_sum = float(values.sum()) + other + embed_part + bias_part
+    magnitude = float(values.abs().sum()) + float(mlp_parts.abs().sum()) + abs(embed_part) + abs(bias_part)
     check_close("the sum of the direct logit attributions (the logit difference)",
-                torch.tensor([parts_sum]), torch.tensor([total]))
+                torch.tensor([parts_sum]), torch.tensor([total]), computed_in=computed_in, magnitude=magnitude)
     values = values.numpy().astype(np.float32)
     result = AnalysisResult(
         name=name, kind="direct_logit_attribution", params=dict(prompt=prompt_label, granularity=granularity),
@@ -145,6 +149,23 @@ def direct_logit_attribution_job(lm, tokens: TokenInfo, answer_id: int, wrong_id
     yield Progress(3, 3, "done")
     result.elapsed_s = time.perf_counter() - t0
     return result
+
+
+def _per_head(lm, store, attn: torch.Tensor, cancel: CancelToken, computed_in):
+    """Per layer, each head's output through the output projection and the projection's bias; checked to add
+    up to the layer's attention output (refused where a norm sits after the projection, as in Gemma 2)."""
+    a = lm.adapter
+    heads, biases = [], []
+    for L in range(lm.info.n_layers):
+        cancel.check()
+        o_proj = a.o_proj(L)
+        z = store[hook_name(L, "attn.hook_z")][0, -1].to(next(o_proj.parameters()).device, _dtype(o_proj))
+        h, b = head_outputs(o_proj, z)
+        check_close(f"the sum of layer {L}'s head outputs and bias (its attention output)", h.sum(0) + b, attn[L],
+                    computed_in=computed_in, magnitude=float((h.abs().sum(0) + b.abs()).max()))
+        heads.append(h)
+        biases.append(b)
+    return torch.stack(heads), torch.stack(biases)
 
 
 def _logit_diff_of(lm, vectors: torch.Tensor, answer_id: int, wrong_id: int, with_bias: bool = False) -> torch.Tensor:

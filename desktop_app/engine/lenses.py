@@ -89,7 +89,8 @@ def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int
                 resid = store[names[L]].to(lm.input_device)
                 lens_logits = lm.adapter.logits_from_resid(transform(L, resid))[0].float().cpu()
                 if L == n_layers - 1:
-                    check_close("the logit lens of the last layer", lens_logits, final)
+                    check_close("the logit lens of the last layer", lens_logits, final,
+                                computed_in=getattr(torch, lm.info.dtype, None))
                 probs = torch.softmax(lens_logits, -1)
                 p_target = probs.gather(-1, targets[:, None])[:, 0]
                 values[L] = p_target.numpy()

@@ -20,18 +20,22 @@ def prompt_tokens(lm, pair: PromptPair | None, prompt: str = "clean", prepend_bo
     return lm.tokenize(prompt, prepend_bos, what="prompt")
 
 
-def tolerance(reference: torch.Tensor) -> float:
-    """How far two float computations of `reference`'s quantity may differ (summation order, not a bug)."""
+def tolerance(reference: torch.Tensor, computed_in: torch.dtype | None = None, magnitude: float = 0.0) -> float:
+    """How far two float computations of `reference`'s quantity may differ (rounding and summation order, not a
+    bug), when the model computed in `computed_in` (default: the reference's own dtype). `magnitude`: the size
+    of the terms that were summed (rounding grows with them, not with a small total they cancel to)."""
     scale = float(reference.detach().abs().max()) if reference.numel() else 1.0
-    rel = 1e-4 if reference.dtype == torch.float32 else 2e-2
-    return rel * max(1.0, scale) + 1e-5
+    dtype = computed_in or reference.dtype
+    rel = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    return rel * max(1.0, scale, float(magnitude)) + 1e-5
 
 
-def check_close(what: str, got: torch.Tensor, want: torch.Tensor, refused_error=SpecError, tol: float | None = None):
+def check_close(what: str, got: torch.Tensor, want: torch.Tensor, refused_error=SpecError, tol: float | None = None,
+                computed_in: torch.dtype | None = None, magnitude: float = 0.0):
     """Raise `refused_error` naming `what` and the measured difference when `got` and `want` differ."""
-    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
     diff = float((got - want).abs().max()) if got.numel() else 0.0
-    limit = tolerance(want) if tol is None else tol
+    limit = tolerance(want, computed_in, magnitude) if tol is None else tol
     if not diff <= limit:
         raise refused_error(f"refused: {what} differs from the model's own computation by {diff:.3g} "
                             f"(allowed {limit:.1g}) for this model, so the result would be wrong.")
