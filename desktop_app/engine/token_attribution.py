@@ -115,13 +115,14 @@ class EmbeddingTarget:
         return torch.cat(out)
 
     def grads(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target per row, its gradient at each row's embeddings [rows, pos, d]) from one forward and one
-        backward pass for the whole batch (rows are independent, so the gradient of the sum is per row)."""
+        """(target per row (float64, CPU), its gradient at each row's embeddings [rows, pos, d] on the model's
+        device) from one forward and one backward pass for the whole batch (rows are independent, so the
+        gradient of the sum is per row)."""
         with torch.inference_mode(False), torch.enable_grad():
             leaf = embeds.detach().clone().requires_grad_(True)
             value = self._forward(leaf)
             (grad,) = torch.autograd.grad(value.sum(), leaf)
-        return value.detach().double().cpu(), grad.detach().double().cpu()
+        return value.detach().double().cpu(), grad.detach()
 
 
 def baseline_embedding(lm, target: EmbeddingTarget, baseline: str) -> tuple[torch.Tensor, str]:
@@ -215,20 +216,20 @@ def _faithfulness(f: EmbeddingTarget, base: torch.Tensor, result: AnalysisResult
 def _saliency(f, base, result, **_):
     yield Progress(0, 1, "gradient")
     _, grad = f.grads(f.embeds[None])
-    return grad[0].norm(dim=-1).numpy()
+    return grad[0].double().norm(dim=-1).cpu().numpy()
 
 
 def _grad_x_input(f, base, result, **_):
     yield Progress(0, 1, "gradient")
     _, grad = f.grads(f.embeds[None])
-    return (grad[0] * f.embeds.double().cpu()).sum(-1).numpy()
+    return (grad[0].double() * f.embeds.double()).sum(-1).cpu().numpy()
 
 
 def _integrated_gradients(f, base, result, steps, integration, **_):
     alphas, weights = integration_rule(integration, steps)
     x, b = f.embeds, base.to(f.embeds.device)
-    diff = (x - b[None]).double().cpu()
-    total = torch.zeros_like(diff)
+    diff = (x - b[None]).double()
+    total = torch.zeros_like(diff)  # on the model's device: only [pos, d] comes back
     rows = max(1, f.rows // 2)  # a backward pass holds the activations of the forward pass
     done = 0
     for start in range(0, len(alphas), rows):
@@ -236,11 +237,11 @@ def _integrated_gradients(f, base, result, steps, integration, **_):
         a = torch.tensor(alphas[start:start + rows], dtype=x.dtype, device=x.device)
         path = b[None, None] + a[:, None, None] * (x - b[None])[None]
         _, grad = f.grads(path)
-        w = torch.tensor(weights[start:start + rows], dtype=torch.float64)
-        total += (grad * w[:, None, None]).sum(0)
+        w = torch.tensor(weights[start:start + rows], dtype=torch.float64, device=grad.device)
+        total += (grad.double() * w[:, None, None]).sum(0)
         done += len(a)
         yield Progress(done, len(alphas) + 1, f"integrated gradients: {done} of {len(alphas)} steps")
-    attributions = (diff * total).sum(-1)
+    attributions = (diff * total).sum(-1).cpu()
     ends = f.values(torch.stack([x, b[None].expand_as(x)]))
     result.extras["convergence_delta"] = np.array([float(attributions.sum() - (ends[0] - ends[1]))], dtype=np.float32)
     result.extras["baseline_target"] = np.array([float(ends[1])], dtype=np.float32)

@@ -134,9 +134,11 @@ def train_tuned_lens_job(lm, corpus, out_folder, steps: int = 200, context: int 
     opt = torch.optim.Adam([weights, biases], lr=lr)
     losses = np.full(int(steps), np.nan, dtype=np.float32)
     per_layer = np.zeros(n, dtype=np.float32)
-    lens = TunedLens(weights, biases, {})
+    status, message = "complete", ""
     for step in range(int(steps)):
-        cancel.check()
+        if cancel.cancelled:  # keep the translators trained so far
+            status, message = "partial", f"cancelled after {step} of {int(steps)} steps; the lens so far is saved."
+            break
         pick = torch.randint(len(docs), (min(batch_size, len(docs)),), generator=gen).tolist()
         length = min(len(docs[i]) for i in pick)
         ids = torch.tensor([docs[i][:length] for i in pick])
@@ -164,4 +166,5 @@ def train_tuned_lens_job(lm, corpus, out_folder, steps: int = 200, context: int 
     return AnalysisResult(name=name, kind="tuned_lens_training", params=dict(steps=int(steps), context=int(context),
                           batch_size=int(batch_size), lr=float(lr), seed=int(seed), out=str(out_folder)),
                           dims=["step"], values=losses, labels={"step": [str(i) for i in range(int(steps))]},
-                          elapsed_s=time.perf_counter() - t0, extras={"kl_per_layer": per_layer})
+                          status=status, message=message, elapsed_s=time.perf_counter() - t0,
+                          extras={"kl_per_layer": per_layer})

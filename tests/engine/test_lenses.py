@@ -129,3 +129,14 @@ def test_training_a_tuned_lens_lowers_the_kl_and_saves_a_loadable_folder(stories
     assert res.values[-5:].mean() < 0.8 * res.values[:3].mean()
     lens = load_tuned_lens(tmp_path / "tl", lm)
     assert lens.weights.abs().sum() > 0
+
+
+def test_cancelled_training_saves_the_lens_so_far(lm_gpt2, tmp_path):
+    cancel = CancelToken()
+
+    def on_event(ev):
+        cancel.cancel()
+    texts = ["When Mary and John went to the store", "John gave a drink to Mary"]
+    res = drive(train_tuned_lens_job(lm_gpt2, texts, tmp_path / "tl", steps=50, cancel=cancel), on_event)
+    assert res.status == "partial" and np.isfinite(res.values[0]) and np.isnan(res.values[-1])
+    assert load_tuned_lens(tmp_path / "tl", lm_gpt2).n_layers == lm_gpt2.info.n_layers

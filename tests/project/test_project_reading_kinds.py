@@ -79,6 +79,23 @@ def test_an_experiment_runs_every_new_kind_and_the_project_keeps_the_arrays(gpt2
         assert "deletion_curve" in z.files and "convergence_delta" in z.files and "labels_position" in z.files
 
 
+def test_a_tuned_lens_trained_in_an_experiment_is_read_by_a_later_analysis(llama_dir, tmp_path):
+    from desktop_app.cli import main
+    from desktop_app.project.iwb import load_project
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("When Mary and John went to the store, John gave a drink to Mary.\n"
+                      "After Tom and Anna met at the park, Anna handed a book to Tom.\n")
+    analyses = [{"name": "train", "kind": "tuned_lens_training", "corpus": str(corpus), "out": str(tmp_path / "tl"),
+                 "steps": 5, "context": 16, "batch_size": 2},
+                {"name": "tuned", "kind": "logit_lens", "lens": "tuned", "lens_path": str(tmp_path / "tl")}]
+    out = tmp_path / "p.iwb"
+    assert main(["run", str(_experiment(tmp_path, llama_dir, analyses)), "--out", str(out), "-q"]) == 0
+    results = {e.name: e.result for e in load_project(out).analyses}
+    assert results["train"].dims == ["step"] and np.isfinite(results["train"].values).all()
+    assert results["tuned"].status == "complete" and results["tuned"].params["lens"] == "tuned"
+
+
 def test_a_kind_that_cannot_run_fails_alone_with_one_sentence(gpt2_dir, tmp_path):
     from desktop_app.cli import main
     from desktop_app.project.iwb import load_project
