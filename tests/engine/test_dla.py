@@ -115,3 +115,32 @@ def test_a_final_norm_that_is_not_affine_at_a_frozen_scale_is_refused(lm_gpt2):
             drive(direct_logit_attribution_job(lm_gpt2, tokens, a, w))
     finally:
         lm_gpt2.adapter.final_norm = original
+
+
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_gemma2_post_norms_are_refused_per_head_and_split_per_layer(softcap):
+    """Gemma 2 normalises the attention output after the output projection, so heads do not add up to it
+    (refused with the measured difference); whole sublayers still do. A tanh logit cap is refused outright."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from desktop_app.engine.loading import wrap_model
+    from desktop_app.engine.model import TokenInfo
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                          final_logit_softcapping=softcap, attn_implementation="eager")
+    lm = wrap_model(Gemma2ForCausalLM(config).float())
+    ids = list(range(5, 17))
+    tokens = TokenInfo(ids, [str(i) for i in ids], [str(i) for i in ids], False)
+    if softcap:
+        with pytest.raises(SpecError, match="caps its logits"):
+            drive(direct_logit_attribution_job(lm, tokens, 3, 4))
+        return
+    with pytest.raises(SpecError, match="refused: the sum of layer 0's head outputs"):
+        drive(direct_logit_attribution_job(lm, tokens, 3, 4, granularity="heads"))
+    res = drive(direct_logit_attribution_job(lm, tokens, 3, 4, granularity="layers"))
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    total = float(logits[3] - logits[4])
+    assert res.values.sum() + res.extras["embed"][0] + res.extras["bias"][0] == pytest.approx(total, abs=1e-4)
