@@ -98,3 +98,9 @@ def test_flow_job_streams_rows_and_matches_the_graph(lm_llama):
     np.testing.assert_allclose(res.values[0], adj[0], atol=1e-6)
     cap = flow_graph(adj, 1)
     assert res.values[1, n - 1, 0] == pytest.approx(max_flow(cap, 0, 2 * n + n - 1), abs=1e-6)
+
+
+def test_flow_on_a_long_prompt_is_refused_with_the_graph_size(lm_gpt2):
+    tokens = lm_gpt2.tokens_of_ids([5] * 200)
+    with pytest.raises(SpecError, match="600 nodes"):
+        drive(attention_rollout_job(lm_gpt2, tokens, method="flow"))
