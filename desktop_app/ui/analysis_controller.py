@@ -9,10 +9,13 @@ import dataclasses
 import html
 import time
 
+import numpy as np
+
 from PySide6.QtCore import Qt, QTimer
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
+from desktop_app.project.undo import AddAnalysis, ReplaceSpec
 from desktop_app.ui import worker_jobs
 from desktop_app.ui.panels import HOOK_COMPONENT
 
@@ -60,6 +63,8 @@ class AnalysisMixin:
         return spec
 
     def run_analysis(self):
+        """Run what the Analysis panel shows: the project's analysis with the same settings, or a new one
+        (an undoable add, or an undoable spec edit of the analysis of that name)."""
         if self.model_loaded is None:
             self.show_error("no model is loaded; choose a model folder and click Load.")
             return
@@ -69,12 +74,48 @@ class AnalysisMixin:
             self.show_error(str(err))
             return
         if spec.name in self.project.names():
-            self.project.replace_spec(spec.name, spec)
+            if self.project.entry(spec.name).spec != spec:
+                self.undo_stack.push(ReplaceSpec(self.project, spec.name, spec))
         else:
-            self.project.add_analysis(spec)
+            self.undo_stack.push(AddAnalysis(self.project, spec))
+        self._start_run(spec)
+
+    def run_named(self, name: str):
+        """Run the project's analysis `name` as its spec says (the list's Run, Re-run of a stale result)."""
+        if self.model_loaded is None:
+            self.show_error("no model is loaded; choose a model folder and click Load.")
+            return
+        if self._run_job is not None:
+            self.show_message(f"{self.session.running} is running; wait for it or cancel it first.", "warning")
+            return
+        entry = self.project.entry(name)
+        self.analysis_panel.show_spec(entry.spec)
+        self._start_run(entry.spec)
+
+    def run_all(self):
+        """Run every analysis without a result, or with a stale or unfinished one, in order."""
+        if self.model_loaded is None:
+            self.show_error("no model is loaded; choose a model folder and click Load.")
+            return
+        self._run_queue = self.session.to_run()
+        if not self._run_queue:
+            self.show_message("every analysis is up to date with the loaded model.")
+            return
+        self._run_next_queued()
+
+    def _run_next_queued(self):
+        while self._run_queue:
+            name = self._run_queue.pop(0)
+            if name in self.project.names():
+                self.run_named(name)
+                return
+
+    def _start_run(self, spec):
         self.message_bar.clear()
         a = self.analysis_panel
         self._run_name, self._run_t0, self._streaming = spec.name, time.perf_counter(), None
+        self.session.set_running(spec.name)
+        self.session.select(spec.name)
         a.set_running(True)
         a.progress.setRange(0, 1)
         a.progress.setValue(0)
@@ -84,6 +125,18 @@ class AnalysisMixin:
         self._run_job = self._submit(job, "analysis", progress=self._run_progress, partial=self._run_partial,
                                      note=self._run_note, finished=self._run_finished, errored=self._run_errored,
                                      cancelled=self._run_cancelled)
+
+    def keep_partial_run(self):
+        """Store the cells the running analysis has finished (status partial) and stop it (closing the window)."""
+        if self._run_job is None:
+            return
+        kept = self._streaming
+        self._run_queue = []
+        self.runner.cancel(self._run_job)
+        if kept is not None and np.isfinite(kept.values).any():
+            kept.status = "partial"
+            kept.message = "the window was closed while it ran; the finished cells are kept"
+            self._store_result(kept)
 
     def cancel_analysis(self):
         if self._run_job is not None:
@@ -113,9 +166,14 @@ class AnalysisMixin:
 
     def _run_ended(self, state: str):
         self._run_job = None
+        self.session.set_running(None)
         self.analysis_panel.set_running(False)
         self.job_label.setText(state)
         QTimer.singleShot(0, lambda: self.analysis_ended.emit(state))  # after the handler stored the result
+        if state == "done" and self._run_queue:
+            QTimer.singleShot(0, self._run_next_queued)
+        elif state != "done":
+            self._run_queue = []
 
     def _run_finished(self, result: AnalysisResult):
         self._run_ended("done")
@@ -153,10 +211,10 @@ class AnalysisMixin:
         name = self._run_name if self._run_name in self.project.names() else result.name
         if name not in self.project.names():
             return
-        self.project.set_result(name, result)
+        self.project.set_result(name, result, model=self.session.loaded)
         self._streaming = None
-        self._refresh_tabs(select=name)
-        self._show_result(result)
+        self.session.select(name)
+        self._show_selected()
 
     def _patch_here(self, hook: str, kind: str):
         a = self.analysis_panel
@@ -173,6 +231,18 @@ class AnalysisMixin:
         self.statusBar().showMessage(view.describe(cell), 8000)
         if self.model_loaded is None:
             self.predictions_label.setText("Load the model to see the predictions of a cell.")
+            return
+        name = self.session.selected
+        if result is not self._streaming and (name is None or not self.session.computed_with_loaded(name)):
+            # never run the loaded model on another model's token ids: offer a re-run instead
+            reason = self.session.stale_reason(name) if name else "it is not part of the project"
+            self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b><br>This result was "
+                                           f"{html.escape(reason or 'computed with another model')}; nothing is "
+                                           f"computed for its cells. Re-run it to see predictions.")
+            if name:
+                self.show_message(f"{name} was {reason or 'computed with another model'}; re-run it with the "
+                                  f"loaded model to see the predictions of a cell.", "warning", "Re-run",
+                                  lambda n=name: self.run_named(n))
             return
         record = kinds.find(result.kind)
         click = record.click if record is not None else "describe"
@@ -223,27 +293,20 @@ class AnalysisMixin:
         self.predictions_label.setText("<br>".join(parts))
         self.predictions = pred
 
-    # ---- results as tabs
-    def _refresh_tabs(self, select: str | None = None):
-        names = [e.name for e in self.project.analyses if e.result is not None]
-        tabs = self.result_tabs
-        tabs.blockSignals(True)
-        while tabs.count():
-            tabs.removeTab(0)
-        for n in names:
-            tabs.addTab(n)
-        if select in names:
-            tabs.setCurrentIndex(names.index(select))
-        tabs.blockSignals(False)
-        tabs.setVisible(bool(names))
+    # ---- the shown result: the session's selected analysis
+    def _show_selected(self):
+        name = self.session.selected
+        if name is None or name not in self.project.names():
+            return
+        entry = self.project.entry(name)
+        if entry.result is None:
+            if self._streaming is None or self._run_name != name:
+                self.result_view.set_result(None)
+            return
+        self._show_result(entry.result, self.session.stale_reason(name))
 
-    def _tab_changed(self, index: int):
-        name = self.result_tabs.tabText(index) if index >= 0 else None
-        if name and name in self.project.names():
-            self._show_result(self.project.entry(name).result)
-
-    def _show_result(self, result: AnalysisResult):
-        self.result_view.set_result(result)
+    def _show_result(self, result: AnalysisResult, stale: str = ""):
+        self.result_view.set_result(result, stale=stale)
         record = kinds.find(result.kind) if result is not None else None
         if record is not None and record.view == "feature_table" and result.values.size:
             dock = self.docks["saeDock"]

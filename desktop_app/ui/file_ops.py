@@ -17,7 +17,6 @@ from desktop_app.project import autosave
 from desktop_app.project.document import Project
 from desktop_app.project.iwb import load_project, save_project
 from desktop_app.project.recent import RecentProjects
-from desktop_app.project.undo import UndoStack
 
 AUTOSAVE_MS = 30_000
 FIGURE_FILTERS = "PNG image (*.png);;SVG vector image (*.svg);;PDF document (*.pdf)"
@@ -35,13 +34,11 @@ class FileOpsMixin:
     # ---- the document ----
     def set_project(self, project: Project):
         """Show `project` in the window: prompts, model reference, results. Undo history starts afresh."""
-        self._unsubscribe()
         self.runner.cancel_slot("analysis")
-        self.project = project
-        self.undo_stack = UndoStack(project)
+        self._run_queue = []
+        self.session.set_project(project)
         self.undo_stack.subscribe(self._undo_changed)
         self._undo_changed(self.undo_stack)
-        self._unsubscribe = project.subscribe(self._on_project_event)
         self._sync_prompts_to_edits()
         if project.model is not None:
             m = self.model_panel
@@ -52,8 +49,8 @@ class FileOpsMixin:
         if project.analyses:
             self.analysis_panel.show_spec(project.analyses[0].spec)
         with_results = [e.name for e in project.analyses if e.result is not None]
-        self._refresh_tabs(select=with_results[-1] if with_results else None)
-        self.result_view.set_result(project.entry(with_results[-1]).result if with_results else None)
+        self.result_view.set_result(None)
+        self.session.select(with_results[-1] if with_results else None)
         self._update_title()
         self.token_timer.start()
 

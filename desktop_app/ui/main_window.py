@@ -8,15 +8,15 @@ from __future__ import annotations
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QMessageBox, QScrollArea,
-                               QSplitter, QTabBar, QVBoxLayout, QWidget)
+                               QSplitter, QVBoxLayout, QWidget)
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import recent as recent_mod
-from desktop_app.project.document import Project
+from desktop_app.project.session import Session
 from desktop_app.project.specs import ModelRef
-from desktop_app.project.undo import UndoStack
 from desktop_app.ui import worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisMixin
+from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.file_ops import FileOpsMixin
 from desktop_app.ui.model_controller import ModelMixin
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
@@ -38,15 +38,15 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.settings = settings or QSettings(str(recent_mod.config_dir() / "window.ini"), QSettings.IniFormat)
         self.confirm_dialogs = True  # scripts and tests set False: unsaved changes are then discarded silently
         self.runner = Runner(self)
-        self.project = Project()
-        self.undo_stack = UndoStack(self.project)
-        self._unsubscribe = self.project.subscribe(self._on_project_event)
+        self.session = Session()  # the Qt-free state: document, undo stack, loaded model, selection, running
+        self._unsubscribe = self.session.subscribe(self._on_session_event)
         self.model_loaded: worker_jobs.ModelLoaded | None = None
         self.loaded_ref: ModelRef | None = None
         self._handlers: dict[int, dict] = {}
         self._syncing = False
         self._run_job: int | None = None
         self._run_name = ""
+        self._run_queue: list[str] = []
         self._run_t0 = 0.0
         self._streaming: AnalysisResult | None = None
         self.predictions: worker_jobs.Predictions | None = None
@@ -58,14 +58,17 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self._restore_layout()
         self._update_title()
 
+    @property
+    def project(self):
+        return self.session.project
+
+    @property
+    def undo_stack(self):
+        return self.session.undo
+
     # ------------------------------------------------------------------ construction
     def _build_ui(self):
         self.message_bar = MessageBar()
-        self.result_tabs = QTabBar()
-        self.result_tabs.setObjectName("resultTabs")
-        self.result_tabs.setToolTip("Results of this project; click one to show it")
-        self.result_tabs.setExpanding(False)
-        self.result_tabs.currentChanged.connect(self._tab_changed)
         self.result_view = ResultView()
         self.result_view.setObjectName("heatmapView")
         self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
@@ -94,7 +97,6 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         lay = QVBoxLayout(central)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.message_bar)
-        lay.addWidget(self.result_tabs)
         lay.addWidget(split, 1)
         self.setCentralWidget(central)
 
@@ -102,6 +104,10 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.prompts_panel = PromptsPanel()
         self.layer_panel = LayerTreePanel()
         self.analysis_panel = AnalysisPanel()
+        self.analysis_list = AnalysisListPanel()
+        self.analysis_list.set_session(self.session)
+        self.analysis_list.run_all.connect(self.run_all)
+        self.analysis_list.rerun.connect(self.run_named)
         self.sae_view = SAEFeatureView()
         self.sae_view.setToolTip("SAE features of the attached hook point on the clean prompt")
         self.training_view = TrainingView()
@@ -111,6 +117,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
                 ("layerDock", "Layers", self.layer_panel, Qt.LeftDockWidgetArea),
                 ("promptsDock", "Prompts", self.prompts_panel, Qt.TopDockWidgetArea),
                 ("analysisDock", "Analysis", self.analysis_panel, Qt.RightDockWidgetArea),
+                ("analysisListDock", "Analyses", self.analysis_list, Qt.LeftDockWidgetArea),
                 ("saeDock", "SAE features", self.sae_view, Qt.RightDockWidgetArea),
                 ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea)):
             dock = QDockWidget(title, self)
@@ -147,7 +154,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         a.run_button.clicked.connect(self.run_analysis)
         a.cancel_button.clicked.connect(self.cancel_analysis)
         self.layer_panel.patch_here.connect(self._patch_here)
-        self.layer_panel.checked_changed.connect(lambda names: self.project.set_view("selected_hooks", names))
+        self.layer_panel.checked_changed.connect(self._hooks_checked)
         self.token_timer = QTimer(self)
         self.token_timer.setSingleShot(True)
         self.token_timer.setInterval(TOKENIZE_DEBOUNCE_MS)
@@ -257,11 +264,27 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
     def show_message(self, message: str, level: str = "info", action_text: str = "", action=None):
         self.message_bar.show_message(message, level, "", action_text, action)
 
+    def _on_session_event(self, session, event, detail):
+        if event == "document":
+            self._on_project_event(session.project, *detail)
+        elif event == "selected":
+            self._show_selected()
+        elif event == "loaded":
+            self._show_selected()
+
     def _on_project_event(self, project, event, detail):
         if event == "prompts":
             self._sync_prompts_to_edits()
             self.token_timer.start()
+        elif event in ("model", "spec", "analyses") and self.session.selected is not None:
+            self._show_selected()
         self._update_title()
+
+    def _hooks_checked(self, names):
+        from desktop_app.project.undo import SetViewValue
+
+        if self.project.view("selected_hooks", []) != names:
+            self.undo_stack.push(SetViewValue(self.project, "selected_hooks", names or None, "Select hook points"))
 
     def _update_title(self):
         name = self.project.path.stem if self.project.path else "Untitled"
@@ -269,7 +292,11 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.setWindowModified(self.project.dirty)
 
     def closeEvent(self, event):
-        if not self.confirm_discard("close"):
+        if self._run_job is not None:
+            if not self.confirm_close_while_running():
+                event.ignore()
+                return
+        elif not self.confirm_discard("close"):
             event.ignore()
             return
         self.autosave_timer.stop()
@@ -278,6 +305,23 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.discard_autosave()
         self._unsubscribe()
         event.accept()
+
+    def confirm_close_while_running(self) -> bool:
+        """Closing during a run: say so; Save keeps the finished cells (status partial) in the project file."""
+        running = self.session.running or "an analysis"
+        if not self.confirm_dialogs:
+            return True
+        answer = QMessageBox.question(
+            self, "A run is in progress",
+            f"{running} is still running. Save the project with the cells finished so far (marked partial), "
+            f"close without saving, or keep working?",
+            QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        if answer == QMessageBox.Cancel:
+            return False
+        if answer == QMessageBox.Save:
+            self.keep_partial_run()
+            return self.save()
+        return True
 
     def confirm_discard(self, what: str) -> bool:
         """True if the project may be replaced or closed (saved, not dirty, or the user agrees)."""

@@ -3,12 +3,13 @@ edits through the project, debounced tokenization shown as chips). A mixin of Ma
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from PySide6.QtWidgets import QFileDialog
 
 from desktop_app.project.specs import ModelRef
-from desktop_app.project.undo import SetPromptField
+from desktop_app.project.undo import SetModel, SetPromptField
 from desktop_app.ui import worker_jobs
 
 
@@ -48,6 +49,7 @@ class ModelMixin:
         self._submit(job, "model",
                      progress=lambda d, t, msg: (m.progress.setMaximum(max(t, 1)), m.progress.setValue(d),
                                                  m.progress.setFormat(f"{msg} %p%")),
+                     note=lambda event: self._unloaded() if isinstance(event, worker_jobs.ModelDropped) else None,
                      finished=lambda info: self._model_loaded(ref, info),
                      errored=self._model_failed, cancelled=lambda _v: self._model_failed("loading was cancelled"))
 
@@ -59,8 +61,10 @@ class ModelMixin:
         m.progress.setFormat("loaded")
         m.summary.setText(info.summary)
         self.model_loaded = info
-        self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash)
-        self.project.set_model(self.loaded_ref)
+        self.loaded_ref = dataclasses.replace(ref, config_hash=info.config_hash)
+        if self.project.model != self.loaded_ref and not self.project.learn_config_hash(self.loaded_ref):
+            self.undo_stack.push(SetModel(self.project, self.loaded_ref))
+        self.session.set_loaded(self.loaded_ref)
         self.layer_panel.set_tree(info.tree, self.project.view("selected_hooks", []))
         self.device_label.setText(f"device: {info.device}")
         self.memory_label.setText(f"weights: {human_bytes(info.memory_bytes)}")
@@ -71,7 +75,13 @@ class ModelMixin:
         m = self.model_panel
         m.load_button.setEnabled(True)
         m.progress.setValue(0)
-        m.progress.setFormat("not loaded")
+        if self.model_loaded is not None:  # failed before the loaded model was let go: it is still there
+            kept = self.loaded_ref.path
+            m.progress.setFormat(f"kept {Path(kept).name}")
+            m.path_edit.setText(kept)
+            message = f"{message.rstrip()} The model {kept} is still loaded."
+        else:
+            m.progress.setFormat("not loaded")
         self.job_label.setText("load failed")
         self.show_error(message, details)
 
@@ -81,6 +91,7 @@ class ModelMixin:
 
     def _unloaded(self):
         self.model_loaded = self.loaded_ref = None
+        self.session.set_loaded(None)
         self.model_panel.summary.setText("No model loaded.")
         self.model_panel.unload_button.setEnabled(False)
         self.model_panel.progress.setValue(0)

@@ -65,6 +65,16 @@ class ResultView(QWidget):
         top.addWidget(self.title_label, 1)
         top.addWidget(self.position_combo)
 
+        self.stale_label = QLabel("")
+        self.stale_label.setObjectName("staleLabel")
+        self.stale_label.setWordWrap(True)
+        self.stale_label.setToolTip("This result does not match the loaded model or its current settings; "
+                                    "its values are kept, and re-running it updates it")
+        self.stale_label.setStyleSheet("QLabel { background: #fff3cd; color: #664d03; padding: 3px; "
+                                       "border: 1px solid #ffda6a; border-radius: 3px; }")
+        self.stale_label.hide()
+        self._stale = ""
+
         self.hover_label = QLabel(" ")
         self.hover_label.setObjectName("hoverLabel")
         self.hover_label.setToolTip("The cell under the mouse; click a cell to keep its value here")
@@ -76,6 +86,7 @@ class ResultView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
+        layout.addWidget(self.stale_label)
         layout.addWidget(self._placeholder, 1)
         layout.addWidget(self.hover_label)
         self._layout = layout
@@ -127,11 +138,23 @@ class ResultView(QWidget):
             self._refresh(full=True)
 
     # ---- public API ----
-    def set_result(self, result: AnalysisResult | None) -> None:
+    def set_result(self, result: AnalysisResult | None, stale: str = "") -> None:
+        """Show `result`; `stale` (a reason) marks it as not matching the loaded model or its settings."""
         self._ensure_graphics()
+        self._stale = stale if result is not None else ""
+        self.stale_label.setText(f"⚠ Stale: {self._stale}. The values are kept; re-run it to update it."
+                                 if self._stale else "")
+        self.stale_label.setVisible(bool(self._stale))
         self.result = result
         self._setup_position_combo()
         self._refresh(full=True)
+
+    def is_stale(self) -> bool:
+        """True when the shown result was computed with another model or other settings than the current ones."""
+        return bool(self._stale)
+
+    def stale_reason(self) -> str:
+        return self._stale
 
     def update_cells(self, index: tuple, values) -> None:
         """Write streamed cells into the result's array; the repaint timer shows them."""

@@ -69,7 +69,9 @@ def test_sweep_heatmap_shows_the_engine_result(qtbot, window, ioi_gpt2_dir, refe
     assert view._col_labels[differ[0]].endswith("John")
     bar = child(window, "progressBar", QProgressBar)
     assert bar.value() == bar.maximum() == expected.values.size
-    assert window.project.entry(window.result_tabs.tabText(0)).result.status == "complete"
+    listed = child(window, "analysisList")
+    assert listed.count() == 1 and listed.currentItem().text().startswith("resid_pre patching — Activation patching")
+    assert window.project.entry(window.analysis_list.names()[0]).result.status == "complete"
     assert window.isWindowModified()
 
 

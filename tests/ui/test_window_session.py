@@ -1,0 +1,173 @@
+"""The window never mixes models, never loses work, and lists every analysis: driven by object name."""
+import time
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QComboBox, QMessageBox, QProgressBar
+
+from desktop_app.project.iwb import load_project
+from desktop_app.ui import worker_jobs
+
+from ui_helpers import child, load_model, type_prompts
+
+
+def _slow_chunks(monkeypatch, seconds):
+    from desktop_app.engine import patching
+
+    real = patching._chunk_logits
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(patching, "_chunk_logits", slow)
+
+
+def _run(qtbot, window, component="resid_pre", metric=None):
+    combo = child(window, "analysisKindCombo", QComboBox)
+    combo.setCurrentIndex(combo.findData("activation_patching"))
+    child(window, "componentCombo", QComboBox).setCurrentText(component)
+    if metric:
+        child(window, "metricCombo", QComboBox).setCurrentText(metric)
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000) as ended:
+        qtbot.mouseClick(child(window, "runButton"), Qt.LeftButton)
+    return ended.args[0]
+
+
+def _load_other(qtbot, window, path):
+    child(window, "modelPathEdit").setText(str(path))
+    qtbot.mouseClick(child(window, "loadModelButton"), Qt.LeftButton)
+    qtbot.waitUntil(lambda: (window.loaded_ref is not None and window.loaded_ref.path == str(path))
+                    or window.message_bar.level == "error", timeout=60_000)
+
+
+@pytest.fixture
+def no_predictions(monkeypatch):
+    """Fails the test if a clicked cell submits a predictions job."""
+    calls = []
+    monkeypatch.setattr(worker_jobs, "top_predictions", lambda *a, **k: calls.append(a) or (lambda s, c: None))
+    return calls
+
+
+def test_results_of_another_model_are_stale_and_a_click_does_not_compute(qtbot, window, ioi_gpt2_dir, gpt2_dir,
+                                                                         no_predictions):
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    assert _run(qtbot, window) == "done"
+    view = child(window, "heatmapView")
+    result = window.current_result()
+    values = result.values.copy()
+    assert not view.is_stale() and not child(window, "staleLabel").isVisible()
+    assert window.project.analyses[0].result_model["path"] == str(ioi_gpt2_dir)
+
+    _load_other(qtbot, window, gpt2_dir)
+    assert window.model_loaded is not None and window.loaded_ref.path == str(gpt2_dir)
+    qtbot.waitUntil(view.is_stale, timeout=5000)
+    assert child(window, "staleLabel").isVisible() and "another model" in child(window, "staleLabel").text()
+    assert view.result is result and np.array_equal(result.values, values, equal_nan=True)
+    assert "⚠ stale" in child(window, "analysisList").item(0).text()
+
+    view.cell_clicked.emit((0, 0), float(values[0, 0]))
+    assert no_predictions == []
+    assert window.message_bar.level == "warning" and "re-run" in window.message_bar.text().lower()
+    action = child(window, "messageActionButton")
+    assert action.isVisible() and action.text() == "Re-run"
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        qtbot.mouseClick(action, Qt.LeftButton)
+    assert not view.is_stale() and window.project.analyses[0].result_model["path"] == str(gpt2_dir)
+    assert "stale" not in child(window, "analysisList").item(0).text()
+
+
+def test_a_failed_load_keeps_the_loaded_model(qtbot, window, ioi_gpt2_dir, tmp_path):
+    load_model(qtbot, window, ioi_gpt2_dir)
+    loaded = window.model_loaded
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 10)
+    for bad in (tmp_path / "no-such-model", fake):
+        window.message_bar.clear()
+        child(window, "modelPathEdit").setText(str(bad))
+        qtbot.mouseClick(child(window, "loadModelButton"), Qt.LeftButton)
+        qtbot.waitUntil(lambda: window.message_bar.level == "error", timeout=60_000)
+        text = window.message_bar.text()
+        assert "still loaded" in text and str(ioi_gpt2_dir) in text, text
+        assert window.model_loaded is loaded and window.session.loaded.path == str(ioi_gpt2_dir)
+        assert child(window, "modelPathEdit").text() == str(ioi_gpt2_dir)
+    type_prompts(window)
+    assert _run(qtbot, window) == "done"  # the kept model still computes
+    assert window.current_result().status == "complete"
+
+
+def test_close_mid_run_with_save_keeps_partial_cells(qtbot, window, ioi_gpt2_dir, tmp_path, monkeypatch):
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    assert window.save_to(tmp_path / "p.iwb")
+    _slow_chunks(monkeypatch, 0.1)
+    child(window, "batchSizeSpin").setValue(1)
+    combo = child(window, "analysisKindCombo", QComboBox)
+    combo.setCurrentIndex(combo.findData("activation_patching"))
+    qtbot.mouseClick(child(window, "runButton"), Qt.LeftButton)
+    bar = child(window, "progressBar", QProgressBar)
+    qtbot.waitUntil(lambda: bar.value() >= 3, timeout=30_000)
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.Save)
+    window.confirm_dialogs = True
+    window.close()
+    assert asked and "still running" in asked[0]
+    saved = load_project(tmp_path / "p.iwb")
+    r = saved.analyses[0].result
+    assert r.status == "partial"
+    done = np.isfinite(r.values)
+    assert 3 <= done.sum() < r.values.size
+
+
+def test_every_document_edit_undoes_and_redoes(qtbot, window, ioi_gpt2_dir, gpt2_dir):
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    stack, project, listing = window.undo_stack, window.project, window.analysis_list
+
+    def check(edit, state):
+        before = state()
+        edit()
+        after = state()
+        assert after != before
+        window.act_undo.trigger()
+        assert state() == before
+        window.act_redo.trigger()
+        assert state() == after
+
+    names = lambda: project.names()  # noqa: E731
+    check(lambda: child(window, "cleanPromptEdit").setText("When Mary and John went home, John gave a drink to"),
+          lambda: project.prompts.clean)
+    check(lambda: _run(qtbot, window), names)  # add
+    check(lambda: _run(qtbot, window, metric="logit_diff"), lambda: project.analyses[0].spec.metric)  # spec edit
+    check(lambda: listing.rename(names()[0], "renamed"), names)
+    check(lambda: listing.duplicate("renamed"), names)
+    check(lambda: listing.remove("renamed copy"), names)
+    check(lambda: window._hooks_checked(["blocks.0.hook_resid_pre"]), lambda: project.view("selected_hooks"))
+    check(lambda: _load_other(qtbot, window, gpt2_dir), lambda: project.model.path if project.model else None)
+    assert stack.can_undo()
+
+
+def test_run_all_runs_empty_and_stale_analyses_in_order(qtbot, window, ioi_gpt2_dir):
+    from desktop_app.project.specs import ActivationPatchingSpec, AttributionPatchingSpec
+    from desktop_app.project.undo import AddAnalysis
+
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    assert _run(qtbot, window) == "done"
+    window.undo_stack.push(AddAnalysis(window.project, AttributionPatchingSpec("attr")))
+    window.undo_stack.push(AddAnalysis(window.project, ActivationPatchingSpec("heads", component="head_out",
+                                                                              positions="all")))
+    first = window.project.analyses[0].result
+    listing = child(window, "analysisList")
+    assert listing.count() == 3 and "not run" in listing.item(1).text()
+    button = child(window, "runAllButton")
+    assert button.isEnabled()
+    qtbot.mouseClick(button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: all(e.result is not None for e in window.project.analyses) and window._run_job is None,
+                    timeout=60_000)
+    assert window.project.analyses[0].result is first  # up to date: not run again
+    assert [e.result.status for e in window.project.analyses] == ["complete"] * 3
+    assert not button.isEnabled()
+    listing.setCurrentRow(1)
+    assert window.current_result() is window.project.entry("attr").result
