@@ -70,6 +70,7 @@ class ModelMixin:
         self.memory_label.setText(f"weights: {human_bytes(info.memory_bytes)}")
         self.job_label.setText("model loaded")
         self.request_tokens()
+        self.restore_saes()
 
     def _model_failed(self, message: str, details: str = ""):
         m = self.model_panel

@@ -11,6 +11,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog
 
+from desktop_app.project.session import SAEAttachment
 from desktop_app.ui import sae_worker_jobs
 from desktop_app.ui.training_view import ARCHITECTURES, TrainDialog
 
@@ -61,9 +62,12 @@ class SAEMixin:
         if path:
             self.attach_sae(path, hook)
 
-    def attach_sae(self, path, hook: str) -> int | None:
+    def attach_sae(self, path, hook: str, restore: bool = False) -> int | None:
         """Load the SAE at `path` for `hook` in the runner, check its width, then show its features on the
-        clean prompt (an `sae_features` analysis, shown in the SAE pane and as a result tab)."""
+        clean prompt (an `sae_features` analysis, shown in the SAE pane and in the Analyses list).
+        restore: the project's saved attachment, reopened: its dashboards and feature edit come back, nothing
+        is run and the document does not change."""
+        self._restoring_sae = restore
         if self.model_loaded is None:
             self.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
             return None
@@ -80,6 +84,13 @@ class SAEMixin:
 
     def _sae_attached(self, info: sae_worker_jobs.SAEAttached):
         self.sae_attached = info
+        if getattr(self, "_restoring_sae", False):
+            self._restoring_sae = False
+            self._sae_restored(info)
+            return
+        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook]
+        if not saved:  # one attached SAE per window: the new one replaces the saved attachment
+            self.session.set_saes([SAEAttachment(str(info.path), info.hook)], "Attach SAE")
         self.job_label.setText("SAE attached")
         self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
         self.docks["saeDock"].raise_()
@@ -95,6 +106,46 @@ class SAEMixin:
             return
         self.run_analysis()
 
+    def _sae_restored(self, info):
+        self.job_label.setText("SAE attached")
+        self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
+        self.analysis_panel.set_kind("sae_features")
+        self.analysis_panel.set_field("sae", info.path)
+        self.analysis_panel.set_field("hook", info.hook)
+        saved = next((a for a in self.session.saes() if a.hook == info.hook), None)
+        if saved is None:
+            return
+        if saved.dashboards.get("features"):
+            self.sae_view.show_dashboards(saved.dashboards["features"])
+        if saved.edits:
+            request = saved.edits[-1]
+            edit = (request.get("edits") or [{}])[0]
+            pane = self.sae_view
+            pane.feature_spin.setValue(int(edit.get("feature", 0)))
+            pane.mode_combo.setCurrentText(str(edit.get("mode", "ablate")))
+            pane.value_spin.setValue(float(edit.get("value", 0.0)))
+            pane.keep_error_check.setChecked(bool(request.get("keep_error", True)))
+
+    def restore_saes(self):
+        """Reattach the SAE the project saved (after its model is loaded); offer to relocate a missing one."""
+        saes = self.session.saes()
+        if not saes or self.model_loaded is None:
+            return
+        first = saes[0]
+        if self.sae_attached is not None and self.sae_attached.hook == first.hook \
+                and str(self.sae_attached.path) == first.path:
+            return
+        if not Path(first.path).exists():
+            def relocate():
+                path = choose_sae_path(self, self._start_dir())
+                if path:
+                    self.session.update_sae(first.hook, "Relocate SAE", path=str(path))
+                    self.attach_sae(path, first.hook, restore=True)
+            self.show_message(f"the SAE {first.path} saved with this project is missing; choose its new location "
+                              f"with Relocate….", "warning", "Relocate…", relocate)
+            return
+        self.attach_sae(first.path, first.hook, restore=True)
+
     def _sae_failed(self, message: str, details: str = ""):
         self.job_label.setText("SAE not attached")
         self.sae_view.title_label.setText("Attach an SAE to a hook point to see its features here.")
@@ -105,6 +156,8 @@ class SAEMixin:
         if not self._need_sae():
             return None
         info, pr = self.sae_attached, self.project.prompts
+        if any(a.hook == info.hook for a in self.session.saes()):
+            self.session.update_sae(info.hook, "Edit features", edits=[request])
         self.job_label.setText("running the feature edit")
         job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos)
         return self._submit(job, "sae_edit", finished=self._intervention_done,
@@ -131,6 +184,7 @@ class SAEMixin:
         if not self._need_sae():
             return None
         info = self.sae_attached
+        self._dashboards_corpus = str(corpus_path)
         self.job_label.setText("building dashboards")
         return self._submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path)), "sae_dash",
                             progress=lambda d, t, m: self.job_label.setText(m),
@@ -143,6 +197,14 @@ class SAEMixin:
             return
         self.job_label.setText(f"{len(dashboards)} dashboards")
         self.sae_view.show_dashboards(dashboards)
+        info = self.sae_attached
+        if info is not None and any(a.hook == info.hook for a in self.session.saes()):
+            try:
+                self.session.update_sae(info.hook, "Build dashboards", dashboards={
+                    "corpus": getattr(self, "_dashboards_corpus", ""), "features": [d.to_dict() for d in dashboards]})
+            except ValueError as err:  # a non-finite number cannot go into the project file
+                self.show_message(f"the dashboards are shown but cannot be saved with the project ({err}).",
+                                  "warning")
         self.sae_view.tabs.setCurrentIndex(1)
         self.docks["saeDock"].show()
         self.docks["saeDock"].raise_()

@@ -171,3 +171,53 @@ def test_run_all_runs_empty_and_stale_analyses_in_order(qtbot, window, ioi_gpt2_
     assert not button.isEnabled()
     listing.setCurrentRow(1)
     assert window.current_result() is window.project.entry("attr").result
+
+
+def test_an_sae_with_dashboards_and_a_feature_edit_survives_save_and_reopen(qtbot, window, ioi_gpt2_dir, tmp_path):
+    import torch
+
+    from desktop_app.engine.sae.formats import save_saelens
+    from desktop_app.engine.sae.model import SAE, SAEConfig
+
+    hook = "blocks.1.hook_resid_pre"
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=64, d_sae=8, hook_name=hook))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = save_saelens(sae, tmp_path / "sae")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("When Mary and John went to the store, John gave a drink to\n" * 4, encoding="utf-8")
+
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        window.attach_sae(folder, hook)
+    window.build_dashboards(corpus)
+    pane = window.sae_view
+    qtbot.waitUntil(lambda: len(pane.dashboards) == 8, timeout=60_000)
+    shown = [d.to_dict() for d in pane.dashboards]
+    pane.feature_spin.setValue(3)
+    pane.mode_combo.setCurrentText("clamp")
+    pane.value_spin.setValue(7.5)
+    child(pane, "saeApplyButton").click()
+    qtbot.waitUntil(lambda: bool(window.session.saes() and window.session.saes()[0].edits), timeout=10_000)
+    assert window.save_to(tmp_path / "p.iwb")
+
+    from desktop_app.ui import create_main_window
+
+    other = create_main_window([])
+    other.confirm_dialogs = False
+    qtbot.addWidget(other)
+    try:
+        assert other.open_project(tmp_path / "p.iwb")
+        qtbot.waitUntil(lambda: other.sae_attached is not None and len(other.sae_view.dashboards) == 8,
+                        timeout=60_000)
+        assert str(other.sae_attached.path) == str(folder) and other.sae_attached.hook == hook
+        assert [d.to_dict() for d in other.sae_view.dashboards] == shown
+        p2 = other.sae_view
+        assert (p2.feature_spin.value(), p2.mode_combo.currentText(), p2.value_spin.value()) == (3, "clamp", 7.5)
+        assert not other.project.dirty  # restoring is not an edit
+    finally:
+        other.close()
+        other.runner.shutdown()
