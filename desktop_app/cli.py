@@ -289,7 +289,8 @@ def cmd_export(argv) -> int:
 
     from desktop_app.project.iwb import load_project
 
-    result = _exportable_result(load_project(args.project), args.analysis)
+    project = load_project(args.project)
+    result = _exportable_result(project, args.analysis)
     if fmt in extra:
         record = kinds.find(result.kind)
         writer = record.export_format(fmt) if record is not None else None
@@ -309,8 +310,12 @@ def cmd_export(argv) -> int:
     except ModuleNotFoundError as err:
         raise CliError(f"figure export is not available here ({err.name} is missing); export csv or npz "
                        f"instead.") from None
+    from desktop_app.ui.figure_data import figure_context
+
     figure.ensure_gui_app()
-    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi)
+    entry = project.entry(args.analysis)
+    context = figure_context(entry.result_model, project.prompts)
+    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi, context=context)
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
-from PySide6.QtGui import QFontMetrics, QPalette
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from desktop_app.engine.results import AnalysisResult
@@ -26,12 +26,6 @@ _MAX_LABEL = 14
 def _short(label: str) -> str:
     text = str(label)
     return text if len(text) <= _MAX_LABEL else text[:_MAX_LABEL - 1] + "…"
-
-
-def _tick_text(label: str) -> str:
-    """A position label "3: ·John" drawn as "·John" on the axis (the index is in the hover text)."""
-    head, sep, rest = str(label).partition(": ")
-    return rest if sep and head.isdigit() else str(label)
 
 
 def _fmt(v: float) -> str:
@@ -111,7 +105,9 @@ class ResultView(QWidget):
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setObjectName("heatmapGraphics")
         self.graphics.setBackground(None)  # the system palette: right in light and dark mode
-        self.plot = self.graphics.addPlot(row=0, col=0)
+        from desktop_app.ui.token_axis import TokenAxis  # pyqtgraph is imported after the window shows
+
+        self.plot = self.graphics.addPlot(row=0, col=0, axisItems={"bottom": TokenAxis("bottom")})
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
         self.plot.getViewBox().invertY(True)
@@ -127,7 +123,7 @@ class ResultView(QWidget):
         self.line = pg.PlotDataItem([], [], symbol="o", symbolSize=5)
         self.plot.addItem(self.bars)
         self.plot.addItem(self.line)
-        self.plot.getViewBox().sigResized.connect(self._layout_col_ticks)
+        self.plot.getViewBox().sigResized.connect(lambda *_: self.plot.getAxis("bottom").relayout())
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
 
@@ -236,30 +232,9 @@ class ResultView(QWidget):
         if not full:
             self.title_label.setText(self._title())
 
-    def _layout_col_ticks(self, *_):
-        """Column labels that fit side by side without overlapping: the columns with the strongest values first
-        (the cells a reader looks for), then the others from left to right; redone on resize."""
-        if self._mode != "heatmap" or not getattr(self, "_col_labels", None):
-            return
-        axis = self.plot.getAxis("bottom")
-        metrics = QFontMetrics(axis.style.get("tickFont") or self.font())
-        n = len(self._col_labels)
-        col_px = self.plot.getViewBox().width() / max(n, 1)
-        texts = [_short(_tick_text(t)) for t in self._col_labels]
-        strength = np.nan_to_num(np.abs(self._shown)).max(axis=0) if self._shown.size else np.zeros(n)
-        order = sorted(range(n), key=lambda j: (-float(strength[j]) if strength[j] > 0 else 1.0, j))
-        taken: list[tuple[float, float]] = []
-        shown = []
-        for j in order:
-            half = (metrics.horizontalAdvance(texts[j]) + 8) / 2
-            centre = (j + 0.5) * col_px
-            if all(centre + half <= a or centre - half >= b for a, b in taken):
-                taken.append((centre - half, centre + half))
-                shown.append(j)
-        ticks = [(j + 0.5, texts[j]) for j in sorted(shown)]
-        if ticks != getattr(self, "_col_ticks", None):  # setTicks re-renders the axis: only when they change
-            self._col_ticks = ticks
-            axis.setTicks([ticks])
+    def column_labels(self) -> list[tuple[int, str]]:
+        """(column, text) of the column labels drawn now: every column unless even rotated text cannot fit."""
+        return self.plot.getAxis("bottom").shown_labels()
 
     def _paint_heatmap(self, values, dims, full):
         self._set_mode("heatmap")
@@ -273,7 +248,6 @@ class ResultView(QWidget):
                 self.colorbar.setColorMap(pg.ColorMap(np.linspace(0.0, 1.0, 256), lut_for_limits(lo, hi)))
             self.colorbar.setLevels((lo, hi))
         if not full:
-            self._layout_col_ticks()  # the strongest columns may have changed as cells streamed in
             return
         self.plot.getViewBox().invertY(True)
         n_rows, n_cols = values.shape
@@ -282,7 +256,7 @@ class ResultView(QWidget):
         self.image_item.setRect(0, 0, n_cols, n_rows)
         left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
         left.setTicks([[(i + 0.5, _short(t)) for i, t in enumerate(self._row_labels)]])
-        self._layout_col_ticks()
+        bottom.set_labels(self._col_labels)
         left.setLabel(dims[0])
         bottom.setLabel(dims[1])
         self.colorbar.axis.setLabel(self._value_name())
@@ -302,7 +276,7 @@ class ResultView(QWidget):
             self._row_labels = self._labels(dims[0], n)
             self._col_labels = []
             bottom, left = self.plot.getAxis("bottom"), self.plot.getAxis("left")
-            bottom.setTicks([[(i, _short(t)) for i, t in enumerate(self._row_labels)]] if n <= 64 else None)
+            bottom.set_labels(self._row_labels if n <= 64 else None, offset=0.0)
             bottom.setLabel(dims[0])
             left.setTicks(None)
             left.setLabel(self._value_name())
@@ -334,6 +308,9 @@ class ResultView(QWidget):
                 if np.isfinite(v)]
         if refs:
             parts.append(f"{self._value_name()}: " + ", ".join(refs))
+        raw = kinds.raw_logit_diffs(r)
+        if raw and self._value_name() != "logit_diff":
+            parts.append("raw logit diff: " + ", ".join(f"{n} {_fmt(v)}" for n, v in raw.items()))
         if r.status != "complete":
             parts.append(f"<i>{r.status}: {r.done_fraction():.0%} of cells</i>")
         if r.message:

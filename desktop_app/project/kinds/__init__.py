@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from desktop_app.engine.errors import SpecError
 from desktop_app.project import specs as _specs
 from desktop_app.project.specs import AnalysisSpec, Prompts
@@ -193,6 +195,36 @@ def prompt_pair(lm, prompts: Prompts, need_corrupted: bool = True, need_wrong: b
                         prompts.prepend_bos, need_corrupted=need_corrupted, need_wrong=need_wrong)
 
 
+def with_raw_logit_diffs(lm, pair, job):
+    """Run `job` and add the raw logit differences logit(answer) - logit(wrong) of the clean and corrupted runs
+    to its result (extras `clean_logit_diff`, `corrupted_logit_diff`), so a normalised metric is shown beside
+    the numbers it was normalised by. Two plain forward passes; nothing when the pair has no wrong answer."""
+    result = yield from job
+    if result is None or pair is None or pair.wrong_id == pair.answer_id or result.status == "failed":
+        return result
+    import torch
+
+    from desktop_app.engine.capture import as_ids, forward_logits
+
+    with torch.inference_mode():
+        for what, info in (("clean", pair.clean), ("corrupted", pair.corrupted)):
+            if info is None or not len(info.ids) or (what == "corrupted" and info is pair.clean):
+                continue  # no corrupted prompt was given: the pair holds the clean one twice
+            logits = forward_logits(lm, as_ids(info.ids), last_only=True)[0, -1].float()
+            result.extras[f"{what}_logit_diff"] = np.asarray(float(logits[pair.answer_id] - logits[pair.wrong_id]))
+    return result
+
+
+def raw_logit_diffs(result) -> dict[str, float]:
+    """{"clean": ..., "corrupted": ...}: the raw logit differences a result carries (see with_raw_logit_diffs)."""
+    out = {}
+    for what in ("clean", "corrupted"):
+        arr = result.extras.get(f"{what}_logit_diff") if result.extras else None
+        if arr is not None and np.asarray(arr).size == 1 and np.isfinite(float(np.asarray(arr))):
+            out[what] = float(np.asarray(arr))
+    return out
+
+
 def prompt_text(prompts: Prompts, which: str) -> str:
     """A spec's `prompt` field: "clean", "corrupted" or a literal text."""
     if which == "clean":
@@ -209,4 +241,4 @@ def field_values(spec: AnalysisSpec) -> dict[str, Any]:
 
 __all__ = ["AnalysisKind", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
            "extra_export_formats", "field_values", "find", "get", "load", "prompt_pair", "prompt_text",
-           "register_kind", "scale_of", "value_label"]
+           "raw_logit_diffs", "register_kind", "scale_of", "value_label", "with_raw_logit_diffs"]
