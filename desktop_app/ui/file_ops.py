@@ -182,18 +182,33 @@ class FileOpsMixin:
             self.show_error("there is no result to export; run an analysis first.")
         return result
 
+    def figure_context(self, result) -> list[str]:
+        """The subtitle parts naming the model and prompts the shown result was computed with."""
+        from desktop_app.ui.figure_data import figure_context
+
+        name = self.session.selected
+        model = None
+        if name in self.project.names() and self.project.entry(name).result is result:
+            model = self.project.entry(name).result_model
+        elif self.session.loaded is not None:  # a result still streaming in: the loaded model computes it
+            from desktop_app.project.document import model_fingerprint
+
+            model = model_fingerprint(self.session.loaded)
+        return figure_context(model, self.project.prompts)
+
     def export_figure_dialog(self):
+        """The figure export dialog (exportFigureDialog): size, DPI, title, font size, colour limits, preview."""
+        from desktop_app.ui.export_dialog import ExportFigureDialog
+
         result = self._need_result()
         if result is None:
-            return
+            return None
         start = str(Path(self._start_dir()) / f"{result.name}.png")
-        path, chosen = QFileDialog.getSaveFileName(self, "Export figure", start, FIGURE_FILTERS)
-        if path:
-            fmt = Path(path).suffix.lstrip(".").lower()
-            if fmt not in ("png", "svg", "pdf"):
-                fmt = chosen.split("*.")[-1].rstrip(")")
-                path += "." + fmt
-            self.export_figure(path, fmt)
+        dialog = ExportFigureDialog(result, self.figure_context(result), start, self)
+        dialog.accepted.connect(lambda: self.statusBar().showMessage(f"exported {dialog.written}", 5000))
+        self.export_dialog = dialog
+        dialog.open()
+        return dialog
 
     def export_figure(self, path, fmt: str | None = None) -> bool:
         from desktop_app.ui.figure import render_figure
@@ -203,7 +218,7 @@ class FileOpsMixin:
             return False
         fmt = fmt or Path(path).suffix.lstrip(".").lower()
         try:
-            render_figure(result, fmt, path)
+            render_figure(result, fmt, path, context=self.figure_context(result))
         except (WorkbenchError, ValueError) as err:
             self.show_error(str(err))
             return False
@@ -263,6 +278,6 @@ class FileOpsMixin:
         result = self._need_result()
         if result is None:
             return False
-        QGuiApplication.clipboard().setImage(figure_image(result))
+        QGuiApplication.clipboard().setImage(figure_image(result, context=self.figure_context(result)))
         self.statusBar().showMessage("figure copied to the clipboard", 5000)
         return True

@@ -5,9 +5,10 @@ and every edit goes through the project document (project.document.Project) and 
 """
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QMessageBox, QScrollArea,
+from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
+                               QPlainTextEdit, QScrollArea,
                                QSplitter, QVBoxLayout, QWidget)
 
 from desktop_app.engine.results import AnalysisResult
@@ -27,6 +28,25 @@ from desktop_app.ui.sae_panel import SAEFeatureView
 from desktop_app.ui.training_view import TrainingView
 
 TOKENIZE_DEBOUNCE_MS = 150
+WINDOW_KEYS = (QKeySequence("Ctrl+E"), QKeySequence("Ctrl+R"), QKeySequence("Ctrl+Shift+C"))
+
+
+class _WindowShortcuts(QObject):
+    """A focused text field claims Ctrl+E (end of line) and friends for itself; these keys mean the window's
+    actions (export, run, copy figure) everywhere in it, so the field's claim is declined."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.window = window
+
+    def eventFilter(self, obj, event):
+        if event.type() == QEvent.ShortcutOverride and isinstance(obj, (QLineEdit, QPlainTextEdit)) \
+                and obj.window() is self.window:
+            pressed = QKeySequence(event.keyCombination())
+            if any(pressed.matches(k) == QKeySequence.ExactMatch for k in WINDOW_KEYS):
+                event.ignore()
+                return True
+        return False
 
 
 class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
@@ -52,6 +72,8 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.predictions: worker_jobs.Predictions | None = None
         self._build_ui()
         self._build_actions()
+        self._shortcuts_win = _WindowShortcuts(self)
+        QApplication.instance().installEventFilter(self._shortcuts_win)
         self._connect_runner()
         self._init_file_ops()
         self._init_sae()
@@ -303,6 +325,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.save_layout()
         self.runner.shutdown()
         self.discard_autosave()
+        QApplication.instance().removeEventFilter(self._shortcuts_win)
         self._unsubscribe()
         event.accept()
 

@@ -221,3 +221,52 @@ def test_an_sae_with_dashboards_and_a_feature_edit_survives_save_and_reopen(qtbo
     finally:
         other.close()
         other.runner.shutdown()
+
+
+def test_errors_and_warnings_look_different_and_ctrl_e_works_in_a_text_field(qtbot, window, ioi_gpt2_dir,
+                                                                             tmp_path):
+    bar = window.message_bar
+    window.show_error("an error")
+    error_icon, error_style = bar.icon.pixmap().toImage(), bar.styleSheet()
+    window.show_message("a warning", "warning")
+    warning_icon, warning_style = bar.icon.pixmap().toImage(), bar.styleSheet()
+    assert not error_icon.isNull() and not warning_icon.isNull()  # the icons render
+    assert error_icon != warning_icon and error_style != warning_style
+    assert bar.icon.toolTip() == "Warning" and bar.label.text() == "a warning"
+
+    load_model(qtbot, window, ioi_gpt2_dir)
+    type_prompts(window)
+    assert _run(qtbot, window) == "done"
+    from PySide6.QtCore import QEvent
+    from PySide6.QtWidgets import QLineEdit
+
+    class X11LineEdit(QLineEdit):
+        """A text field as QLineEdit behaves under X11, where it claims Ctrl+E (end of line) for itself."""
+
+        def event(self, e):
+            if e.type() == QEvent.ShortcutOverride and e.key() == Qt.Key_E and e.modifiers() == Qt.ControlModifier:
+                e.accept()
+                return True
+            return super().event(e)
+
+    edit = X11LineEdit()
+    window.prompts_panel.layout().addWidget(edit)
+    edit.show()
+    edit.setFocus()
+    qtbot.waitUntil(edit.hasFocus, timeout=2000)
+    qtbot.keyClick(edit, Qt.Key_E, Qt.ControlModifier)
+    dialog = qtbot.waitUntil(lambda: getattr(window, "export_dialog", None) is not None, timeout=3000) or \
+        window.export_dialog
+    assert dialog.objectName() == "exportFigureDialog" and dialog.isVisible()
+    for name, value in (("widthSpin", 900), ("heightSpin", 600), ("dpiSpin", 200)):
+        child(dialog, name).setValue(value)
+    child(dialog, "titleEdit").setText("Residual stream patching")
+    child(dialog, "vminEdit").setText("-2")
+    child(dialog, "vmaxEdit").setText("2")
+    assert dialog.update_preview() and not child(dialog, "figurePreview").pixmap().isNull()
+    assert dialog.export_to(tmp_path / "fig.svg")
+    text = (tmp_path / "fig.svg").read_text()
+    assert "Residual stream patching" in text and "model ioi_gpt2" in text and 'width="900' in text
+    child(dialog, "vminEdit").setText("low")
+    assert not dialog.update_preview() and "number" in child(dialog, "figureErrorLabel").text()
+    dialog.reject()
