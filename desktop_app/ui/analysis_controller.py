@@ -305,7 +305,31 @@ class AnalysisMixin:
             return
         self._show_result(entry.result, self.session.stale_reason(name))
 
+    def shared_extent(self, result: AnalysisResult) -> float | None:
+        """With View > Shared colour scale: the largest |value| over the project's results of the same value
+        name and scale (so equal colours mean equal numbers across them); else None."""
+        if not self.project.view("shared_colour_scale", False) or result is None:
+            return None
+        name, scale = kinds.value_label(result), kinds.scale_of(result)
+        extent = 0.0
+        for entry in self.project.analyses:
+            r = entry.result
+            if r is not None and r.values.size and kinds.value_label(r) == name and kinds.scale_of(r) == scale:
+                finite = np.asarray(r.values, dtype=np.float64)
+                finite = finite[np.isfinite(finite)]
+                if finite.size:
+                    extent = max(extent, float(np.abs(finite).max()))
+        return extent or None
+
+    def set_shared_colour_scale(self, on: bool):
+        from desktop_app.project.undo import SetViewValue
+
+        if bool(self.project.view("shared_colour_scale", False)) != bool(on):
+            self.undo_stack.push(SetViewValue(self.project, "shared_colour_scale", True if on else None,
+                                              "Shared colour scale"))
+
     def _show_result(self, result: AnalysisResult, stale: str = ""):
+        self.result_view._shared_extent = self.shared_extent(result)
         self.result_view.set_result(result, stale=stale)
         record = kinds.find(result.kind) if result is not None else None
         if record is not None and record.view == "feature_table" and result.values.size:

@@ -39,6 +39,7 @@ class FileOpsMixin:
         self.session.set_project(project)
         self.undo_stack.subscribe(self._undo_changed)
         self._undo_changed(self.undo_stack)
+        self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
         self._sync_prompts_to_edits()
         if project.model is not None:
             m = self.model_panel

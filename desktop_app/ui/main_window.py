@@ -253,6 +253,11 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         for dock in self.docks.values():
             v.addAction(dock.toggleViewAction())
         v.addSeparator()
+        self.act_shared_scale = self._action("&Shared colour scale", self.set_shared_colour_scale, None,
+                                             "One colour scale for all results of the same value (metric), so "
+                                             "equal colours mean equal numbers", "actionSharedColourScale")
+        self.act_shared_scale.setCheckable(True)
+        v.addAction(self.act_shared_scale)
         v.addAction(self._action("Reset &layout", self.reset_layout, name="actionResetLayout"))
 
     def _undo_changed(self, stack):
@@ -299,6 +304,9 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
             self._sync_prompts_to_edits()
             self.token_timer.start()
         elif event in ("model", "spec", "analyses") and self.session.selected is not None:
+            self._show_selected()
+        elif event == "view" and detail == "shared_colour_scale":
+            self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
             self._show_selected()
         self._update_title()
 

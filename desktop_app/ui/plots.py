@@ -286,9 +286,19 @@ class ResultView(QWidget):
         pad = 0.05 * (hi - lo or 1.0)
         self.plot.setRange(xRange=(-0.6, n - 0.4), yRange=(lo - pad, hi + pad), padding=0)
 
+    def set_shared_extent(self, extent: float | None) -> None:
+        """A colour scale shared with other results of the same value: |v| up to `extent` (None: this result's
+        own). Repaints the shown result."""
+        self._shared_extent = extent
+        if self.result is not None:
+            self._refresh(full=True)
+
     def _limits(self, values) -> tuple[float, float]:
         finite = values[np.isfinite(values)]
         m = float(np.abs(finite).max()) if finite.size else 0.0
+        shared = getattr(self, "_shared_extent", None)
+        if shared:
+            m = max(m, float(shared))
         m = m or 1.0
         if self.result is not None and kinds.scale_of(self.result) == "sequential" and (finite >= 0).all():
             return 0.0, m

@@ -270,3 +270,28 @@ def test_errors_and_warnings_look_different_and_ctrl_e_works_in_a_text_field(qtb
     child(dialog, "vminEdit").setText("low")
     assert not dialog.update_preview() and "number" in child(dialog, "figureErrorLabel").text()
     dialog.reject()
+
+
+def test_shared_colour_scale_across_results_of_the_same_value(qtbot, window):
+    from desktop_app.engine.results import AnalysisResult
+    from desktop_app.project.document import Project
+    from desktop_app.project.specs import ActivationPatchingSpec, ModelRef
+
+    project = Project(model=ModelRef("/m"))
+    rng = np.random.default_rng(0)
+    for name, scale, metric in (("small", 0.5, "logit_diff"), ("big", 4.0, "logit_diff"), ("other", 9.0, "kl_div")):
+        project.add_analysis(ActivationPatchingSpec(name, metric=metric))
+        values = rng.uniform(-1, 1, (3, 4)).astype(np.float32) * scale
+        values[0, 0] = scale
+        project.set_result(name, AnalysisResult(name, "activation_patching", {"metric": metric},
+                                                ["layer", "position"], values))
+    window.set_project(project)
+    listing = child(window, "analysisList")
+    listing.setCurrentRow(0)
+    view = window.result_view
+    assert view.levels() == pytest.approx((-0.5, 0.5))
+    window.act_shared_scale.trigger()
+    assert window.act_shared_scale.isChecked() and project.view("shared_colour_scale")
+    assert view.levels() == pytest.approx((-4.0, 4.0))  # the kl_div result's 9 is another value: not shared
+    window.act_undo.trigger()
+    assert not window.act_shared_scale.isChecked() and view.levels() == pytest.approx((-0.5, 0.5))
