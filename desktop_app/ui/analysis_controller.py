@@ -299,6 +299,8 @@ class AnalysisMixin:
         if name is None or name not in self.project.names():
             return
         entry = self.project.entry(name)
+        if self._run_job is None:
+            self.analysis_panel.show_spec(entry.spec)  # the panel shows what the selected analysis runs
         if entry.result is None:
             if self._streaming is None or self._run_name != name:
                 self.result_view.set_result(None)

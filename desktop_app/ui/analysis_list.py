@@ -7,7 +7,6 @@ or empty analyses in order.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QInputDialog, QListWidget, QListWidgetItem, QMenu, QPushButton,
@@ -15,6 +14,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QInputDialog, QListWidget, QListWidg
 
 from desktop_app.project import kinds
 from desktop_app.project.undo import AddAnalysis, RemoveAnalysis, ReplaceSpec
+from desktop_app.ui.figure_data import model_display_name
 
 
 def entry_text(session, entry) -> tuple[str, str]:
@@ -27,13 +27,13 @@ def entry_text(session, entry) -> tuple[str, str]:
     else:
         status = r.status
         m = entry.result_model or {}
-        model = Path(m.get("path", "")).name
+        model = model_display_name(m.get("path", "")) if m.get("path") else ""
         if m.get("quantize", "none") not in ("", "none"):
             model += f" {m['quantize']}"
     stale = session.stale_reason(entry.name)
     if session.running == entry.name:
         status = "running…"
-    text = f"{entry.name} — {kind} — {status}" + (f" — {model}" if model else "") + (" ⚠ stale" if stale else "")
+    text = ("⚠ stale · " if stale else "") + f"{entry.name} — {kind} — {status}" + (f" — {model}" if model else "")
     tip = f"{entry.name}: {kind}, {status}" + (f", computed with {m.get('path')}" if r is not None else "")
     if stale:
         tip += f"\nStale: {stale}; run it again to update it."

@@ -69,6 +69,18 @@ def value_name(result: AnalysisResult) -> str:
     return kinds.value_label(result)
 
 
+_GENERIC_NAMES = {"model", "models", "weights", "checkpoint", "hf", "snapshot", "main"}
+
+
+def model_display_name(path: str) -> str:
+    """A model's folder or file name; ".../demo/model" says more as "demo/model"."""
+    p = Path(str(path).rstrip("/\\"))
+    name = p.name or str(path)
+    if name.lower() in _GENERIC_NAMES and p.parent.name:
+        name = f"{p.parent.name}/{name}"
+    return name
+
+
 def _quoted(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split())
     return "“" + (text if len(text) <= limit else text[:limit - 1] + "…") + "”"
@@ -79,7 +91,7 @@ def figure_context(model: dict | None, prompts=None, kind_params: dict | None = 
     quantisation other than none) and the prompt(s)."""
     parts = []
     if model and model.get("path"):
-        name = Path(str(model["path"]).rstrip("/\\")).name or str(model["path"])
+        name = model_display_name(model["path"])
         quant = model.get("quantize", "none")
         parts.append(f"model {name}" + (f" ({quant})" if quant and quant != "none" else ""))
     if prompts is not None:
