@@ -334,7 +334,8 @@ def project_summary(project) -> dict:
         else:
             item.update(status=r.status, dims=list(r.dims), shape=list(r.shape), message=r.message,
                         done_fraction=r.done_fraction(), clean_metric=r.clean_metric,
-                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s, stale=entry.stale)
+                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s,
+                        stale=bool(project.stale_reason(entry.name)), computed_with=entry.result_model)
         analyses.append(item)
     return jsonable({"path": str(project.path) if project.path else None,
                      "model": project.model.to_dict() if project.model else None,

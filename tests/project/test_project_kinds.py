@@ -198,3 +198,10 @@ def test_patching_results_carry_the_raw_logit_differences(ioi_gpt2_dir):
         assert float(result.extras[f"{what}_logit_diff"]) == pytest.approx(float(logits[a] - logits[w]), abs=1e-5)
     assert kinds.raw_logit_diffs(result).keys() == {"clean", "corrupted"}
     assert result.clean_metric == pytest.approx(1.0) and result.corrupted_metric == pytest.approx(0.0)
+
+
+def test_a_broken_kind_module_is_named_and_the_others_keep_working(monkeypatch):
+    monkeypatch.setitem(kinds.LOAD_ERRORS, "logit_lens", "ImportError: no module named 'tuned_lens'")
+    with pytest.raises(SpecError, match="logit_lens failed to load .*tuned_lens"):
+        analysis_from_dict({"name": "x", "kind": "logit_lens"})
+    assert analysis_from_dict({"name": "r", "kind": "activation_patching"}).kind == "activation_patching"

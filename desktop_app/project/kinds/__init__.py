@@ -112,6 +112,7 @@ class AnalysisKind:
 
 
 _KINDS: dict[str, AnalysisKind] = {}
+LOAD_ERRORS: dict[str, str] = {}  # kind module -> why it could not be imported (the other kinds still work)
 _loaded = False
 
 
@@ -138,8 +139,15 @@ def load() -> None:
         return
     _loaded = True
     others = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for name in list(_BUILTIN_MODULES) + [n for n in others if n not in _BUILTIN_MODULES]:
+    for name in _BUILTIN_MODULES:
         importlib.import_module(f"{__name__}.{name}")
+    for name in others:
+        if name in _BUILTIN_MODULES:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except Exception as err:  # noqa: BLE001 - one broken kind module must not take the others down
+            LOAD_ERRORS[name] = f"{type(err).__name__}: {err}"
 
 
 def all_kinds() -> list[AnalysisKind]:
@@ -152,8 +160,9 @@ def get(kind: str) -> AnalysisKind:
     load()
     record = _KINDS.get(kind) if isinstance(kind, str) else None
     if record is None:
+        broken = "".join(f" The kind module {m} failed to load ({e})." for m, e in LOAD_ERRORS.items())
         raise SpecError(f"analysis kind {kind!r} is not known to this version; known kinds are "
-                        f"{', '.join(_KINDS)}. Remove it or update the app.")
+                        f"{', '.join(_KINDS)}. Remove it or update the app.{broken}")
     return record
 
 
