@@ -42,11 +42,7 @@ class FileOpsMixin:
         self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
         self._sync_prompts_to_edits()
         if project.model is not None:
-            m = self.model_panel
-            m.path_edit.setText(project.model.path)
-            m.dtype_combo.setCurrentText(project.model.dtype)
-            m.device_combo.setCurrentText(project.model.device)
-            m.trust_check.setChecked(project.model.trust_remote_code)
+            self.model_ctl.show_ref(project.model)
         if project.analyses:
             self.analysis_panel.show_spec(project.analyses[0].spec)
         with_results = [e.name for e in project.analyses if e.result is not None]

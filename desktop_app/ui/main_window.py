@@ -5,7 +5,9 @@ and every edit goes through the project document (project.document.Project) and 
 """
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
+from types import SimpleNamespace
+
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
                                QPlainTextEdit, QScrollArea,
@@ -19,7 +21,7 @@ from desktop_app.ui import worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisMixin
 from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.file_ops import FileOpsMixin
-from desktop_app.ui.model_controller import ModelMixin
+from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
 from desktop_app.ui.runner import Runner
@@ -27,7 +29,6 @@ from desktop_app.ui.sae_controller import SAEMixin
 from desktop_app.ui.sae_panel import SAEFeatureView
 from desktop_app.ui.training_view import TrainingView
 
-TOKENIZE_DEBOUNCE_MS = 150
 WINDOW_KEYS = (QKeySequence("Ctrl+E"), QKeySequence("Ctrl+R"), QKeySequence("Ctrl+Shift+C"))
 
 
@@ -49,7 +50,7 @@ class _WindowShortcuts(QObject):
         return False
 
 
-class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
+class MainWindow(AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
     analysis_ended = Signal(str)  # "done", "cancelled" or "failed", after the result is shown
 
     def __init__(self, settings: QSettings | None = None):
@@ -60,10 +61,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.runner = Runner(self)
         self.session = Session()  # the Qt-free state: document, undo stack, loaded model, selection, running
         self._unsubscribe = self.session.subscribe(self._on_session_event)
-        self.model_loaded: worker_jobs.ModelLoaded | None = None
-        self.loaded_ref: ModelRef | None = None
         self._handlers: dict[int, dict] = {}
-        self._syncing = False
         self._run_job: int | None = None
         self._run_name = ""
         self._run_queue: list[str] = []
@@ -71,6 +69,14 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self._streaming: AnalysisResult | None = None
         self.predictions: worker_jobs.Predictions | None = None
         self._build_ui()
+        messages = SimpleNamespace(show_error=self.show_error, clear=self.message_bar.clear)
+        self.model_ctl = ModelController(
+            self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
+            StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
+            on_loaded=[self.request_tokens, self.restore_saes], on_unloaded=[self.prompts_panel.clear_chips],
+            dialog_parent=self)
+        self.prompt_ctl = PromptsController(self.session, self.prompts_panel, self._submit,
+                                            lambda: self.model_ctl.loaded is not None, self)
         self._build_actions()
         self._shortcuts_win = _WindowShortcuts(self)
         QApplication.instance().installEventFilter(self._shortcuts_win)
@@ -83,6 +89,38 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
     @property
     def project(self):
         return self.session.project
+
+    # ---- the Model and Prompts controllers, as scripts and tests call them on the window
+    @property
+    def model_loaded(self) -> worker_jobs.ModelLoaded | None:
+        return self.model_ctl.loaded
+
+    @property
+    def loaded_ref(self) -> ModelRef | None:
+        return self.model_ctl.ref
+
+    def load_model(self):
+        self.model_ctl.load()
+
+    def unload_model(self):
+        self.model_ctl.unload()
+
+    def browse_model(self, gguf: bool = False):
+        self.model_ctl.browse(gguf)
+
+    def request_tokens(self):
+        self.prompt_ctl.request_tokens()
+
+    def _sync_prompts_to_edits(self):
+        self.prompt_ctl.sync_to_edits()
+
+    @property
+    def token_timer(self):
+        return self.prompt_ctl.timer
+
+    @property
+    def token_problems(self) -> list[str]:
+        return self.prompt_ctl.token_problems
 
     @property
     def undo_stack(self):
@@ -165,22 +203,11 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         for w in (self.device_label, self.memory_label, self.job_label):
             sb.addPermanentWidget(w)
 
-        m, p, a = self.model_panel, self.prompts_panel, self.analysis_panel
-        m.load_button.clicked.connect(self.load_model)
-        m.unload_button.clicked.connect(self.unload_model)
-        m.path_edit.returnPressed.connect(self.load_model)
-        m.browse_button.clicked.connect(lambda: self.browse_model(gguf=False))
-        m.browse_gguf_button.clicked.connect(lambda: self.browse_model(gguf=True))
-        for field, edit in p.edits().items():
-            edit.textChanged.connect(lambda text, f=field: self._prompt_edited(f, text))
+        a = self.analysis_panel
         a.run_button.clicked.connect(self.run_analysis)
         a.cancel_button.clicked.connect(self.cancel_analysis)
         self.layer_panel.patch_here.connect(self._patch_here)
         self.layer_panel.checked_changed.connect(self._hooks_checked)
-        self.token_timer = QTimer(self)
-        self.token_timer.setSingleShot(True)
-        self.token_timer.setInterval(TOKENIZE_DEBOUNCE_MS)
-        self.token_timer.timeout.connect(self.request_tokens)
 
     def _action(self, text, slot, shortcut=None, tip="", name=""):
         act = QAction(text, self)
