@@ -25,7 +25,7 @@ from desktop_app.ui.model_controller import ModelController, PromptsController, 
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
 from desktop_app.ui.runner import Runner
-from desktop_app.ui.sae_controller import SAEMixin
+from desktop_app.ui.sae_controller import SAEController
 from desktop_app.ui.sae_panel import SAEFeatureView
 from desktop_app.ui.training_view import TrainingView
 
@@ -50,7 +50,7 @@ class _WindowShortcuts(QObject):
         return False
 
 
-class MainWindow(AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
+class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
     analysis_ended = Signal(str)  # "done", "cancelled" or "failed", after the result is shown
 
     def __init__(self, settings: QSettings | None = None):
@@ -69,7 +69,8 @@ class MainWindow(AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
         self._streaming: AnalysisResult | None = None
         self.predictions: worker_jobs.Predictions | None = None
         self._build_ui()
-        messages = SimpleNamespace(show_error=self.show_error, clear=self.message_bar.clear)
+        messages = SimpleNamespace(show_error=self.show_error, show_message=self.show_message,
+                                   clear=self.message_bar.clear)
         self.model_ctl = ModelController(
             self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
             StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
@@ -82,7 +83,10 @@ class MainWindow(AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
         QApplication.instance().installEventFilter(self._shortcuts_win)
         self._connect_runner()
         self._init_file_ops()
-        self._init_sae()
+        self.sae_ctl = SAEController(
+            self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
+            self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
+            self.analysis_panel, messages, self.job_label, self.run_analysis, self._start_dir, self)
         self._restore_layout()
         self._update_title()
 
@@ -113,6 +117,32 @@ class MainWindow(AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
 
     def _sync_prompts_to_edits(self):
         self.prompt_ctl.sync_to_edits()
+
+    # ---- the SAE controller
+    @property
+    def sae_attached(self):
+        return self.sae_ctl.sae_attached
+
+    def attach_sae(self, path, hook: str, restore: bool = False):
+        return self.sae_ctl.attach_sae(path, hook, restore)
+
+    def attach_sae_dialog(self, hook: str | None = None):
+        self.sae_ctl.attach_sae_dialog(hook)
+
+    def build_dashboards(self, corpus_path):
+        return self.sae_ctl.build_dashboards(corpus_path)
+
+    def build_dashboards_dialog(self):
+        self.sae_ctl.build_dashboards_dialog()
+
+    def train_sae(self, hook: str, corpus, out_folder, **settings):
+        return self.sae_ctl.train_sae(hook, corpus, out_folder, **settings)
+
+    def train_sae_dialog(self, hook: str | None = None):
+        self.sae_ctl.train_sae_dialog(hook)
+
+    def restore_saes(self):
+        self.sae_ctl.restore_saes()
 
     @property
     def token_timer(self):
