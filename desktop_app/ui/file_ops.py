@@ -35,7 +35,7 @@ class FileOpsMixin:
     def set_project(self, project: Project):
         """Show `project` in the window: prompts, model reference, results. Undo history starts afresh."""
         self.runner.cancel_slot("analysis")
-        self._run_queue = []
+        self.analysis_ctl.run_queue = []
         self.session.set_project(project)
         self.undo_stack.subscribe(self._undo_changed)
         self._undo_changed(self.undo_stack)

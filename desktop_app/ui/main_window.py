@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Signal
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
                                QPlainTextEdit, QScrollArea,
@@ -18,7 +18,7 @@ from desktop_app.project import recent as recent_mod
 from desktop_app.project.session import Session
 from desktop_app.project.specs import ModelRef
 from desktop_app.ui import worker_jobs
-from desktop_app.ui.analysis_controller import AnalysisMixin
+from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
 from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.file_ops import FileOpsMixin
 from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
@@ -50,7 +50,7 @@ class _WindowShortcuts(QObject):
         return False
 
 
-class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
+class MainWindow(FileOpsMixin, QMainWindow):
     analysis_ended = Signal(str)  # "done", "cancelled" or "failed", after the result is shown
 
     def __init__(self, settings: QSettings | None = None):
@@ -61,14 +61,9 @@ class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
         self.runner = Runner(self)
         self.session = Session()  # the Qt-free state: document, undo stack, loaded model, selection, running
         self._unsubscribe = self.session.subscribe(self._on_session_event)
-        self._handlers: dict[int, dict] = {}
-        self._run_job: int | None = None
-        self._run_name = ""
-        self._run_queue: list[str] = []
-        self._run_t0 = 0.0
-        self._streaming: AnalysisResult | None = None
-        self.predictions: worker_jobs.Predictions | None = None
         self._build_ui()
+        self.jobs = JobRouter(self.runner, lambda: self.job_label.setText("idle"))
+        self._submit = self.jobs.submit
         messages = SimpleNamespace(show_error=self.show_error, show_message=self.show_message,
                                    clear=self.message_bar.clear)
         self.model_ctl = ModelController(
@@ -81,7 +76,12 @@ class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
         self._build_actions()
         self._shortcuts_win = _WindowShortcuts(self)
         QApplication.instance().installEventFilter(self._shortcuts_win)
-        self._connect_runner()
+        self.analysis_ctl = AnalysisController(
+            self.session, self.runner, self._submit, lambda: self.model_ctl.loaded, self.analysis_panel,
+            self.result_view, self.predictions_label, messages, self.job_label,
+            lambda text, ms: self.statusBar().showMessage(text, ms), self.sae_view, self._show_sae_dock,
+            self.analysis_ended.emit)
+        self.layer_panel.patch_here.connect(self.analysis_ctl.patch_here)
         self._init_file_ops()
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
@@ -117,6 +117,56 @@ class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
 
     def _sync_prompts_to_edits(self):
         self.prompt_ctl.sync_to_edits()
+
+    # ---- the analysis controller
+    def run_analysis(self):
+        self.analysis_ctl.run_analysis()
+
+    def run_named(self, name: str):
+        self.analysis_ctl.run_named(name)
+
+    def run_all(self):
+        self.analysis_ctl.run_all()
+
+    def cancel_analysis(self):
+        self.analysis_ctl.cancel_analysis()
+
+    def keep_partial_run(self):
+        self.analysis_ctl.keep_partial_run()
+
+    def spec_from_panel(self):
+        return self.analysis_ctl.spec_from_panel()
+
+    def current_result(self) -> AnalysisResult | None:
+        return self.analysis_ctl.current_result()
+
+    def set_shared_colour_scale(self, on: bool):
+        self.analysis_ctl.set_shared_colour_scale(on)
+
+    def _cell_clicked(self, cell, value=None):
+        self.analysis_ctl.cell_clicked(cell, value)
+
+    def _show_selected(self):
+        self.analysis_ctl._show_selected()
+
+    @property
+    def _run_job(self) -> int | None:
+        return self.analysis_ctl.run_job
+
+    @property
+    def predictions(self):
+        return self.analysis_ctl.predictions
+
+    @predictions.setter
+    def predictions(self, value):
+        self.analysis_ctl.predictions = value
+
+    def _show_sae_dock(self):
+        dock = self.docks["saeDock"]
+        if not dock.isVisible():
+            dock.show()
+            # the feature heatmap needs the room (after the dock is laid out, or Qt ignores it)
+            QTimer.singleShot(0, lambda: self.resizeDocks([dock], [400], Qt.Horizontal))
 
     # ---- the SAE controller
     @property
@@ -162,7 +212,6 @@ class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
         self.result_view = ResultView()
         self.result_view.setObjectName("heatmapView")
         self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
-        self.result_view.cell_clicked.connect(self._cell_clicked)
         self.predictions_label = QLabel("Click a heatmap cell to see the top next tokens of the clean, corrupted "
                                         "and patched runs.")
         self.predictions_label.setObjectName("cellPredictionsLabel")
@@ -233,10 +282,6 @@ class MainWindow(AnalysisMixin, FileOpsMixin, QMainWindow):
         for w in (self.device_label, self.memory_label, self.job_label):
             sb.addPermanentWidget(w)
 
-        a = self.analysis_panel
-        a.run_button.clicked.connect(self.run_analysis)
-        a.cancel_button.clicked.connect(self.cancel_analysis)
-        self.layer_panel.patch_here.connect(self._patch_here)
         self.layer_panel.checked_changed.connect(self._hooks_checked)
 
     def _action(self, text, slot, shortcut=None, tip="", name=""):
