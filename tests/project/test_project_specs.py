@@ -9,10 +9,12 @@ from desktop_app.project.specs import (ANALYSIS_KINDS, ActivationPatchingSpec, C
 from iwb_testkit import all_specs
 
 
-def test_every_kind_is_registered_and_covered():
-    assert set(ANALYSIS_KINDS) == {"activation_patching", "causal_tracing", "attribution_patching",
-                                   "ablation", "sae_features"}
-    assert {s.kind for s in all_specs()} == set(ANALYSIS_KINDS)
+def test_every_builtin_kind_is_registered_and_covered():
+    # kinds registered by modules of desktop_app/project/kinds join ANALYSIS_KINDS when the registry loads;
+    # tests/project/test_project_kinds.py checks every registered record, so a new kind needs no edit here
+    builtin = {"activation_patching", "causal_tracing", "attribution_patching", "ablation", "sae_features"}
+    assert builtin <= set(ANALYSIS_KINDS)
+    assert {s.kind for s in all_specs()} == builtin
 
 
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.kind)
