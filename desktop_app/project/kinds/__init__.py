@@ -26,7 +26,9 @@ How to add a kind (one engine module + one registration + tests: three files, no
                                   view="heatmap", click="describe"))
 
    `param()` metadata builds the Analysis panel's row (widget, default, range / choices, tooltip) and is
-   checked by `AnalysisSpec.validate`, so most specs need no validate() of their own. `view` picks an existing
+   checked by `AnalysisSpec.validate`, so most specs need no validate() of their own. Give every field a
+   param() with a tip: tests/project/test_project_kinds.py checks each registered kind for it, and
+   tests/ui/test_window_kinds.py builds each kind's panel rows in the real window. `view` picks an existing
    view type of the window (VIEW_TYPES), `click` what a click on a cell shows (CLICK_TYPES), `scale` the
    colour scale. `exports` adds formats to `interp-workbench export --format` (e.g. gguf, json).
 3. `tests/engine/test_my_kind.py`: the engine against an independent reference, and the kind through
