@@ -58,6 +58,8 @@ class ResultView(QWidget):
         self.position_combo.hide()
         top.addWidget(self.title_label, 1)
         top.addWidget(self.position_combo)
+        self._top = top
+        self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
 
         self.stale_label = QLabel("")
         self.stale_label.setObjectName("staleLabel")
@@ -183,11 +185,41 @@ class ResultView(QWidget):
             self.position_combo.addItems([f"position {lab}" for lab in labels])
         self.position_combo.setVisible(show)
         self.position_combo.blockSignals(False)
+        self._setup_slice_combos()
+
+    def _sliced_dims(self) -> list[str]:
+        """Dims shown one index at a time: all but the last two of a result with more than two dims and no
+        position dim to sum over ([layer, head, query, key] shows one layer's one head as query x key)."""
+        r = self.result
+        if r is None or r.values.ndim <= 2 or (r.values.ndim == 3 and "position" in r.dims):
+            return []
+        return list(r.dims[:-2])
+
+    def _setup_slice_combos(self):
+        for combo in self._slice_combos.values():
+            self._top.removeWidget(combo)
+            combo.deleteLater()
+        self._slice_combos = {}
+        r = self.result
+        for dim in self._sliced_dims():
+            n = r.values.shape[r.dims.index(dim)]
+            labels = r.labels.get(dim) or list(range(n))
+            combo = QComboBox()
+            combo.setObjectName(f"{dim}SliceCombo")
+            combo.setToolTip(f"Which {dim} to show")
+            combo.addItems([f"{dim} {lab}" for lab in labels][:n])
+            combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
+            self._top.insertWidget(self._top.count() - 1, combo)
+            self._slice_combos[dim] = combo
 
     def _shown_array(self):
         """(array 1-D or 2-D, its dims) for the result and the position selector."""
         r = self.result
         values, dims = np.asarray(r.values, dtype=np.float32), list(r.dims)
+        for dim, combo in self._slice_combos.items():
+            axis = dims.index(dim)
+            values = np.take(values, max(combo.currentIndex(), 0), axis=axis)
+            dims.pop(axis)
         while values.ndim > 2:
             axis = dims.index("position") if "position" in dims[1:] else values.ndim - 1
             choice = self.position_combo.currentIndex() if dims[axis] == "position" else 0
@@ -352,6 +384,8 @@ class ResultView(QWidget):
         coords = dict(zip(self._dims, (int(i) for i in cell)))
         if r is not None and r.values.ndim > 2 and "position" in r.dims and self.position_combo.currentIndex() > 0:
             coords["position"] = self.position_combo.currentIndex() - 1
+        for dim, combo in self._slice_combos.items():
+            coords[dim] = max(combo.currentIndex(), 0)
         return coords
 
     def describe(self, cell) -> str:
