@@ -11,6 +11,7 @@ bytes, saving nothing over int8), and transformers' torchao path leaves GPT-2's 
 """
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -160,6 +161,21 @@ def prepare_loaded(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+        if type(module).__name__ == "Linear8bitLt":
+            module.forward = types.MethodType(_int8_weight_only_forward, module)
+
+
+def _int8_weight_only_forward(self, x):
+    """int8 storage, computed in the activation's dtype: the weight is dequantised (int8 x row scale / 127, as
+    bitsandbytes' own CPU path MatMul8bitFp does) and multiplied in full precision. LLM.int8()'s default
+    matmul would instead quantise the activations too and pick the outlier columns over the whole batch, so a
+    patched row's value would depend on which other rows share its forward pass."""
+    import torch
+
+    scale = self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB
+    weight = self.weight.data.to(x.dtype) * (scale.to(x.dtype) / 127.0).unsqueeze(1)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _map_target(device):
