@@ -15,7 +15,8 @@ from desktop_app.engine.errors import JobCancelled, ModelLoadError
 from desktop_app.engine.jobs import CancelToken, Progress, drive
 from desktop_app.engine.memory_estimate import count_weights, refuse_if_too_big
 from desktop_app.engine.quantize import (QuantPlan, from_pretrained_kwargs, parameter_count,
-                                         plan_quantization, prepare_loaded, weights_bytes)
+                                         plan_quantization, prepare_loaded, quantize_in_memory,
+                                         weights_bytes)
 from desktop_app.engine.quantize import run_error as quantize_run_error
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -75,9 +76,11 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
 
     yield Progress(10, 100, f"loading weights ({total_bytes / 2**20:.0f} MiB)")
     progress_events: list[Progress] = []
-    quant_kwargs = from_pretrained_kwargs(plan, torch_dtype, torch_device, device_map)
+    quant_kwargs = from_pretrained_kwargs(plan, torch_dtype, torch_device, device_map, after_load=bool(gguf_file))
     model = _from_pretrained(folder, config, torch_dtype, torch_device, quant_kwargs.pop("device_map", device_map),
                              trust_remote_code, extra, cancel, progress_events, quant_kwargs)
+    if gguf_file and plan.choice != "none":
+        quantize_in_memory(model, plan.choice, torch_dtype)
     prepare_loaded(model)
     yield from progress_events[-1:]
     yield Progress(90, 100, "loading tokenizer")

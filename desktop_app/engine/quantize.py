@@ -123,13 +123,15 @@ def _check_stored_environment(qc, stored: str, where) -> None:
                              str(err)) from err
 
 
-def from_pretrained_kwargs(plan: QuantPlan, torch_dtype, torch_device, device_map) -> dict:
+def from_pretrained_kwargs(plan: QuantPlan, torch_dtype, torch_device, device_map, after_load: bool = False) -> dict:
     """Extra keyword arguments for `from_pretrained`: the bitsandbytes config and a device map (a quantised
-    model is placed by transformers while it loads, never moved afterwards with .to())."""
+    model is placed by transformers while it loads, never moved afterwards with .to()). With after_load (GGUF
+    files, which transformers dequantises and will not combine with a quantization_config) the model loads in
+    its dtype and `quantize_in_memory` quantises it afterwards."""
     if not plan.active:
         return {}
     kwargs = {"device_map": device_map if device_map is not None else {"": _map_target(torch_device)}}
-    if plan.choice == "none":
+    if plan.choice == "none" or after_load:
         return kwargs
     from transformers import BitsAndBytesConfig
 
@@ -176,6 +178,40 @@ def _int8_weight_only_forward(self, x):
     weight = self.weight.data.to(x.dtype) * (scale.to(x.dtype) / 127.0).unsqueeze(1)
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def quantize_in_memory(model, choice: str, compute_dtype) -> None:
+    """Replace each nn.Linear / Conv1D of a loaded model (not the unembedding) by its bitsandbytes int8 or NF4
+    module, on the device it is on: what transformers does while loading, for a model already in memory."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    bnb = _import_bnb()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [(name, m) for name, m in model.named_modules()
+               if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not out]
+    for name, module in targets:
+        weight = module.weight.detach()
+        if isinstance(module, Conv1D):  # Conv1D keeps its weight as [in, out]
+            weight = weight.t()
+        device = weight.device
+        weight = weight.to("cpu", torch.float32).contiguous()  # bitsandbytes quantises while moving off the CPU
+        has_bias = module.bias is not None
+        if choice == "int8":
+            new = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], has_bias, has_fp16_weights=False,
+                                      device="meta")
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+        else:
+            new = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], has_bias, compute_dtype=compute_dtype,
+                                    quant_type="nf4", compress_statistics=False, device="meta")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                              compress_statistics=False).to(device)
+        if has_bias:
+            new.bias = torch.nn.Parameter(module.bias.detach().to(device, compute_dtype), requires_grad=False)
+        new.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    prepare_loaded(model)
 
 
 def _map_target(device):
