@@ -72,7 +72,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     except ValueError as err:
         raise _gguf_or_config_error(folder, gguf_file, err) from err
     if gguf_file:
-        _refuse_if_too_big(count_weights(config), dtype, device, config_dict, plan, folder / gguf_file)
+        _refuse_if_too_big(count_weights(config), dtype, device, config_dict, plan, folder / gguf_file, True)
 
     yield Progress(10, 100, f"loading weights ({total_bytes / 2**20:.0f} MiB)")
     progress_events: list[Progress] = []
@@ -207,10 +207,10 @@ def _file_hash(path: Path) -> str:
 
 
 # ---- device and dtype -----------------------------------------------------------------------------------
-def _refuse_if_too_big(count, dtype, device, config_dict, plan, where) -> None:
+def _refuse_if_too_big(count, dtype, device, config_dict, plan, where, gguf=False) -> None:
     torch_device, device_map = _resolve_device(device)
     resolved = str(_resolve_dtype(dtype, torch_device, config_dict)).replace("torch.", "")
-    refuse_if_too_big(count, resolved, plan, torch_device, device_map, where)
+    refuse_if_too_big(count, resolved, plan, torch_device, device_map, where, quantised_after_load=gguf)
 
 
 def _resolve_device(device: str):

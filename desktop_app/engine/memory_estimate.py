@@ -145,10 +145,13 @@ def available_for(torch_device, device_map) -> tuple[int, str]:
 
 
 def refuse_if_too_big(count: WeightCount | None, dtype: str, plan: QuantPlan, torch_device, device_map,
-                      where, available: int | None = None) -> int | None:
-    """Raise ModelLoadError (the estimate and the options) when the weights cannot fit; returns the estimate."""
+                      where, available: int | None = None, quantised_after_load: bool = False) -> int | None:
+    """Raise ModelLoadError (the estimate and the options) when the weights cannot fit; returns the estimate.
+    quantised_after_load (GGUF): the whole model is in memory in its dtype before it is quantised."""
     if count is None:
         return None
+    if quantised_after_load:
+        plan = QuantPlan()
     need = count.bytes_for(dtype, plan.choice)
     free, place = available_for(torch_device, device_map) if available is None else (available, "this computer")
     if need <= free * FIT_FRACTION:
@@ -158,9 +161,11 @@ def refuse_if_too_big(count: WeightCount | None, dtype: str, plan: QuantPlan, to
     if count.stored_bytes is None:
         if dtype == "float32" and plan.choice == "none":
             options.append(f"dtype bfloat16 (about {_gib(count.bytes_for('bfloat16'))})")
-        for q in ("int8", "int4"):
+        smaller = "bfloat16" if dtype == "float32" else dtype  # the layers int8 / int4 leave alone
+        for q in ("int8", "int4") if not quantised_after_load else ():
             if q != plan.choice and not (q == "int8" and plan.choice == "int4"):
-                options.append(f"quantize {q} (about {_gib(count.bytes_for(dtype, q))})")
+                with_dtype = f" with dtype {smaller}" if smaller != dtype else ""
+                options.append(f"quantize {q}{with_dtype} (about {_gib(count.bytes_for(smaller, q))})")
     options.append("a GPU with more memory" if torch_device.type == "cuda" else "a GPU (device cuda or auto)")
     raise ModelLoadError(
         f"the model in {where} needs about {_gib(need)} for its {_count_text(count.total)} weights in {what} but "
