@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import SHORT_COMPONENTS, parse_hook_name
+from desktop_app.engine.quantize import QUANTIZE
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -100,6 +101,7 @@ class ModelRef:
     device: str = "auto"
     trust_remote_code: bool = False
     config_hash: str = ""  # filled from the loaded model; lets a project notice that the folder changed
+    quantize: str = "none"  # none / int8 / int4 (contract 6.0)
 
     def __post_init__(self):
         if hasattr(self.path, "__fspath__"):
@@ -110,11 +112,14 @@ class ModelRef:
             raise SpecError(f"model: field 'device' is {self.device!r}; use auto, cpu, cuda, cuda:N or mps.")
         _check_bool("model", "trust_remote_code", self.trust_remote_code)
         _check_str("model", "config_hash", self.config_hash, empty_ok=True)
+        _check_choice("model", "quantize", self.quantize, QUANTIZE)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if not d["config_hash"]:
             del d["config_hash"]
+        if d["quantize"] == "none":  # files without quantisation stay as older versions wrote them
+            del d["quantize"]
         return d
 
     @classmethod
