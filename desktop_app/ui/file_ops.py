@@ -47,6 +47,7 @@ class FileOpsMixin:
             m = self.model_panel
             m.path_edit.setText(project.model.path)
             m.dtype_combo.setCurrentText(project.model.dtype)
+            m.quantize_combo.setCurrentText(project.model.quantize)
             m.device_combo.setCurrentText(project.model.device)
             m.trust_check.setChecked(project.model.trust_remote_code)
         if project.analyses:

@@ -27,7 +27,7 @@ class ModelMixin:
         if not path:
             return None
         return ModelRef(path=path, dtype=m.dtype_combo.currentText(), device=m.device_combo.currentText().strip()
-                        or "auto", trust_remote_code=m.trust_check.isChecked())
+                        or "auto", trust_remote_code=m.trust_check.isChecked(), quantize=m.quantize_combo.currentText())
 
     def load_model(self):
         try:
@@ -44,7 +44,7 @@ class ModelMixin:
         m.load_button.setEnabled(False)
         self.message_bar.clear()
         self.job_label.setText("loading model")
-        job = worker_jobs.load_model(ref.path, ref.dtype, ref.device, ref.trust_remote_code)
+        job = worker_jobs.load_model(ref.path, ref.dtype, ref.device, ref.trust_remote_code, ref.quantize)
         self._submit(job, "model",
                      progress=lambda d, t, msg: (m.progress.setMaximum(max(t, 1)), m.progress.setValue(d),
                                                  m.progress.setFormat(f"{msg} %p%")),
@@ -59,11 +59,14 @@ class ModelMixin:
         m.progress.setFormat("loaded")
         m.summary.setText(info.summary)
         self.model_loaded = info
-        self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash)
+        self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash,
+                                   ref.quantize)
         self.project.set_model(self.loaded_ref)
         self.layer_panel.set_tree(info.tree, self.project.view("selected_hooks", []))
         self.device_label.setText(f"device: {info.device}")
-        self.memory_label.setText(f"weights: {human_bytes(info.memory_bytes)}")
+        quantized = info.info.get("quantize", "none")
+        self.memory_label.setText(f"weights: {human_bytes(info.memory_bytes)}"
+                                  + (f" ({quantized})" if quantized != "none" else ""))
         self.job_label.setText("model loaded")
         self.request_tokens()
 

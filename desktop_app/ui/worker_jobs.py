@@ -32,13 +32,13 @@ def _freeze_long_lived_objects():
     gc.freeze()
 
 
-def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool, quantize: str = "none"):
     def job(state, cancel):
         from desktop_app.engine.loading import load_model_job
 
         state.lm = None  # the old model goes before the new one is read, so both never sit in memory
         _free_memory()
-        lm = yield from load_model_job(path, dtype, device, trust_remote_code, cancel)
+        lm = yield from load_model_job(path, dtype, device, trust_remote_code, cancel, quantize)
         state.lm = lm
         _freeze_long_lived_objects()
         tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])
