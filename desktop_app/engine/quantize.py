@@ -1,13 +1,18 @@
 """Weight quantisation at load time (none / int8 / int4) and checkpoints that are already quantised.
 
-The library is bitsandbytes (the `quantize` extra), through transformers' own integration: int8 is LLM.int8()
-(`Linear8bitLt`, outlier columns kept in 16 bits), int4 is NF4 (`Linear4bit`, blocks of 64 with a float32
-scale, computed in the model's dtype). Both replace each `nn.Linear` / GPT-2 `Conv1D` of the decoder blocks by
-a module of the same place and name whose forward takes and returns ordinary tensors, so every forward hook of
-`capture.py` attaches and fires as on the float model; embeddings, norms and the unembedding stay in the chosen
-dtype. bitsandbytes was chosen over torchao after measuring both on this CPU build (see the module docstring
-of `bench.py` and the project notes): torchao's int4 has no CPU kernel (its CPU fallback stores int4 in int8
-bytes, saving nothing over int8), and transformers' torchao path leaves GPT-2's Conv1D layers unquantised.
+The library is bitsandbytes (the `quantize` extra), through transformers' own integration while loading (or
+`quantize_in_memory` for a dequantised GGUF model). int8 stores each weight row as int8 with a float scale
+(`Linear8bitLt`) and computes weight-only: dequantise, then multiply in the activation's dtype (see
+`_int8_weight_only_forward` for why not LLM.int8()'s matmul). int4 is NF4 (`Linear4bit`, blocks of 64 with a
+float32 scale, computed in the model's dtype). Both replace each `nn.Linear` / GPT-2 `Conv1D` of the model
+(not the unembedding) by a module of the same place and name that takes and returns ordinary tensors, so every
+forward hook of `capture.py` attaches and fires as on the float model; embeddings, norms and the unembedding
+stay in the chosen dtype.
+
+Why bitsandbytes and not torchao (both measured on torch 2.13 CPU): torchao 0.18 has no int4 CPU kernel (its
+CPU int4 layout stores the values in int8 bytes, so it saves nothing over int8), transformers' torchao path
+leaves GPT-2's Conv1D layers unquantised, and checkpoints already quantised for interpretability work are mostly
+bitsandbytes ones. Both keep forward hooks working and both install against the CPU torch without pulling another.
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from dataclasses import dataclass
 from desktop_app.engine.errors import ModelLoadError
 
 QUANTIZE = ("none", "int8", "int4")
-LIBRARY = "bitsandbytes"
 # bytes a quantised weight element takes with its scales: int8 one byte (+ a float32 scale per output row, left
 # out), NF4 half a byte + a float32 absmax per block of 64
 QUANT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 64}
