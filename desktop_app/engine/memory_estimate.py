@@ -47,10 +47,8 @@ class WeightCount:
 def count_weights(config, folder: Path | None = None, stored: bool = False) -> WeightCount | None:
     """Count from the configuration (a transformers config or a config.json dict); None when neither the
     configuration nor the safetensors headers tell (the load then goes ahead and reports its own errors)."""
-    if stored and folder is not None:
-        header = _header_count(folder)
-        if header is not None:
-            return header
+    if stored:  # the configuration describes the unquantised model: only the stored bytes tell
+        return _header_count(folder) if folder is not None else None
     counted = _meta_count(config)
     if counted is None and folder is not None:
         counted = _header_count(folder)
