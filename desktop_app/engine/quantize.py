@@ -139,11 +139,14 @@ def from_pretrained_kwargs(plan: QuantPlan, torch_dtype, torch_device, device_ma
         return kwargs
     from transformers import BitsAndBytesConfig
 
+    # device map auto may put some blocks on the CPU when the GPUs are full: those stay unquantised in the dtype
+    offload = device_map == "auto"
     if plan.choice == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
     else:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch_dtype)
+                                                           bnb_4bit_compute_dtype=torch_dtype,
+                                                           llm_int8_enable_fp32_cpu_offload=offload)
     _check_platform(plan, kwargs, torch_dtype, torch_device)
     return kwargs
 
