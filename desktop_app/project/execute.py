@@ -147,7 +147,7 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
                                   model.quantize), emit)
     except JobCancelled:
         return project
-    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or ""))
+    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", memory_bytes=lm.info.memory_bytes))
     emit(StepFinished(0, count, "model", None))
 
     for i, spec in enumerate(experiment.analyses, start=1):

@@ -102,6 +102,8 @@ class ModelRef:
     trust_remote_code: bool = False
     config_hash: str = ""  # filled from the loaded model; lets a project notice that the folder changed
     quantize: str = "none"  # none / int8 / int4 (contract 6.0)
+    # filled from the loaded model: its weights' bytes as stored (after quantisation); not part of its identity
+    memory_bytes: int = dataclasses.field(default=0, compare=False)
 
     def __post_init__(self):
         if hasattr(self.path, "__fspath__"):
@@ -113,6 +115,7 @@ class ModelRef:
         _check_bool("model", "trust_remote_code", self.trust_remote_code)
         _check_str("model", "config_hash", self.config_hash, empty_ok=True)
         _check_choice("model", "quantize", self.quantize, QUANTIZE)
+        _check_int("model", "memory_bytes", self.memory_bytes, 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,6 +123,8 @@ class ModelRef:
             del d["config_hash"]
         if d["quantize"] == "none":  # files without quantisation stay as older versions wrote them
             del d["quantize"]
+        if not d["memory_bytes"]:
+            del d["memory_bytes"]
         return d
 
     @classmethod

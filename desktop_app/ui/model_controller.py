@@ -60,7 +60,7 @@ class ModelMixin:
         m.summary.setText(info.summary)
         self.model_loaded = info
         self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash,
-                                   quantize=ref.quantize)
+                                   quantize=ref.quantize, memory_bytes=info.memory_bytes)
         self.project.set_model(self.loaded_ref)
         self.layer_panel.set_tree(info.tree, self.project.view("selected_hooks", []))
         self.device_label.setText(f"device: {info.device}")

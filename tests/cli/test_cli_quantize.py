@@ -30,10 +30,19 @@ def test_quantize_from_the_file_and_the_option(tmp_path, ioi_gpt2_dir):
     assert code == 0
     project = load_project(q8)
     assert project.model.quantize == "int8"
+    assert 0 < project.model.memory_bytes < 0.7 * load_project(plain).model.memory_bytes  # as stored (0.63 measured)
     a, b = (load_project(p).entry("resid").result for p in (plain, q8))
     assert b.status == "complete" and 0 < np.abs(a.values - b.values).max() < 0.06  # see test_quantize.py
     code, q4 = _run(tmp_path, ioi_gpt2_dir, "q4", "--quantize", "int4", quantize="int8")
     assert code == 0 and load_project(q4).model.quantize == "int4"
+
+
+def test_info_reports_the_quantisation_and_memory(tmp_path, ioi_gpt2_dir, capsys):
+    code, q8 = _run(tmp_path, ioi_gpt2_dir, "q8", quantize="int8")
+    capsys.readouterr()
+    assert code == 0 and main(["info", str(q8)]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["quantize"] == "int8" and model["memory_bytes"] == load_project(q8).model.memory_bytes > 0
 
 
 def test_bad_quantize_is_one_error_line(tmp_path, ioi_gpt2_dir, capsys):

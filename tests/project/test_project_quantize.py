@@ -21,6 +21,14 @@ def test_model_ref_quantize_round_trips_and_is_checked():
             ModelRef("/m", quantize=bad)
 
 
+def test_memory_bytes_is_recorded_but_not_identity():
+    m = ModelRef("/m", quantize="int8", memory_bytes=12345)
+    assert ModelRef.from_dict(json.loads(json.dumps(m.to_dict()))).memory_bytes == 12345
+    assert m == ModelRef("/m", quantize="int8") and "memory_bytes" not in ModelRef("/m").to_dict()
+    with pytest.raises(SpecError, match="'memory_bytes'"):
+        ModelRef("/m", memory_bytes=-1)
+
+
 def test_overrides():
     m = ModelRef("/m", quantize="int8")
     assert with_model_overrides(m).quantize == "int8"
