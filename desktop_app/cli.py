@@ -194,6 +194,7 @@ def cmd_run(argv) -> int:
     p.add_argument("--out", required=True, help="project file to write (.iwb)")
     p.add_argument("--device", help="override the experiment's device: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", help="override the experiment's dtype: auto, float32, float16, bfloat16")
+    p.add_argument("--quantize", help="override the experiment's quantize: none, int8, int4 (needs bitsandbytes)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="rows per forward pass in patching sweeps (default: chosen from free memory)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -207,7 +208,7 @@ def cmd_run(argv) -> int:
     out = Path(args.out)
     _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
     experiment = load_experiment(args.experiment)
-    experiment.model = with_model_overrides(experiment.model, args.device, args.dtype)
+    experiment.model = with_model_overrides(experiment.model, args.device, args.dtype, args.quantize)
     _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
         (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
         for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)])

@@ -92,11 +92,13 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
 
     emit(StepStarted(0, count, "model", "model"))
     try:
-        lm = drive(load_model_job(model.path, model.dtype, model.device, model.trust_remote_code, cancel), emit)
+        lm = drive(load_model_job(model.path, model.dtype, model.device, model.trust_remote_code, cancel,
+                                  model.quantize), emit)
     except JobCancelled:
         return project
     conformance = lm.conformance.to_dict() if lm.conformance is not None else None
-    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", conformance=conformance))
+    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", conformance=conformance,
+                                          memory_bytes=lm.info.memory_bytes))
     emit(StepFinished(0, count, "model", None))
 
     for i, spec in enumerate(experiment.analyses, start=1):
@@ -122,9 +124,11 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
     return project
 
 
-def with_model_overrides(model: ModelRef, device: str | None = None, dtype: str | None = None) -> ModelRef:
-    """The model reference with the command line's --device / --dtype applied (validated by ModelRef)."""
-    changes = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+def with_model_overrides(model: ModelRef, device: str | None = None, dtype: str | None = None,
+                         quantize: str | None = None) -> ModelRef:
+    """The model reference with the command line's --device / --dtype / --quantize applied (validated by
+    ModelRef)."""
+    changes = {k: v for k, v in (("device", device), ("dtype", dtype), ("quantize", quantize)) if v is not None}
     return dataclasses.replace(model, **changes) if changes else model
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import SHORT_COMPONENTS, parse_hook_name
+from desktop_app.engine.quantize import QUANTIZE
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -179,6 +180,9 @@ class ModelRef:
     config_hash: str = ""  # filled from the loaded model; lets a project notice that the folder changed
     # filled from the loaded model: its load-time conformance checks (engine.conformance.Conformance.to_dict())
     conformance: dict | None = dataclasses.field(default=None, hash=False)
+    quantize: str = "none"  # none / int8 / int4 (contract 6.0)
+    # filled from the loaded model: its weights' bytes as stored (after quantisation); not part of its identity
+    memory_bytes: int = dataclasses.field(default=0, compare=False)
 
     def __post_init__(self):
         if hasattr(self.path, "__fspath__"):
@@ -191,6 +195,8 @@ class ModelRef:
         _check_str("model", "config_hash", self.config_hash, empty_ok=True)
         if self.conformance is not None and not isinstance(self.conformance, dict):
             raise SpecError(f"model: field 'conformance' must be an object or null, not {self.conformance!r}.")
+        _check_choice("model", "quantize", self.quantize, QUANTIZE)
+        _check_int("model", "memory_bytes", self.memory_bytes, 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -198,6 +204,10 @@ class ModelRef:
             del d["config_hash"]
         if d["conformance"] is None:
             del d["conformance"]
+        if d["quantize"] == "none":  # files without quantisation stay as older versions wrote them
+            del d["quantize"]
+        if not d["memory_bytes"]:
+            del d["memory_bytes"]
         return d
 
     @classmethod

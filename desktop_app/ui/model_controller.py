@@ -59,12 +59,13 @@ class ModelController:
         if not path:
             return None
         return ModelRef(path=path, dtype=m.dtype_combo.currentText(), device=m.device_combo.currentText().strip()
-                        or "auto", trust_remote_code=m.trust_check.isChecked())
+                        or "auto", trust_remote_code=m.trust_check.isChecked(), quantize=m.quantize_combo.currentText())
 
     def show_ref(self, ref: ModelRef) -> None:
         m = self.panel
         m.path_edit.setText(ref.path)
         m.dtype_combo.setCurrentText(ref.dtype)
+        m.quantize_combo.setCurrentText(ref.quantize)
         m.device_combo.setCurrentText(ref.device)
         m.trust_check.setChecked(ref.trust_remote_code)
 
@@ -83,7 +84,7 @@ class ModelController:
         m.load_button.setEnabled(False)
         self.messages.clear()
         self.status.job.setText("loading model")
-        job = worker_jobs.load_model(ref.path, ref.dtype, ref.device, ref.trust_remote_code)
+        job = worker_jobs.load_model(ref.path, ref.dtype, ref.device, ref.trust_remote_code, ref.quantize)
         self.submit(job, "model",
                     progress=lambda d, t, msg: (m.progress.setMaximum(max(t, 1)), m.progress.setValue(d),
                                                 m.progress.setFormat(f"{msg} %p%")),
@@ -100,14 +101,17 @@ class ModelController:
         m.summary.setText(info.summary + ("\n" + info.conformance_text.split("\n")[0] if info.conformance_text else ""))
         m.summary.setToolTip(info.conformance_text)
         self.loaded = info
-        self.ref = dataclasses.replace(ref, config_hash=info.config_hash, conformance=info.conformance)
+        self.ref = dataclasses.replace(ref, config_hash=info.config_hash, conformance=info.conformance,
+                                       memory_bytes=info.memory_bytes)
         project = self.session.project
         if project.model != self.ref and not project.learn_config_hash(self.ref):
             self.session.push(SetModel(project, self.ref))
         self.session.set_loaded(self.ref)
         self.layer_panel.set_tree(info.tree, project.view("selected_hooks", []))
         self.status.device.setText(f"device: {info.device}")
-        self.status.memory.setText(f"weights: {human_bytes(info.memory_bytes)}")
+        quantized = info.info.get("quantize", "none")
+        self.status.memory.setText(f"weights: {human_bytes(info.memory_bytes)}"
+                                   + (f" ({quantized})" if quantized != "none" else ""))
         self.status.job.setText("model loaded")
         for callback in self.on_loaded:
             callback()

@@ -111,6 +111,9 @@ class ModelPanel(QWidget):
         self.browse_gguf_button = _named(QPushButton(".gguf…"), "browseGgufButton", "Choose a .gguf file")
         self.dtype_combo = _named(QComboBox(), "dtypeCombo", "Number format of the weights (auto: the model's own)")
         self.dtype_combo.addItems(["auto", "float32", "float16", "bfloat16"])
+        self.quantize_combo = _named(QComboBox(), "quantizeCombo",
+                                     "Store the linear layers in 8 or 4 bits (bitsandbytes) to save memory")
+        self.quantize_combo.addItems(["none", "int8", "int4"])
         self.device_combo = _named(QComboBox(), "deviceCombo",
                                    "Where the model runs (auto: the GPU if there is one); you can type cuda:1")
         self.device_combo.setEditable(True)
@@ -135,6 +138,8 @@ class ModelPanel(QWidget):
         opts = QHBoxLayout()
         opts.addWidget(QLabel("dtype"))
         opts.addWidget(self.dtype_combo)
+        opts.addWidget(QLabel("quantize"))
+        opts.addWidget(self.quantize_combo)
         opts.addWidget(QLabel("device"))
         opts.addWidget(self.device_combo)
         opts.addStretch(1)

@@ -61,11 +61,11 @@ def _drop_old_at_weights(events, state):
         return stop.value
 
 
-def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool, quantize: str = "none"):
     def job(state, cancel):
         from desktop_app.engine.loading import load_model_job
 
-        lm = yield from _drop_old_at_weights(load_model_job(path, dtype, device, trust_remote_code, cancel), state)
+        lm = yield from _drop_old_at_weights(load_model_job(path, dtype, device, trust_remote_code, cancel, quantize), state)
         state.lm = lm
         _freeze_long_lived_objects()
         tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])
