@@ -25,7 +25,7 @@ COLUMNS = ("clean", "corrupted", "answer", "wrong_answer")
 END = "END"  # the last token of each prompt, always available as a position name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PairText:
     """One pair as text. `answer` / `wrong_answer` are a token or a tuple of tokens (several spellings).
     `spans` names positions: {name: ((start, end) in clean, (start, end) in corrupted)}, character offsets."""
@@ -298,6 +298,7 @@ class TokenizedPair:
     answer_ids: tuple[int, ...]
     wrong_ids: tuple[int, ...]
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (clean index, corrupted index)
+    span_texts: dict[str, str] = field(default_factory=dict)  # name -> the named text in the clean prompt
 
     @property
     def same_length(self) -> bool:
@@ -383,7 +384,8 @@ def tokenize_pair(lm, pair: PairText, index: int, prepend_bos=None, need_wrong: 
             f"{where}: the clean prompt is {len(clean.ids)} tokens and the corrupted prompt {len(corrupted.ids)}, and "
             f"no position names align them; make them the same length or use a template with named positions. "
             f"clean: {' | '.join(clean.display)}  corrupted: {' | '.join(corrupted.display)}")
-    return TokenizedPair(clean, corrupted, answer, wrong, positions)
+    texts = {name: pair.clean[c[0]:c[1]] for name, c, _ in pair.spans}
+    return TokenizedPair(clean, corrupted, answer, wrong, positions, texts)
 
 
 def tokenize_dataset(lm, dataset: PairDataset, prepend_bos=None, need_wrong: bool = True) -> TokenizedDataset:
