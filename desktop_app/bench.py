@@ -183,12 +183,19 @@ def main(argv=None) -> int:
     parser.add_argument("--differ-at", type=int, default=None,
                         help="the position where the corrupted prompt differs (default: the middle)")
     parser.add_argument("--no-ui", action="store_true", help="skip the window measurements")
+    parser.add_argument("--no-datasets", action="store_true", help="skip the 32-pair dataset sweeps")
+    parser.add_argument("--only-datasets", action="store_true", help="run only the 32-pair dataset sweeps")
     args = parser.parse_args(argv)
     differ_at = args.positions // 2 if args.differ_at is None else min(max(args.differ_at, 0), args.positions - 1)
     import torch
 
     print(f"interp-workbench bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"prompt of {args.positions} tokens")
+    if args.only_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
+        return 0
     print(f"(the corrupted prompt differs at position {differ_at}: cells before it patch in an identical "
           "activation and need no forward pass)")
     print(f"{'model':40s} {'sweep':28s} {'cells':>6s} {'cells/s':>9s} {'baseline/s':>10s} {'speed-up':>8s}")
@@ -201,6 +208,10 @@ def main(argv=None) -> int:
         eq = _attribution_equivalents(lm, pair)
         if eq is not None:
             print(f"{label:40s} attribution patching (all heads): {eq:.1f} forward-pass equivalents", flush=True)
+    if not args.no_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
     sae = _sae_rate()
     if sae:
         print(f"SAE encoding (d_in 768, 16384 features): {sae['tokens_per_s']:.0f} tokens/s, "

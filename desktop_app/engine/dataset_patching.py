@@ -159,16 +159,55 @@ def dataset_patching_job(lm, data, component: str = "resid_pre", positions: str 
     return out
 
 
+def record_batch(lm, id_lists, reads, cancel=None) -> list[RecordedRun]:
+    """record_run for prompts of one token length in one batched forward pass (a batch-1 pass is bound by
+    reading the weights, so one pass per prompt costs nearly as much as one for all). The block arguments
+    (masks, rotary tables) come from a batch-1 record of the first prompt, so that restarts broadcast them
+    over any number of rows as single-pair sweeps do; logits only at the last position."""
+    from desktop_app.engine.capture import as_ids
+    from desktop_app.engine.replay import _cache_tensors
+
+    template = record_run(lm, id_lists[0], reads, cancel)
+    if len(id_lists) == 1:
+        return [template]
+    n = lm.info.n_layers
+    last = hook_name(n - 1, "resid_post")
+    names = [hook_name(L, "resid_pre") for L in range(n)] + [last] + list(reads)
+    ids = torch.tensor(id_lists, dtype=torch.long, device=lm.input_device)
+    with hooks(lm, read=names, cancel=cancel) as store:
+        try:
+            out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        except TypeError:
+            out = lm.model(input_ids=ids, use_cache=True)
+    kv = _cache_tensors(getattr(out, "past_key_values", None), n)
+    logits = out.logits[:, -1].float().cpu()
+    runs = []
+    for i, row in enumerate(id_lists):
+        runs.append(dataclasses.replace(
+            template, ids=as_ids(row), logits_last=logits[i],
+            resid_pre=[store[hook_name(L, "resid_pre")][i:i + 1] for L in range(n)],
+            prefix_kv=None if kv is None or template.prefix_kv is None else [(k[i:i + 1], v[i:i + 1]) for k, v in kv],
+            acts={name: store[name][i:i + 1] for name in [last, *reads]}))
+    return runs
+
+
 def _record_block(lm, data, block, component, direction, cancel):
+    """Target and source runs of the block's pairs; prompts of one length are recorded in one batch."""
     reads = _source_reads(component, lm.info.n_layers)
-    targets, sources = [], []
-    for i in block:
+    prompts = []  # (pair position in block, 0 clean / 1 corrupted, ids)
+    for j, i in enumerate(block):
         pair = data.pairs[i]
-        clean = record_run(lm, pair.clean.ids, reads, cancel)
-        corrupted = record_run(lm, pair.corrupted.ids, reads, cancel)
-        targets.append(corrupted if direction == "denoise" else clean)
-        sources.append(clean if direction == "denoise" else corrupted)
-    return targets, sources
+        prompts += [(j, 0, list(pair.clean.ids)), (j, 1, list(pair.corrupted.ids))]
+    by_length: dict[int, list] = {}
+    for entry in prompts:
+        by_length.setdefault(len(entry[2]), []).append(entry)
+    runs = {}
+    for entries in by_length.values():
+        for entry, run in zip(entries, record_batch(lm, [e[2] for e in entries], reads, cancel)):
+            runs[entry[:2]] = run
+    clean = [runs[(j, 0)] for j in range(len(block))]
+    corrupted = [runs[(j, 1)] for j in range(len(block))]
+    return (corrupted, clean) if direction == "denoise" else (clean, corrupted)
 
 
 def _sweep_block(lm, data, block, grid: _Grid, layers, direction, measure: DatasetMetric, per_pair, clean_raw,
