@@ -122,7 +122,8 @@ def per_pair_job(lm, data, kind: str, make_job, *, name: str, params: dict, posi
         per_pair, labels = select(per_pair[:finished], first, labels)
         per_pair = np.concatenate([per_pair, np.full((P - finished,) + per_pair.shape[1:], np.nan, np.float32)])
     result = AnalysisResult(
-        name=name, kind=kind, params={**params, "pairs": P}, dims=list(first.dims),
+        name=name, kind=kind, params={**{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+                                      "pairs": P}, dims=list(first.dims),
         values=empty_values(per_pair.shape[1:]), labels=labels, status=status, message=message,
         tokens_clean=padded_tokens([p.clean for p in data.pairs]),
         tokens_corrupted=padded_tokens([p.corrupted for p in data.pairs]))

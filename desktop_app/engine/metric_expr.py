@@ -302,8 +302,12 @@ def _log_sum_exp(source: torch.Tensor, ts: TokenSets) -> torch.Tensor:
 
 def parse_metric(metric) -> str | MetricExpression:
     """A metric as a spec gives it: a built-in name, or {"expression": "..."} / a MetricExpression."""
+    from desktop_app.engine.metrics import METRICS
+
     if isinstance(metric, MetricExpression):
         return metric
+    if isinstance(metric, str) and metric not in METRICS:  # a metric that is not a built-in name is an expression
+        return MetricExpression(metric)
     if isinstance(metric, dict):
         unknown = sorted(set(metric) - {"expression"})
         if unknown or "expression" not in metric:

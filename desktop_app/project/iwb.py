@@ -23,6 +23,7 @@ from desktop_app.engine.errors import ProjectFileError, WorkbenchError
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project.atomic import atomic_write
 from desktop_app.project.document import AnalysisEntry, Project
+from desktop_app.project.dataset_prompts import prompts_from_json
 from desktop_app.project.specs import ModelRef, Prompts, analysis_from_dict
 
 SCHEMA_VERSION = 2
@@ -215,7 +216,7 @@ def _load_schema_2(ar: _Archive, doc: dict) -> Project:
             result_spec = analysis_from_dict(item["result_spec"]) if item.get("result_spec") else spec
         entries.append(AnalysisEntry(spec, result, result_spec))
     model = ModelRef.from_dict(doc["model"]) if doc.get("model") else None
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view_state") or {})
 
 
@@ -241,7 +242,7 @@ def _load_schema_1(ar: _Archive, doc: dict) -> Project:
     model = None
     if doc.get("model"):
         model = ModelRef.from_dict({**doc["model"], "config_hash": doc.get("config_hash", "")})
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view") or {})
 
 
