@@ -253,27 +253,33 @@ def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, c
     """(rows to compute sorted by their first position, rows that change nothing) of one layer and group."""
     restart = _restart_block(grid.component, layer)
     later = restart < lm.info.n_layers and all(can_start_later(targets[m], restart) for m in members)
+    heads = grid.heads > 0
     rows, noop = [], []
     for m in members:
         a, b = _act(targets[m], grid.component, layer)[0], _act(sources[m], grid.component, layer)[0]
         pair = data.pairs[block[m]]
+        if grid.mode == "all":
+            # per head (or for the whole activation): the first position where the two runs differ
+            differ = (a != b).flatten(2).any(-1) if heads else (a != b).flatten(1).any(-1, keepdim=True)
+            first = torch.where(differ.any(0), differ.float().argmax(0), -1).tolist()  # [heads] or [1]
+            for cell in cells:
+                start = first[cell[1]] if heads else first[0]
+                if start < 0:
+                    noop.append(_Row(m, cell, -1, -1, cell[1], 0))
+                else:
+                    rows.append(_Row(m, cell, -1, -1, cell[1], start if later else 0))
+            continue
+        slots = [grid.positions(pair, slot) for slot in range(grid.slots)]
+        ts, ss = [t for t, _ in slots], [s for _, s in slots]
+        same = a[ts] == b[ss]  # [slots, d] or [slots, heads, d_head]
+        same = (same.flatten(2).all(-1) if heads else same.flatten(1).all(-1, keepdim=True)).tolist()
         for cell in cells:
             slot, head = cell
-            t, s = grid.positions(pair, slot)
-            if t >= 0:
-                ta, sb = (a[t, head], b[s, head]) if head >= 0 else (a[t], b[s])
-                if torch.equal(ta, sb):
-                    noop.append(_Row(m, cell, t, s, head, 0))
-                    continue
-                start = t
+            t, s = slots[slot]
+            if same[slot][head if heads else 0]:
+                noop.append(_Row(m, cell, t, s, head, 0))
             else:
-                ta, sb = (a[:, head], b[:, head]) if head >= 0 else (a, b)
-                differ = torch.nonzero((ta != sb).flatten(1).any(-1)).flatten()
-                if differ.numel() == 0:
-                    noop.append(_Row(m, cell, t, s, head, 0))
-                    continue
-                start = int(differ[0])
-            rows.append(_Row(m, cell, t, s, head, start if later else 0))
+                rows.append(_Row(m, cell, t, s, head, t if later else 0))
     rows.sort(key=lambda r: r.start)
     return rows, noop
 
