@@ -8,7 +8,7 @@ does not depend on the file it was read from. Torch-free.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,22 @@ class DatasetPrompts:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def with_field(self, field: str, value) -> "DatasetPrompts":
+        """The dataset with one field of its first pair changed (the window shows and edits that pair). Named
+        positions of the first pair are kept only while the text at each of them is unchanged; otherwise the
+        run refuses the dataset with a sentence (pairs must name the same positions)."""
+        if field == "prepend_bos":
+            return replace(self, prepend_bos=value)
+        first = self.pairs[0]
+        changed = replace(first, **{field: value})
+        if field in ("clean", "corrupted") and first.spans:
+            which = 0 if field == "clean" else 1
+            old = getattr(first, field)
+            if any(old[sp[which][0]:sp[which][1]] != value[sp[which][0]:sp[which][1]] for sp in
+                   [(c, k) for _, c, k in first.spans]):
+                changed = replace(changed, spans=())
+        return replace(self, pairs=(changed,) + self.pairs[1:])
 
     def dataset(self) -> PairDataset:
         return PairDataset(list(self.pairs), source=self.source)

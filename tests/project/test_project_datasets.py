@@ -117,3 +117,16 @@ def test_a_dataset_with_bad_pairs_fails_that_analysis_with_one_sentence(gpt2_dir
     good, trace = (e.result for e in project.analyses)
     assert good.status == "complete"
     assert trace.status == "failed" and "one answer token, but pair 1 gives 2" in trace.message
+
+
+def test_editing_the_shown_pair_of_a_dataset_is_undoable():
+    from desktop_app.project.document import Project
+
+    data = prompts_from_json([p.to_dict() for p in ioi_pairs(3, seed=0).pairs])
+    project = Project(prompts=data)
+    project.set_prompt_field("answer", " Bob")
+    assert project.prompts.pairs[0].answer == " Bob" and project.prompts.pairs[1:] == data.pairs[1:]
+    project.set_prompt_field("answer", data.answer)
+    assert project.prompts == data
+    project.set_prompt_field("clean", "Something else entirely, with no names")
+    assert project.prompts.pairs[0].spans == () and len(project.prompts) == 3
