@@ -26,7 +26,8 @@ from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
 from desktop_app.engine.memory import RowBudget, chunks_shrinking_on_oom, rows_per_batch
-from desktop_app.engine.pair_metrics import (DatasetMetric, finish_dataset_result, padded_tokens, position_labels)
+from desktop_app.engine.pair_metrics import (DatasetMetric, finish_dataset_result, padded_tokens, position_labels,
+                                             running_mean)
 from desktop_app.engine.patching import _source_reads, validate
 from desktop_app.engine.replay import RecordedRun, can_start_later, record_run, run_from_layer
 from desktop_app.engine.results import AnalysisResult, empty_values
@@ -149,8 +150,9 @@ def dataset_patching_job(lm, data, component: str = "resid_pre", positions: str 
                 for event in events:
                     done += event
                     yield Progress(done, total, f"pairs {block[0]}-{block[-1]}")
-                finish_dataset_result(result, per_pair[:block[-1] + 1], clean_raw[:block[-1] + 1],
-                                      corrupted_raw[:block[-1] + 1], measure.normalised, zero_pairs)
+                end = block[-1] + 1
+                result.values = running_mean(per_pair[:end], clean_raw[:end], corrupted_raw[:end],
+                                             measure.normalised).reshape(shape)
                 index = tuple(np.array(ix) for ix in np.indices(shape).reshape(len(shape), -1))
                 yield Partial(index=index, values=result.values[index].copy())
     out = yield from stream_cells(result, cells(), t0)

@@ -86,6 +86,14 @@ def mean_and_sem(per_pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), sem.astype(np.float32)
 
 
+def running_mean(per_pair: np.ndarray, clean_raw: np.ndarray, corrupted_raw: np.ndarray,
+                 normalised: bool) -> np.ndarray:
+    """The mean over the pairs finished so far (what a live view shows while a dataset sweep runs)."""
+    if normalised:
+        per_pair = normalise(per_pair, clean_raw, corrupted_raw)[0]
+    return mean_and_sem(per_pair)[0]
+
+
 def pairs_text(pairs) -> str:
     pairs = sorted(int(p) for p in pairs)
     shown = ", ".join(str(p) for p in pairs[:10]) + (f" and {len(pairs) - 10} more" if len(pairs) > 10 else "")

@@ -104,11 +104,12 @@ def test_division_by_zero_is_reported_per_pair(lm_gpt2):
     has = [i for i, p in enumerate(data.pairs) if tid in p.answer_ids]
     assert 1 in has and len(has) < len(items) or pytest.skip("every pair has the same answer")
     expr = MetricExpression(f"logit(answer) / (logit(answer) - logit('{token}'))")
-    got = drive(dataset_patching_job(lm_gpt2, data, "resid_pre", "each", "denoise", expr))
+    got = drive(dataset_patching_job(lm_gpt2, data, "resid_pre", "each", "denoise", expr, pairs_per_block=2))
     v = got.extras["values_per_pair"]
     for i in range(len(items)):
         assert np.isnan(v[i]).all() == (i in has) and (np.isfinite(v[i]).all() or i in has)
     assert "divides by zero for pairs " + ", ".join(map(str, has)) in got.message
+    assert got.message.count("divides by zero") == 1
     assert np.isfinite(got.values).all()
 
 
