@@ -233,12 +233,19 @@ def main(argv=None) -> int:
                         help="skip the lens, attention, logit-attribution and token-attribution timings")
     parser.add_argument("--quantization", choices=("yes", "no", "only"), default="yes",
                         help="memory and cells/s of float32 / bfloat16 / int8 / int4 on the gpt2-small shape")
+    parser.add_argument("--no-datasets", action="store_true", help="skip the 32-pair dataset sweeps")
+    parser.add_argument("--only-datasets", action="store_true", help="run only the 32-pair dataset sweeps")
     args = parser.parse_args(argv)
     differ_at = args.positions // 2 if args.differ_at is None else min(max(args.differ_at, 0), args.positions - 1)
     import torch
 
     print(f"interp-workbench bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"prompt of {args.positions} tokens")
+    if args.only_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
+        return 0
     print(f"(the corrupted prompt differs at position {differ_at}: cells before it patch in an identical "
           "activation and need no forward pass)")
     if args.quantization == "only":
@@ -262,6 +269,10 @@ def main(argv=None) -> int:
                 print(f"{label:40s} {title:34s} {seconds:8.3f} s = {ratio:7.1f} forward passes", flush=True)
     if args.quantization == "yes" and args.models == "all":
         _quantization_table(args.positions, differ_at)
+    if not args.no_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
     sae = _sae_rate()
     if sae:
         print(f"SAE encoding (d_in 768, 16384 features): {sae['tokens_per_s']:.0f} tokens/s, "

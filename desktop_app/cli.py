@@ -347,10 +347,16 @@ def project_summary(project) -> dict:
                         done_fraction=r.done_fraction(), clean_metric=r.clean_metric,
                         corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s,
                         stale=bool(project.stale_reason(entry.name)), computed_with=entry.result_model)
+            if "values_per_pair" in r.extras:
+                item["pairs"] = int(len(r.extras["values_per_pair"]))
         analyses.append(item)
+    prompts = project.prompts.to_dict()
+    if isinstance(prompts, list) or "pairs" in prompts:  # a dataset: its size and first pair, not every pair
+        pairs = prompts if isinstance(prompts, list) else prompts["pairs"]
+        prompts = {"pairs": len(pairs), "source": getattr(project.prompts, "source", ""), "first_pair": pairs[0]}
     return jsonable({"path": str(project.path) if project.path else None,
                      "model": project.model.to_dict() if project.model else None,
-                     "prompts": project.prompts.to_dict(), "analyses": analyses})
+                     "prompts": prompts, "analyses": analyses})
 
 
 def cmd_info(argv) -> int:

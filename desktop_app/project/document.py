@@ -138,6 +138,9 @@ class Project:
             self._changed("prompts", prompts)
 
     def set_prompt_field(self, field: str, value) -> None:
+        if hasattr(self.prompts, "with_field"):  # a dataset: the field of its first pair (the one shown)
+            self.set_prompts(self.prompts.with_field(field, value))
+            return
         self.set_prompts(replace(self.prompts, **{field: value}))
 
     # ---- analyses ----

@@ -51,6 +51,13 @@ def analysis_job(lm, prompts: Prompts, spec: AnalysisSpec, cancel: CancelToken |
     Raises SpecError / PromptError right away (before the first event) when the spec cannot run."""
     cancel = cancel or CancelToken()
     record = kinds.get(spec.kind)  # SpecError for a kind this version cannot run
+    from desktop_app.project.dataset_prompts import is_dataset
+
+    if is_dataset(prompts):
+        if record.dataset_job is None:
+            raise SpecError(f"analysis {spec.name!r}: {record.label.lower()} runs on one prompt pair, not on a dataset "
+                            "of pairs; use a single pair for it.")
+        return record.dataset_job(lm, prompts, spec, cancel, batch_size)
     return record.job(lm, prompts, spec, cancel, batch_size)
 
 

@@ -26,6 +26,7 @@ from desktop_app.project import doc_checks
 from desktop_app.project.atomic import atomic_write
 from desktop_app.project.text_safety import encode_json_document
 from desktop_app.project.document import AnalysisEntry, Project, model_fingerprint
+from desktop_app.project.dataset_prompts import prompts_from_json
 from desktop_app.project.specs import ModelRef, Prompts, analysis_from_dict
 
 SCHEMA_VERSION = 2
@@ -217,7 +218,7 @@ def _load_schema_2(ar: _Archive, doc: dict) -> Project:
     for entry in entries:  # files written before results recorded their model: the project's model
         if entry.result is not None and entry.result_model is None:
             entry.result_model = model_fingerprint(model)
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view_state") or {})
 
 
@@ -254,7 +255,7 @@ def _load_schema_1(ar: _Archive, doc: dict) -> Project:
     for entry in entries:
         if entry.result is not None:
             entry.result_model = model_fingerprint(model)
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view") or {})
 
 

@@ -297,8 +297,8 @@ class AnalysisController:
             self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b>")
             return
         patch = self.cell_patch(result, view.cell_coordinates(cell))
-        ids = {what: arr.tolist() for what, arr in (("clean", result.tokens_clean),
-                                                     ("corrupted", result.tokens_corrupted)) if arr is not None}
+        ids = {what: _first_pair(arr) for what, arr in (("clean", result.tokens_clean),
+                                                         ("corrupted", result.tokens_corrupted)) if arr is not None}
         self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b><br>computing…")
         job = worker_jobs.top_predictions(self.project.prompts, 5, patch, ids)
         where = view.describe(cell)
@@ -312,6 +312,8 @@ class AnalysisController:
         component = params.get("component")
         record = kinds.find(result.kind)
         if record is None or record.click != "patched_predictions" or not component or "layer" not in coords:
+            return None
+        if params.get("positions") == "named":  # a role's token position differs from pair to pair
             return None
         labels = result.labels.get("layer") or []
         row = coords["layer"]
@@ -384,3 +386,14 @@ class AnalysisController:
     def current_result(self) -> AnalysisResult | None:
         return self.result_view.result
 
+
+
+def _first_pair(tokens) -> list[int]:
+    """Token ids of one prompt; over a dataset ([pair, position], -1 padded) those of the first pair, which is
+    the pair the prompt fields show."""
+    import numpy as np
+
+    arr = np.asarray(tokens)
+    if arr.ndim == 2:
+        arr = arr[0][arr[0] >= 0] if len(arr) else arr.reshape(-1)
+    return arr.tolist()

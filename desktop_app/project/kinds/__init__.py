@@ -80,6 +80,8 @@ class AnalysisKind:
     short: str = ""  # the name of new analyses of this kind: "<component> <short>"; default: the label
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
+    # job over a dataset of pairs (prompts a DatasetPrompts), same signature as job; None: one pair only
+    dataset_job: Callable[..., Any] | None = None
     description: str = ""
 
     def __post_init__(self):
