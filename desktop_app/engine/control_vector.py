@@ -161,3 +161,22 @@ def write_directions_safetensors(path, directions: np.ndarray, kind: str, metada
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, p)
     return p
+
+
+# ---- from a steering_vector result ------------------------------------------------------------------------------
+
+def export_result_gguf(result, path) -> tuple[Path, list[int]]:
+    """Write a `steering_vector` result as a llama.cpp control vector; returns (path, our layers left out
+    because llama.cpp cannot steer them)."""
+    if result.kind != "steering_vector" or list(result.dims) != ["layer", "d_model"]:
+        raise SpecError(f"only steering_vector results export as a control vector, not {result.kind}.")
+    layers, dropped = llama_cpp_layers(str(result.params.get("hook", "resid_post")), np.asarray(result.values))
+    return write_control_vector(path, layers, str(result.params.get("model_type", ""))), dropped
+
+
+def export_result_safetensors(result, path) -> Path:
+    if result.kind != "steering_vector" or list(result.dims) != ["layer", "d_model"]:
+        raise SpecError(f"only steering_vector results export as directions, not {result.kind}.")
+    meta = {k: result.params[k] for k in ("method", "model_type", "position") if k in result.params}
+    return write_directions_safetensors(path, np.asarray(result.values), str(result.params.get("hook", "resid_post")),
+                                        meta)

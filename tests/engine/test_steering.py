@@ -138,3 +138,18 @@ def test_safetensors_export_reads_back(lm_llama, tmp_path):
     np.testing.assert_array_equal(back["blocks.1.hook_resid_post"], r.values[1])
     with safe_open(str(p), "np") as fh:
         assert fh.metadata()["hook"] == "resid_post"
+
+
+def test_result_exports(lm_llama, tmp_path):
+    from desktop_app.engine.control_vector import export_result_gguf, export_result_safetensors
+
+    pre = drive(steering_vector_job(lm_llama, POSITIVE, NEGATIVE, hook="resid_pre"))
+    # resid_pre 0 is the embedding and resid_pre 1 block 0's output: nothing llama.cpp can steer in 2 layers
+    with pytest.raises(SpecError, match="no layer llama.cpp can steer"):
+        export_result_gguf(pre, tmp_path / "pre.gguf")
+    assert not (tmp_path / "pre.gguf").exists()
+    post = drive(steering_vector_job(lm_llama, POSITIVE, NEGATIVE, hook="resid_post"))
+    path, dropped = export_result_gguf(post, tmp_path / "post.gguf")
+    assert dropped == [0] and sorted(read_control_vector(path)[0]) == [1]
+    st = export_result_safetensors(post, tmp_path / "r.safetensors")
+    assert st.is_file()
