@@ -260,27 +260,44 @@ def _exportable_result(project, name: str):
     return result
 
 
+def _formats_text(extra) -> str:
+    return ", ".join(FIGURE_FORMATS + DATA_FORMATS + tuple(extra))
+
+
 def cmd_export(argv) -> int:
+    from desktop_app.project import kinds
+
+    extra = kinds.extra_export_formats()  # formats a kind adds (gguf, json, ...) -> the kinds that offer them
     p = _Parser(prog=f"{PROG} export", description="Write one analysis as a figure or as data.")
     p.add_argument("project", help="project file (.iwb)")
     p.add_argument("--analysis", required=True, help="name of the analysis to export")
-    p.add_argument("--format", choices=FIGURE_FORMATS + DATA_FORMATS,
-                   help="png, svg, pdf, csv or npz (default: from the --out file's extension)")
+    p.add_argument("--format", help=f"{_formats_text(extra)} (default: from the --out file's extension)")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--width", type=_positive_int, default=1200, help="figure width in pixels (default 1200)")
     p.add_argument("--height", type=_positive_int, default=None, help="figure height in pixels (default: fits)")
     p.add_argument("--dpi", type=_positive_float, default=150.0, help="figure resolution (default 150)")
     args = p.parse_args(argv)
 
+    known = FIGURE_FORMATS + DATA_FORMATS + tuple(extra)
+    if args.format is not None and args.format not in known:
+        raise CliError(f"argument --format: invalid choice: {args.format!r} (choose from {_formats_text(extra)}).")
     fmt = args.format or Path(args.out).suffix.lower().lstrip(".")
-    if fmt not in FIGURE_FORMATS + DATA_FORMATS:
-        raise CliError(f"cannot tell the format from {args.out!r}; add --format png, svg, pdf, csv or npz.")
+    if fmt not in known:
+        raise CliError(f"cannot tell the format from {args.out!r}; add --format {_formats_text(extra)}.")
     out = Path(args.out)
     _check_output_path(out, "file")
 
     from desktop_app.project.iwb import load_project
 
     result = _exportable_result(load_project(args.project), args.analysis)
+    if fmt in extra:
+        record = kinds.find(result.kind)
+        writer = record.export_format(fmt) if record is not None else None
+        if writer is None:
+            raise CliError(f"analysis {args.analysis!r} is a {result.kind} result, which cannot be written as {fmt} "
+                           f"(only {', '.join(extra[fmt])} can); use {', '.join(FIGURE_FORMATS + DATA_FORMATS)}.")
+        writer.write(result, out)
+        return EXIT_OK
     if fmt in DATA_FORMATS:
         from desktop_app.project.data_export import export_csv, export_npz
 

@@ -1,6 +1,7 @@
 """The project document layer (Qt-free, torch-free): experiment specs, the Project, .iwb files, undo.
 
-Submodules: specs, experiment, document, iwb, atomic, autosave, recent, undo, data_export.
+Submodules: specs, kinds (the analysis-kind registry), execute, experiment, document, iwb, atomic, autosave,
+recent, undo, data_export.
 """
 from desktop_app.project.document import AnalysisEntry, Project
 from desktop_app.project.experiment import Experiment, load_experiment

@@ -33,6 +33,10 @@ def npz_arrays(result: AnalysisResult) -> dict[str, np.ndarray]:
     for dim in result.dims:
         labels = dim_labels(result, dim)
         arrays[f"labels_{dim}"] = np.array(labels, dtype=str) if labels else np.zeros(0, dtype="<U1")
+    for name, arr in result.extras.items():  # a kind's further arrays (sem, values_per_pair, p_value, ...)
+        arr = np.asarray(arr)
+        if name not in arrays and name != "traceback" and not arr.dtype.hasobject:
+            arrays[name] = arr
     return arrays
 
 

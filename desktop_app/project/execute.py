@@ -16,10 +16,10 @@ import numpy as np
 from desktop_app.engine.errors import JobCancelled, SpecError, WorkbenchError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.results import AnalysisResult
+from desktop_app.project import kinds
 from desktop_app.project.document import Project
 from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts
 
-_METRICS_WITH_WRONG = ("logit_diff", "logit_diff_recovered")
 
 
 # ---- events run_experiment passes on, besides the jobs' own Progress / Partial ----------------------------
@@ -43,66 +43,15 @@ class StepFinished:
 
 # ---- one analysis ------------------------------------------------------------------------------------------
 
-def _pair(lm, prompts: Prompts, need_corrupted=True, need_wrong=True):
-    from desktop_app.engine.prompts import prepare_pair
-
-    return prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
-                        prompts.prepend_bos, need_corrupted=need_corrupted, need_wrong=need_wrong)
-
-
-def _sae_text(prompts: Prompts, which: str) -> str:
-    if which == "clean":
-        return prompts.clean
-    if which == "corrupted":
-        return prompts.corrupted
-    return which
-
-
 def analysis_job(lm, prompts: Prompts, spec: AnalysisSpec, cancel: CancelToken | None = None,
                  batch_size: int | None = None):
-    """The engine job (a generator returning an AnalysisResult) that computes `spec` on `lm`.
+    """The engine job (a generator returning an AnalysisResult) that computes `spec` on `lm`: the job factory of
+    the spec's kind in the registry (project.kinds).
 
     Raises SpecError / PromptError right away (before the first event) when the spec cannot run."""
     cancel = cancel or CancelToken()
-    kind = spec.kind
-    if kind == "activation_patching":
-        from desktop_app.engine.patching import activation_patching_job
-
-        return activation_patching_job(lm, _pair(lm, prompts), component=spec.component,
-                                       positions=spec.positions, direction=spec.direction, metric=spec.metric,
-                                       name=spec.name, layers=spec.layers, cancel=cancel, batch_size=batch_size)
-    if kind == "attribution_patching":
-        from desktop_app.engine.attribution import attribution_patching_job
-
-        return attribution_patching_job(lm, _pair(lm, prompts), component=spec.component,
-                                        positions=spec.positions, direction=spec.direction, metric=spec.metric,
-                                        name=spec.name, cancel=cancel)
-    if kind == "causal_tracing":
-        from desktop_app.engine.tracing import causal_tracing_job
-
-        pair = _pair(lm, prompts, need_corrupted=False, need_wrong=False)
-        return causal_tracing_job(lm, pair, subject=spec.subject, noise=spec.noise, samples=spec.samples,
-                                  component=spec.component, window=spec.window, seed=spec.seed, name=spec.name,
-                                  cancel=cancel, batch_size=batch_size)
-    if kind == "ablation":
-        from desktop_app.engine.ablation import ablation_job
-
-        # the corrupted prompt is the resample source and the baseline of logit_diff_recovered
-        need_corrupted = (spec.method == "resample" or spec.metric == "logit_diff_recovered"
-                          or bool(prompts.corrupted.strip()))
-        pair = _pair(lm, prompts, need_corrupted=need_corrupted, need_wrong=spec.metric in _METRICS_WITH_WRONG)
-        return ablation_job(lm, pair, component=spec.component, method=spec.method, positions=spec.positions,
-                            metric=spec.metric, layers=spec.layers, reference_prompts=spec.reference_prompts,
-                            mean_over=spec.mean_over, noise=spec.noise, seed=spec.seed,
-                            source_prompt=spec.source_prompt, name=spec.name, cancel=cancel, batch_size=batch_size)
-    if kind == "sae_features":
-        from desktop_app.engine.sae.jobs import sae_features_job
-
-        return sae_features_job(lm, sae_path=spec.sae, hook=spec.hook, top_k=spec.top_k, name=spec.name,
-                                cancel=cancel, prompt_label=spec.prompt, text=_sae_text(prompts, spec.prompt),
-                                prepend_bos=prompts.prepend_bos)
-    raise SpecError(f"analysis {spec.name!r} has kind {kind!r}, which this version cannot run; "
-                    f"remove it or update the app.")
+    record = kinds.get(spec.kind)  # SpecError for a kind this version cannot run
+    return record.job(lm, prompts, spec, cancel, batch_size)
 
 
 def failed_result(spec: AnalysisSpec, message: str, elapsed_s: float = 0.0) -> AnalysisResult:

@@ -78,17 +78,94 @@ def _check_hook(where: str, name: str, value) -> None:
 
 
 def _normalise_layers(obj, where: str) -> None:
-    layers = obj.layers
+    _normalise_int_list(obj, where, "layers")
+
+
+# ---- field metadata: what the Analysis panel builds and what validate() checks for every kind --------------
+
+WIDGETS = ("choice", "text", "optional_text", "int", "float", "bool", "layers", "text_list", "path", "hook")
+
+
+def param(default=dataclasses.MISSING, *, widget: str, label: str = "", tip: str = "", choices=(),
+          minimum=None, maximum=None, editable: bool = False, empty_ok: bool = False, step=None):
+    """A spec field with the metadata that builds its row in the Analysis panel and checks its value.
+
+    widget: choice (a combo of `choices`; `editable` also takes other text, checked by the spec),
+    text / optional_text (None when empty) / path, int / float (`minimum`, `maximum`, `step`), bool,
+    layers (layer numbers, None = every layer), text_list (one text per line), hook (a hook point name or None).
+    AnalysisSpec.validate checks every such field, so a new kind usually needs no validate() of its own."""
+    if widget not in WIDGETS:
+        raise ValueError(f"unknown widget {widget!r}; use one of {', '.join(WIDGETS)}")
+    meta = {"widget": widget, "label": label, "tip": tip, "choices": tuple(choices), "minimum": minimum,
+            "maximum": maximum, "editable": editable, "empty_ok": empty_ok, "step": step}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _check_range(where, name, value, minimum, maximum, what):
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{where}: field '{name}' must be {what} between {minimum} and {maximum}, not {value!r}.")
+
+
+def _normalise_int_list(obj, where: str, name: str) -> None:
+    layers = getattr(obj, name)
     if layers is None:
         return
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise SpecError(f"{where}: field 'layers' must be a list of layer numbers or null, not {layers!r}.")
+        raise SpecError(f"{where}: field '{name}' must be a list of layer numbers or null, not {layers!r}.")
     layers = tuple(layers)
     for layer in layers:
-        _check_int(where, "layers", layer, 0)
+        _check_int(where, name, layer, 0)
     if not layers:
-        raise SpecError(f"{where}: field 'layers' is an empty list; leave it out to use every layer.")
-    _set(obj, "layers", layers)
+        raise SpecError(f"{where}: field '{name}' is an empty list; leave it out to use every layer.")
+    _set(obj, name, layers)
+
+
+def check_field(obj, where: str, f: dataclasses.Field) -> None:
+    """Check (and normalise) one field of a spec from its param() metadata."""
+    meta, name = f.metadata, f.name
+    value = getattr(obj, name)
+    widget = meta["widget"]
+    if widget == "choice":
+        if meta["editable"]:
+            _check_str(where, name, value)
+        else:
+            _check_choice(where, name, value, meta["choices"])
+    elif widget in ("text", "path"):
+        if hasattr(value, "__fspath__"):
+            value = str(value)
+            _set(obj, name, value)
+        _check_str(where, name, value, empty_ok=meta["empty_ok"])
+    elif widget == "optional_text":
+        if value is not None:
+            _check_str(where, name, value)
+    elif widget == "int":
+        minimum = meta["minimum"] if meta["minimum"] is not None else 0
+        _check_int(where, name, value, minimum)
+        _check_range(where, name, value, minimum, meta["maximum"], "a whole number")
+    elif widget == "float":
+        minimum = meta["minimum"] if meta["minimum"] is not None else 0.0
+        _set(obj, name, _check_number(where, name, value, minimum))
+        _check_range(where, name, getattr(obj, name), minimum, meta["maximum"], "a number")
+    elif widget == "bool":
+        _check_bool(where, name, value)
+    elif widget == "layers":
+        _normalise_int_list(obj, where, name)
+    elif widget == "text_list":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise SpecError(f"{where}: field '{name}' must be a list of texts, not {value!r}.")
+        _set(obj, name, tuple(value))
+        for text in getattr(obj, name):
+            _check_str(where, name, text)
+    elif widget == "hook":
+        if value is not None:
+            _check_hook(where, name, value)
+
+
+def panel_fields(spec_cls) -> list[dataclasses.Field]:
+    """The fields of a spec class that the Analysis panel shows (all but `name`), in declaration order."""
+    return [f for f in dataclasses.fields(spec_cls) if "widget" in f.metadata]
 
 
 # ---- model and prompts -----------------------------------------------------------------------------------
@@ -170,6 +247,8 @@ class AnalysisSpec:
 
     def validate(self, where: str) -> None:
         _check_str(where, "name", self.name)
+        for f in panel_fields(type(self)):
+            check_field(self, where, f)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -180,111 +259,82 @@ class AnalysisSpec:
         return d
 
 
+_COMPONENT_TIP = "Which activation is patched, in every layer (head_out: each attention head)"
+_POSITIONS_TIP = "each: one cell per token position; all: every position at once"
+_DIRECTION_TIP = "denoise: run corrupted, patch in clean; noise: run clean, patch in corrupted"
+_METRIC_TIP = "What is measured at the last position"
+_LAYERS_TIP = "Layers to sweep, e.g. 0, 2, 5 (empty: every layer)"
+
+
 @register("activation_patching")
 @dataclass(frozen=True)
 class ActivationPatchingSpec(AnalysisSpec):
-    component: str = "resid_pre"
-    positions: str = "each"
-    direction: str = "denoise"
-    metric: str = "logit_diff_recovered"
-    layers: tuple[int, ...] | None = None  # None: every layer
-
-    def validate(self, where):
-        super().validate(where)
-        _check_component(where, "component", self.component)
-        _check_choice(where, "positions", self.positions, POSITIONS)
-        _check_choice(where, "direction", self.direction, DIRECTIONS)
-        _check_choice(where, "metric", self.metric, METRICS)
-        _normalise_layers(self, where)
+    component: str = param("resid_pre", widget="choice", choices=SHORT_COMPONENTS, tip=_COMPONENT_TIP)
+    positions: str = param("each", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
+    direction: str = param("denoise", widget="choice", choices=DIRECTIONS, tip=_DIRECTION_TIP)
+    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, tip=_METRIC_TIP)
+    layers: tuple[int, ...] | None = param(None, widget="layers", tip=_LAYERS_TIP)  # None: every layer
 
 
 @register("causal_tracing")
 @dataclass(frozen=True)
 class CausalTracingSpec(AnalysisSpec):
-    subject: str  # text inside the clean prompt whose embeddings get noised
-    noise: float = 3.0  # a multiple of the embedding standard deviation
-    samples: int = 10
-    component: str = "resid_post"
-    window: int = 10
-    seed: int = 0
-
-    def validate(self, where):
-        super().validate(where)
-        _check_str(where, "subject", self.subject)
-        _set(self, "noise", _check_number(where, "noise", self.noise, 0.0))
-        _check_int(where, "samples", self.samples, 1)
-        _check_choice(where, "component", self.component, TRACING_COMPONENTS)
-        _check_int(where, "window", self.window, 1)
-        _check_int(where, "seed", self.seed, 0)
+    subject: str = param(widget="text", tip="The text inside the clean prompt whose embeddings are noised")
+    noise: float = param(3.0, widget="float", minimum=0.0, step=0.5,
+                         tip="Noise added to the subject's embeddings, as a multiple of the embedding std")
+    samples: int = param(10, widget="int", minimum=1, maximum=10_000, tip="Noise samples averaged per cell")
+    component: str = param("resid_post", widget="choice", choices=TRACING_COMPONENTS,
+                           tip="Which activation is restored to its clean value")
+    window: int = param(10, widget="int", minimum=1, maximum=1000,
+                        tip="Layers restored around each layer (mlp_out / attn_out)")
+    seed: int = param(0, widget="int", minimum=0, maximum=2**31 - 1, tip="Seed of the noise")
 
 
 @register("attribution_patching")
 @dataclass(frozen=True)
 class AttributionPatchingSpec(AnalysisSpec):
-    component: str = "resid_pre"
-    positions: str = "each"
-    direction: str = "denoise"
-    metric: str = "logit_diff_recovered"
-
-    def validate(self, where):
-        super().validate(where)
-        _check_component(where, "component", self.component)
-        _check_choice(where, "positions", self.positions, POSITIONS)
-        _check_choice(where, "direction", self.direction, DIRECTIONS)
-        _check_choice(where, "metric", self.metric, METRICS)
+    component: str = param("resid_pre", widget="choice", choices=SHORT_COMPONENTS, tip=_COMPONENT_TIP)
+    positions: str = param("each", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
+    direction: str = param("denoise", widget="choice", choices=DIRECTIONS, tip=_DIRECTION_TIP)
+    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, tip=_METRIC_TIP)
 
 
 @register("ablation")
 @dataclass(frozen=True)
 class AblationSpec(AnalysisSpec):
-    component: str = "head_out"  # a short component (every layer) or one full hook point name
-    method: str = "zero"
-    positions: str = "all"
-    metric: str = "logit_diff"
-    layers: tuple[int, ...] | None = None
-    noise: float = 1.0  # for method "noise": a multiple of the activation's standard deviation
-    seed: int = 0
-    mean_over: str = "prompts"  # for method "mean": the reference prompts, or the clean prompt's positions
-    reference_prompts: tuple[str, ...] = ()  # for method "mean" over prompts
-    source_prompt: str | None = None  # for method "resample"; None: the corrupted prompt
+    # a short component (every layer) or one full hook point name
+    component: str = param("head_out", widget="choice", choices=SHORT_COMPONENTS, editable=True,
+                           tip="Which activation is ablated in every layer, or one hook point such as "
+                               "blocks.0.hook_mlp_out")
+    method: str = param("zero", widget="choice", choices=ABLATION_METHODS, tip="How an ablated activation is replaced")
+    positions: str = param("all", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
+    metric: str = param("logit_diff", widget="choice", choices=METRICS, tip=_METRIC_TIP)
+    layers: tuple[int, ...] | None = param(None, widget="layers", tip=_LAYERS_TIP)
+    noise: float = param(1.0, widget="float", minimum=0.0, step=0.5,
+                         tip="Method noise: a multiple of the activation's standard deviation")
+    seed: int = param(0, widget="int", minimum=0, maximum=2**31 - 1, tip="Seed of the noise (method noise)")
+    mean_over: str = param("prompts", widget="choice", choices=MEAN_OVER,
+                           tip="Method mean: over the reference prompts, or over the clean prompt's positions")
+    reference_prompts: tuple[str, ...] = param((), widget="text_list",
+                                               tip="Method mean over prompts: one reference prompt per line")
+    source_prompt: str | None = param(None, widget="optional_text",
+                                      tip="Method resample: the prompt whose activations replace the clean ones "
+                                          "(empty: the corrupted prompt)")
 
     def validate(self, where):
         super().validate(where)
         _check_component(where, "component", self.component, full_names=True)
-        _check_choice(where, "method", self.method, ABLATION_METHODS)
-        _check_choice(where, "positions", self.positions, POSITIONS)
-        _check_choice(where, "metric", self.metric, METRICS)
-        _normalise_layers(self, where)
-        _set(self, "noise", _check_number(where, "noise", self.noise, 0.0))
-        _check_int(where, "seed", self.seed, 0)
-        _check_choice(where, "mean_over", self.mean_over, MEAN_OVER)
-        refs = self.reference_prompts
-        if isinstance(refs, (str, bytes)) or not hasattr(refs, "__iter__"):
-            raise SpecError(f"{where}: field 'reference_prompts' must be a list of prompts, not {refs!r}.")
-        _set(self, "reference_prompts", tuple(refs))
-        for prompt in self.reference_prompts:
-            _check_str(where, "reference_prompts", prompt)
-        if self.source_prompt is not None:
-            _check_str(where, "source_prompt", self.source_prompt)
 
 
 @register("sae_features")
 @dataclass(frozen=True)
 class SAEFeaturesSpec(AnalysisSpec):
-    sae: str  # SAELens folder, Gemma Scope params.npz or a safetensors file
-    hook: str | None = None  # needed when the SAE file names none
-    prompt: str = "clean"  # "clean", "corrupted" or literal text
-    top_k: int = 10  # 0: all features
-
-    def validate(self, where):
-        super().validate(where)
-        if hasattr(self.sae, "__fspath__"):
-            _set(self, "sae", str(self.sae))
-        _check_str(where, "sae", self.sae)
-        if self.hook is not None:
-            _check_hook(where, "hook", self.hook)
-        _check_str(where, "prompt", self.prompt)
-        _check_int(where, "top_k", self.top_k, 0)
+    sae: str = param(widget="path", tip="SAELens folder, Gemma Scope params.npz or a .safetensors file")
+    hook: str | None = param(None, widget="hook", tip="The hook point the SAE reads (needed when its file names none)")
+    prompt: str = param("clean", widget="choice", choices=("clean", "corrupted"), editable=True,
+                        tip="clean, corrupted, or a literal text")
+    top_k: int = param(10, widget="int", minimum=0, maximum=100_000,
+                       tip="The strongest features of each token to show (0: all)")
 
 
 # ---- dict <-> spec ---------------------------------------------------------------------------------------
@@ -307,6 +357,9 @@ def analysis_from_dict(d) -> AnalysisSpec:
     """Build an analysis spec from its JSON form {"name": ..., "kind": ..., fields...}."""
     if not isinstance(d, dict):
         raise SpecError(f"an analysis must be a JSON object with a 'name' and a 'kind', not {d!r}.")
+    from desktop_app.project import kinds  # the registry imports this module; kinds of other modules join here
+
+    kinds.load()
     where = f"analysis {d['name']!r}" if isinstance(d.get("name"), str) else "analysis"
     if "kind" not in d:
         raise SpecError(f"{where} is missing the field 'kind'; use one of {', '.join(ANALYSIS_KINDS)}.")

@@ -12,14 +12,9 @@ import time
 from PySide6.QtCore import Qt, QTimer
 
 from desktop_app.engine.results import AnalysisResult
-from desktop_app.project.specs import (AblationSpec, ActivationPatchingSpec, AttributionPatchingSpec,
-                                       CausalTracingSpec)
+from desktop_app.project import kinds
 from desktop_app.ui import worker_jobs
 from desktop_app.ui.panels import HOOK_COMPONENT
-
-_KIND_SHORT = {"activation_patching": "patching", "attribution_patching": "attribution",
-               "causal_tracing": "tracing", "ablation": "ablation"}
-_PATCHABLE_KINDS = ("activation_patching", "attribution_patching")  # a cell of these is one activation patch
 
 
 class AnalysisMixin:
@@ -50,21 +45,11 @@ class AnalysisMixin:
 
     # ---- analysis
     def spec_from_panel(self):
+        """The spec the Analysis panel shows (SpecError with one sentence when a field is not valid)."""
         a = self.analysis_panel
-        kind, comp = a.kind(), a.component_combo.currentText()
-        if kind == "sae_features":
-            return self.sae_spec()
-        name = f"{comp} {_KIND_SHORT[kind]}" + (" (all positions)" if a.positions_combo.currentText() == "all"
-                                                and kind != "causal_tracing" else "")
-        common = dict(component=comp, positions=a.positions_combo.currentText(),
-                      metric=a.metric_combo.currentText())
-        if kind == "activation_patching":
-            return ActivationPatchingSpec(name=name, direction=a.direction_combo.currentText(), **common)
-        if kind == "attribution_patching":
-            return AttributionPatchingSpec(name=name, direction=a.direction_combo.currentText(), **common)
-        if kind == "causal_tracing":
-            return CausalTracingSpec(name=name, subject=a.subject_edit.text(), component=comp)
-        return AblationSpec(name=name, method=a.method_combo.currentText(), **common)
+        record = a.record()
+        values = a.values()
+        return record.spec(name=record.new_name(values), **values)
 
     def _named_like_project(self, spec):
         """The panel's spec under the name of the project's analysis with the same settings, if there is one
@@ -175,8 +160,8 @@ class AnalysisMixin:
 
     def _patch_here(self, hook: str, kind: str):
         a = self.analysis_panel
-        a.kind_combo.setCurrentIndex(0)
-        a.component_combo.setCurrentText(HOOK_COMPONENT[kind])
+        a.set_kind("activation_patching")
+        a.set_field("component", HOOK_COMPONENT[kind])
         self.run_analysis()
 
     # ---- a clicked cell: top next tokens of the clean, corrupted and patched runs
@@ -189,10 +174,15 @@ class AnalysisMixin:
         if self.model_loaded is None:
             self.predictions_label.setText("Load the model to see the predictions of a cell.")
             return
-        if result.kind == "sae_features":
+        record = kinds.find(result.kind)
+        click = record.click if record is not None else "describe"
+        if click == "select_token":
             coords = view.cell_coordinates(cell)
             if "position" in coords:
                 self.sae_view.select_token(coords["position"])
+            return
+        if click == "describe":
+            self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b>")
             return
         patch = self.cell_patch(result, view.cell_coordinates(cell))
         ids = {what: arr.tolist() for what, arr in (("clean", result.tokens_clean),
@@ -208,7 +198,8 @@ class AnalysisMixin:
         """The activation patch a cell of a patching result stands for (None for other kinds)."""
         params = result.params or {}
         component = params.get("component")
-        if result.kind not in _PATCHABLE_KINDS or not component or "layer" not in coords:
+        record = kinds.find(result.kind)
+        if record is None or record.click != "patched_predictions" or not component or "layer" not in coords:
             return None
         labels = result.labels.get("layer") or []
         row = coords["layer"]
@@ -253,7 +244,8 @@ class AnalysisMixin:
 
     def _show_result(self, result: AnalysisResult):
         self.result_view.set_result(result)
-        if result is not None and result.kind == "sae_features" and result.values.size:
+        record = kinds.find(result.kind) if result is not None else None
+        if record is not None and record.view == "feature_table" and result.values.size:
             dock = self.docks["saeDock"]
             if not dock.isVisible():
                 dock.show()

@@ -9,9 +9,9 @@ import numpy as np
 from PySide6.QtGui import QFontMetricsF
 
 from desktop_app.engine.results import AnalysisResult
+from desktop_app.project import kinds
 
 MAX_BARS = 64  # beyond this a 1-D result is drawn as a line
-_KIND_VALUES = {"causal_tracing": "answer probability", "sae_features": "feature activation"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -65,7 +65,7 @@ def default_title(result: AnalysisResult) -> str:
 
 def value_name(result: AnalysisResult) -> str:
     """What the numbers are: the metric, or what the kind computes when it has no metric."""
-    return str(result.params.get("metric") or _KIND_VALUES.get(result.kind, "value"))
+    return kinds.value_label(result)
 
 
 def subtitle_lines(result: AnalysisResult, data: FigureData) -> list[str]:

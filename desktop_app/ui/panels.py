@@ -10,11 +10,10 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QHBoxL
                                QProgressBar, QPushButton, QSpinBox, QToolButton, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
-from desktop_app.project.specs import DIRECTIONS, METRICS, POSITIONS, TRACING_COMPONENTS, ABLATION_METHODS
+from desktop_app.project import kinds
+from desktop_app.project.specs import panel_fields
+from desktop_app.ui.spec_form import FieldWidget, field_default, field_label
 
-COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")
-KINDS = (("activation_patching", "Activation patching"), ("attribution_patching", "Attribution patching"),
-         ("causal_tracing", "Causal tracing"), ("ablation", "Ablation"), ("sae_features", "SAE features"))
 # hook kind in the layer tree -> patching component
 HOOK_COMPONENT = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
                   "attn_out": "attn_out", "mlp_out": "mlp_out", "attn.hook_z": "head_out"}
@@ -296,35 +295,21 @@ class LayerTreePanel(QWidget):
 
 
 class AnalysisPanel(QWidget):
+    """The kind combo and, for the chosen kind, one row per spec field (built from the registry's param()
+    metadata), the batch size, Run / Cancel and the progress of the running analysis."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self.kind_combo = _named(QComboBox(), "analysisKindCombo", "Which analysis to run")
-        for kind, label in KINDS:
-            self.kind_combo.addItem(label, kind)
-        self.component_combo = _named(QComboBox(), "componentCombo",
-                                      "Which activation is patched, in every layer (head_out: each attention head)")
-        self.positions_combo = _named(QComboBox(), "positionsCombo",
-                                      "each: one cell per token position; all: every position at once")
-        self.positions_combo.addItems(POSITIONS)
-        self.direction_combo = _named(QComboBox(), "directionCombo",
-                                      "denoise: run corrupted, patch in clean; noise: run clean, patch in corrupted")
-        self.direction_combo.addItems(DIRECTIONS)
-        self.metric_combo = _named(QComboBox(), "metricCombo", "What is measured at the last position")
-        self.metric_combo.addItems(METRICS)
-        self.metric_combo.setCurrentText("logit_diff_recovered")
-        self.method_combo = _named(QComboBox(), "ablationMethodCombo", "How an ablated activation is replaced")
-        self.method_combo.addItems(ABLATION_METHODS)
-        self.subject_edit = _named(QLineEdit(), "subjectEdit",
-                                   "Causal tracing: the text inside the clean prompt whose embeddings are noised")
+        self.records = {r.kind: r for r in kinds.all_kinds()}
+        for record in self.records.values():
+            self.kind_combo.addItem(record.label, record.kind)
+            if record.description:
+                self.kind_combo.setItemData(self.kind_combo.count() - 1, record.description, Qt.ToolTipRole)
         self.batch_spin = _named(QSpinBox(), "batchSizeSpin",
                                  "Cells per forward pass (0: as many as memory allows); lower it after out-of-memory")
         self.batch_spin.setRange(0, 4096)
         self.batch_spin.setSpecialValueText("auto")
-        self.top_k_spin = _named(QSpinBox(), "saeTopKSpin",
-                                 "SAE features: the strongest features of each token to show (0: all)")
-        self.top_k_spin.setRange(0, 100_000)
-        self.top_k_spin.setValue(10)
-        self.top_k_spin.setSpecialValueText("all")
         self.run_button = _named(QPushButton("Run"), "runButton", "Run the analysis (Ctrl+R or F5)")
         self.cancel_button = _named(QPushButton("Cancel"), "cancelButton",
                                     "Stop the running analysis and keep the finished cells (Esc)")
@@ -337,64 +322,76 @@ class AnalysisPanel(QWidget):
 
         form = QFormLayout(self)
         form.addRow("Analysis", self.kind_combo)
-        form.addRow("Component", self.component_combo)
-        form.addRow("Positions", self.positions_combo)
-        form.addRow("Direction", self.direction_combo)
-        form.addRow("Metric", self.metric_combo)
-        form.addRow("Method", self.method_combo)
-        form.addRow("Subject", self.subject_edit)
-        form.addRow("Top features", self.top_k_spin)
-        form.addRow("Batch", self.batch_spin)
         self._form = form
+        self.fields: dict[tuple[str, str], FieldWidget] = {}  # (field name, widget type) -> its widget
+        self._kind_fields: dict[str, list] = {}  # kind -> [(dataclasses.Field, FieldWidget)]
+        for record in self.records.values():
+            rows = []
+            for f in panel_fields(record.spec):
+                key = (f.name, f.metadata["widget"])
+                if key not in self.fields:
+                    self.fields[key] = FieldWidget(f)
+                    form.addRow(field_label(f), self.fields[key].widget)
+                rows.append((f, self.fields[key]))
+            self._kind_fields[record.kind] = rows
+        form.addRow("Batch", self.batch_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         form.addRow(buttons)
         form.addRow(self.progress)
         form.addRow(self.rate_label)
+        self._shown: set = set()
         self.kind_combo.currentIndexChanged.connect(self._kind_changed)
         self._kind_changed()
 
     def kind(self) -> str:
         return self.kind_combo.currentData()
 
+    def record(self):
+        return self.records[self.kind()]
+
+    def widget(self, field: str):
+        """The widget of `field` of the current kind (None when the kind has no such field)."""
+        for f, fw in self._kind_fields.get(self.kind(), []):
+            if f.name == field:
+                return fw.widget
+        return None
+
+    def set_kind(self, kind: str) -> None:
+        index = self.kind_combo.findData(kind)
+        if index >= 0:
+            self.kind_combo.setCurrentIndex(index)
+
+    def set_field(self, field: str, value) -> None:
+        for f, fw in self._kind_fields.get(self.kind(), []):
+            if f.name == field:
+                fw.set_value(value)
+
+    def values(self) -> dict:
+        """The current kind's field values as its spec wants them (SpecError for an unreadable entry)."""
+        return {f.name: fw.value() for f, fw in self._kind_fields[self.kind()]}
+
     def _kind_changed(self, *_):
-        kind = self.kind()
-        current = self.component_combo.currentText()
-        comps = TRACING_COMPONENTS if kind == "causal_tracing" else COMPONENTS
-        sae = kind == "sae_features"
-        self.component_combo.blockSignals(True)
-        self.component_combo.clear()
-        self.component_combo.addItems(comps)
-        if kind == "ablation" and current not in comps:
-            current = "head_out"
-        self.component_combo.setCurrentText(current if current in comps else comps[0])
-        self.component_combo.blockSignals(False)
-        visible = {"component": not sae, "positions": kind not in ("causal_tracing", "sae_features"),
-                   "direction": kind in ("activation_patching", "attribution_patching"),
-                   "metric": kind not in ("causal_tracing", "sae_features"), "method": kind == "ablation",
-                   "subject": kind == "causal_tracing", "top_k": sae}
-        for key, widget in (("component", self.component_combo), ("positions", self.positions_combo),
-                            ("direction", self.direction_combo), ("metric", self.metric_combo),
-                            ("method", self.method_combo), ("subject", self.subject_edit),
-                            ("top_k", self.top_k_spin)):
-            self._form.setRowVisible(widget, visible[key])
+        rows = self._kind_fields.get(self.kind(), [])
+        shown = {id(fw) for _f, fw in rows}
+        for fw in self.fields.values():
+            self._form.setRowVisible(fw.widget, id(fw) in shown)
+        for f, fw in rows:
+            fw.widget.setToolTip(f.metadata.get("tip") or field_label(f))  # kinds sharing a widget differ here
+            if fw.kind == "choice":
+                fw.set_choices(f.metadata["choices"])
+            if id(fw) not in self._shown:  # newly shown: this kind's default
+                fw.set_value(field_default(f))
+        self._shown = shown
 
     def show_spec(self, spec) -> None:
         """Set the controls to an analysis spec (a project's analysis, the demo's first one)."""
-        index = self.kind_combo.findData(spec.kind)
-        if index < 0:
+        if spec.kind not in self.records:
             return
-        self.kind_combo.setCurrentIndex(index)
-        for attr, combo in (("component", self.component_combo), ("positions", self.positions_combo),
-                            ("direction", self.direction_combo), ("metric", self.metric_combo),
-                            ("method", self.method_combo)):
-            if hasattr(spec, attr):
-                combo.setCurrentText(str(getattr(spec, attr)))
-        if hasattr(spec, "subject"):
-            self.subject_edit.setText(spec.subject)
-        if hasattr(spec, "top_k"):
-            self.top_k_spin.setValue(int(spec.top_k))
+        self.set_kind(spec.kind)
+        for f, fw in self._kind_fields[spec.kind]:
+            fw.set_value(getattr(spec, f.name))
 
     def set_running(self, running: bool):
         self.run_button.setEnabled(not running)

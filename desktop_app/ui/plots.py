@@ -16,10 +16,10 @@ from PySide6.QtGui import QFontMetrics, QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from desktop_app.engine.results import AnalysisResult
+from desktop_app.project import kinds
 from desktop_app.ui.colormaps import diverging_lut, lut_for_limits
 
 REPAINT_MS = 33
-_NON_NEGATIVE_KINDS = ("causal_tracing", "sae_features")  # probabilities / activations: white-to-red
 _MAX_LABEL = 14
 
 
@@ -293,13 +293,13 @@ class ResultView(QWidget):
         finite = values[np.isfinite(values)]
         m = float(np.abs(finite).max()) if finite.size else 0.0
         m = m or 1.0
-        if self.result is not None and self.result.kind in _NON_NEGATIVE_KINDS and (finite >= 0).all():
+        if self.result is not None and kinds.scale_of(self.result) == "sequential" and (finite >= 0).all():
             return 0.0, m
         return -m, m  # symmetric: 0 is white
 
     def _value_name(self) -> str:
         r = self.result
-        return str(r.params.get("metric") or {"causal_tracing": "answer probability"}.get(r.kind, "value"))
+        return kinds.value_label(r)
 
     def _title(self) -> str:
         r = self.result

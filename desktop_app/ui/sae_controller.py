@@ -11,8 +11,6 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog
 
-from desktop_app.engine.errors import SpecError
-from desktop_app.project.specs import SAEFeaturesSpec
 from desktop_app.ui import sae_worker_jobs
 from desktop_app.ui.training_view import ARCHITECTURES, TrainDialog
 
@@ -85,6 +83,9 @@ class SAEMixin:
         self.job_label.setText("SAE attached")
         self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
         self.docks["saeDock"].raise_()
+        self.analysis_panel.set_kind("sae_features")  # the panel's SAE features kind reads the attached SAE
+        self.analysis_panel.set_field("sae", info.path)
+        self.analysis_panel.set_field("hook", info.hook)
         if info.trained_on and info.trained_on != info.hook:
             self.show_message(f"the SAE was trained on {info.trained_on} and is now reading {info.hook}; its "
                               "features may mean little there.", "warning")
@@ -92,22 +93,12 @@ class SAEMixin:
             self.show_message("SAE attached; type a clean prompt and choose SAE features, Run, to see its "
                               "features.")
             return
-        self.analysis_panel.kind_combo.setCurrentIndex(self.analysis_panel.kind_combo.findData("sae_features"))
         self.run_analysis()
 
     def _sae_failed(self, message: str, details: str = ""):
         self.job_label.setText("SAE not attached")
         self.sae_view.title_label.setText("Attach an SAE to a hook point to see its features here.")
         self.show_error(message, details)
-
-    def sae_spec(self) -> SAEFeaturesSpec:
-        """The `sae_features` spec of the attached SAE (the Analysis panel's SAE features kind)."""
-        if self.sae_attached is None:
-            raise SpecError("no SAE is attached; right-click a hook point in the Layers tree and choose "
-                            "Attach SAE….")
-        info = self.sae_attached
-        return SAEFeaturesSpec(name=f"sae {info.hook}", sae=info.path, hook=info.hook, prompt="clean",
-                               top_k=self.analysis_panel.top_k_spin.value())
 
     # ---- feature edits ----
     def run_intervention(self, request: dict) -> int | None:

@@ -75,9 +75,9 @@ def measure_ui_stalls(model_dir, min_seconds: float = 2.0, batch_size: int = 2, 
         p.answer_edit.setText(ex.answer)
         p.wrong_edit.setText(getattr(ex, "wrong", None) or ex.wrong_answer)
         a = window.analysis_panel
-        a.kind_combo.setCurrentIndex(0)
-        a.component_combo.setCurrentText("resid_pre")
-        a.positions_combo.setCurrentText("each")
+        a.set_kind("activation_patching")
+        a.set_field("component", "resid_pre")
+        a.set_field("positions", "each")
         a.batch_spin.setValue(batch_size)
         _wait(app, lambda: False, 0.3)  # let the tokeniser job settle
 

@@ -109,18 +109,11 @@ class Skeleton:
 
 
 def _skeleton(lm, prompts, spec):
-    """The empty result of a patching-shaped spec, so streamed cells can be drawn before the job returns."""
-    if spec.kind not in ("activation_patching", "attribution_patching") or spec.component.startswith("blocks."):
-        return None
-    from desktop_app.engine.patching import new_sweep_result
-    from desktop_app.engine.prompts import prepare_pair
+    """The empty result of a kind that streams cells (its registry record's skeleton), else None."""
+    from desktop_app.project import kinds
 
-    pair = prepare_pair(lm, prompts.clean, prompts.corrupted, prompts.answer, prompts.wrong_answer,
-                        prompts.prepend_bos)
-    _plan, result = new_sweep_result(lm, pair, spec.kind, spec.component, spec.positions, spec.direction,
-                                     spec.metric, spec.name, getattr(spec, "layers", None))
-    result.status = "partial"
-    return result
+    record = kinds.get(spec.kind)
+    return record.skeleton(lm, prompts, spec) if record.skeleton is not None else None
 
 
 def run_analysis(prompts, spec, batch_size: int | None = None):

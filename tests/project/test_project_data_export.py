@@ -14,6 +14,7 @@ from iwb_testkit import make_result
 
 def test_npz_has_exactly_the_contract_arrays(tmp_path):
     r = make_result(shape=(3, 4))
+    r.extras = {}
     path = export_npz(r, tmp_path / "out.npz")
     with np.load(path, allow_pickle=False) as z:
         assert set(z.files) == {"values", "tokens_clean", "tokens_corrupted", "clean_metric", "corrupted_metric",
@@ -24,6 +25,15 @@ def test_npz_has_exactly_the_contract_arrays(tmp_path):
         assert float(z["elapsed_s"]) == 0.25
         assert z["labels_layer"].dtype.kind == "U" and list(z["labels_layer"]) == ["0", "1", "2"]
         assert list(z["labels_position"]) == [f"{i}: tok{i} ü" for i in range(4)]
+
+
+def test_npz_adds_a_kinds_extra_arrays_but_no_traceback(tmp_path):
+    r = make_result(shape=(3, 4))
+    r.extras = {"sem": np.full((3, 4), 0.5), "traceback": np.array("Traceback ..."), "values": np.zeros(1)}
+    with np.load(export_npz(r, tmp_path / "out.npz"), allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["sem"], np.full((3, 4), 0.5))
+        assert "traceback" not in z.files
+        np.testing.assert_array_equal(z["values"], r.values)  # a contract array is never shadowed
 
 
 def test_npz_labels_missing_dim_are_indices(tmp_path):

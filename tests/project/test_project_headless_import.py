@@ -9,8 +9,10 @@ import sys
 for blocked in ("PySide6", "pyqtgraph", "torch", "transformers"):
     sys.modules[blocked] = None
 import desktop_app.project
-from desktop_app.project import (atomic, autosave, data_export, document, experiment, iwb, recent, specs,
-                                 undo)
+from desktop_app.project import (atomic, autosave, data_export, document, execute, experiment, iwb, kinds,
+                                 recent, specs, undo)
+kinds.load()
+assert len(kinds.all_kinds()) >= 5
 loaded = [m for m in ("PySide6", "pyqtgraph", "torch", "transformers") if sys.modules.get(m) is not None]
 assert not loaded, loaded
 print("ok")

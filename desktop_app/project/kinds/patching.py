@@ -1,0 +1,50 @@
+"""Activation patching and attribution patching: [layer, position] / [layer, head] sweeps of one component."""
+from __future__ import annotations
+
+from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind
+from desktop_app.project.specs import ActivationPatchingSpec, AttributionPatchingSpec
+
+_DIMS = "[layer, position] (each) or [layer] (all); head_out: [layer, position, head] or [layer, head]"
+
+
+def _metric(params: dict) -> str:
+    return str(params.get("metric") or "value")
+
+
+def _activation_job(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.patching import activation_patching_job
+
+    return activation_patching_job(lm, prompt_pair(lm, prompts), component=spec.component, positions=spec.positions,
+                                   direction=spec.direction, metric=spec.metric, name=spec.name, layers=spec.layers,
+                                   cancel=cancel, batch_size=batch_size)
+
+
+def _attribution_job(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.attribution import attribution_patching_job
+
+    return attribution_patching_job(lm, prompt_pair(lm, prompts), component=spec.component,
+                                    positions=spec.positions, direction=spec.direction, metric=spec.metric,
+                                    name=spec.name, cancel=cancel)
+
+
+def _skeleton(lm, prompts, spec):
+    """The empty sweep result (NaN cells, dims, labels), so the window draws streamed cells before the end."""
+    from desktop_app.engine.patching import new_sweep_result
+
+    _plan, result = new_sweep_result(lm, prompt_pair(lm, prompts), spec.kind, spec.component, spec.positions,
+                                     spec.direction, spec.metric, spec.name, getattr(spec, "layers", None))
+    result.status = "partial"
+    return result
+
+
+register_kind(AnalysisKind(
+    kind="activation_patching", label="Activation patching", short="patching", spec=ActivationPatchingSpec,
+    job=_activation_job, dims=_DIMS, value_name=_metric, scale="diverging", view="heatmap",
+    click="patched_predictions", skeleton=_skeleton,
+    description="Patch one activation from the other prompt's run, cell by cell, and measure the metric."))
+
+register_kind(AnalysisKind(
+    kind="attribution_patching", label="Attribution patching", short="attribution", spec=AttributionPatchingSpec,
+    job=_attribution_job, dims=_DIMS, value_name=_metric, scale="diverging", view="heatmap",
+    click="patched_predictions", skeleton=_skeleton,
+    description="The linear (gradient) estimate of every activation patch, from two forward and one backward pass."))
