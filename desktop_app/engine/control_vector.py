@@ -180,3 +180,59 @@ def export_result_safetensors(result, path) -> Path:
     meta = {k: result.params[k] for k in ("method", "model_type", "position") if k in result.params}
     return write_directions_safetensors(path, np.asarray(result.values), str(result.params.get("hook", "resid_post")),
                                         meta)
+
+
+def read_directions_safetensors(path) -> tuple[np.ndarray, str]:
+    """(directions [layer, d], hook kind) of a file written by write_directions_safetensors."""
+    from safetensors import safe_open
+
+    from desktop_app.engine.hooknames import parse_hook_name
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecError(f"{p} does not exist or is not a file; choose a directions .safetensors file.")
+    try:
+        with safe_open(str(p), "np") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise SpecError(f"{p} is not a readable safetensors file ({exc.__class__.__name__}); choose a directions "
+                        "file exported by Interp Workbench.", details=str(exc)) from exc
+    kind = meta.get("hook", "")
+    by_layer = {}
+    for name, t in tensors.items():
+        try:
+            layer, k = parse_hook_name(name)
+        except ValueError:
+            layer, k = None, ""
+        if layer is None or k != kind or t.ndim != 1:
+            raise SpecError(f"{p} holds {name!r}, which is not a direction of one layer at {kind or 'a hook'}; choose "
+                            "a directions file exported by Interp Workbench.")
+        by_layer[layer] = t.astype(np.float32)
+    if not by_layer:
+        raise SpecError(f"{p} holds no directions.")
+    widths = {v.shape[0] for v in by_layer.values()}
+    if len(widths) != 1:
+        raise SpecError(f"{p} mixes directions of widths {sorted(widths)}; it is not one model's.")
+    out = np.zeros((max(by_layer) + 1, widths.pop()), dtype=np.float32)
+    for layer, v in by_layer.items():
+        out[layer] = v
+    return out, kind
+
+
+def directions_file_for(lm, path) -> tuple[np.ndarray, str]:
+    """(directions [n_layers, d_model], hook kind) from a control-vector .gguf (resid_post) or a directions
+    .safetensors, refused in one sentence when it does not fit this model."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf":
+        return control_vector_as_directions(lm, p), "resid_post"
+    directions, kind = read_directions_safetensors(p)
+    if directions.shape[1] != lm.info.d_model:
+        raise SpecError(f"the directions in {p.name} have width {directions.shape[1]} but this model's d_model is "
+                        f"{lm.info.d_model}; use directions made for this model.")
+    if directions.shape[0] > lm.info.n_layers:
+        raise SpecError(f"{p.name} has directions for {directions.shape[0]} layers but this model has "
+                        f"{lm.info.n_layers}; use directions made for this model.")
+    out = np.zeros((lm.info.n_layers, lm.info.d_model), dtype=np.float32)
+    out[:directions.shape[0]] = directions
+    return out, kind

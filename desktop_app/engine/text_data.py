@@ -118,3 +118,19 @@ def read_pairs(source) -> tuple[list[str], list[str]]:
     if not pos:
         raise SpecError("The pairs file has no rows; add `positive,negative` rows.")
     return pos, neg
+
+
+TEXT_FILE_SUFFIXES = (".txt", ".text", ".jsonl", ".ndjson", ".csv", ".tsv")
+
+
+def texts_or_file(entries, what: str = "text list") -> list[str]:
+    """A spec's text-list field: its texts, or — when it holds one entry that names an existing .txt / .jsonl /
+    .csv file (or is a str path) — the texts of that file."""
+    if isinstance(entries, (str, os.PathLike)):
+        return read_texts(entries, what)
+    entries = list(entries or [])
+    if len(entries) == 1:
+        p = Path(str(entries[0]).strip()).expanduser()
+        if p.suffix.lower() in TEXT_FILE_SUFFIXES and p.is_file():
+            return read_texts(p, what)
+    return read_texts(entries, what)
