@@ -11,7 +11,7 @@ from iwb_testkit import all_specs
 
 def test_every_kind_is_registered_and_covered():
     assert set(ANALYSIS_KINDS) == {"activation_patching", "causal_tracing", "attribution_patching",
-                                   "ablation", "sae_features"}
+                                   "ablation", "sae_features", "probe", "tcav", "steering_vector", "steering"}
     assert {s.kind for s in all_specs()} == set(ANALYSIS_KINDS)
 
 
