@@ -46,6 +46,12 @@ def objective(W: torch.Tensor, b: torch.Tensor, z: torch.Tensor, y: torch.Tensor
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int | None = None, l2: float = 1e-2,
                  max_iter: int = 1000, tol: float = 1e-9) -> LogisticModel:
     """Fit on x [n, width] and integer labels y [n] in 0 .. K-1."""
+    # the window's worker runs jobs under inference_mode, where no tensor can take part in autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(x, y, n_classes, l2, max_iter, tol)
+
+
+def _fit(x, y, n_classes, l2, max_iter, tol) -> LogisticModel:
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
     k = int(n_classes if n_classes is not None else int(y_t.max()) + 1)
@@ -64,10 +70,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int | None = None, l2:
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-        opt.zero_grad()
-        objective(W, b, z, y_t, l2).backward()
+    opt.step(closure)
+    opt.zero_grad()
+    objective(W, b, z, y_t, l2).backward()
     grad_norm = float(torch.cat([W.grad.flatten(), b.grad]).abs().max())
     Wd, bd = W.detach(), b.detach()
     coef = (Wd / std).numpy()

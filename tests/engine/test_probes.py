@@ -152,3 +152,16 @@ def test_bad_datasets_are_one_sentence(lm_gpt2, tmp_path):
         drive(probe_job(lm_gpt2, bad))
     with pytest.raises(SpecError, match="cannot be pooled"):
         drive(probe_job(lm_gpt2, [("a b", "x"), ("c d", "y")] * 2, hook="attn.hook_z"))
+
+
+def test_fit_works_under_inference_mode():
+    """The window's worker runs jobs inside torch.inference_mode()."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 5))
+    y = (x[:, 0] > 0).astype(int)
+    with torch.inference_mode():
+        m = fit_logistic(x, y, 2)
+    np.testing.assert_allclose(m.coef, fit_logistic(x, y, 2).coef)
+    assert m.converged

@@ -27,6 +27,14 @@ EXAMPLES = {
                  "layers": (0,), "noise": 0.5, "seed": 2, "mean_over": "positions",
                  "reference_prompts": ("a reference", "another one"), "source_prompt": "unused here"},
     "sae_features": {"sae": None, "hook": HOOK, "prompt": "corrupted", "top_k": 5},  # sae: set by the test
+    "probe": {"dataset": None, "hook": "resid_pre", "position": "mean", "test_fraction": 0.5, "seed": 1},
+    "tcav": {"concept": ("Mary gave a book", "Mary gave a pen"), "random": ("John went home", "Bob went out",
+                                                                           "Anna sat down", "Tom ran away"),
+             "inputs": ("When Mary and John went to the store, John gave a drink to",), "target": " Mary",
+             "runs": 2, "seed": 1},
+    "steering_vector": {"positive": ("Mary went home", "Mary sat down"), "negative": ("John went home",
+                                                                                      "John sat down"),
+                        "method": "pca", "hook": "resid_pre"},
 }
 
 
@@ -87,6 +95,10 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     values = dict(EXAMPLES[kind])
     if kind == "sae_features":
         values["sae"] = str(_random_sae(tmp_path / "sae"))
+    if kind == "probe":
+        (tmp_path / "labels.csv").write_text("text,label\n" + "\n".join(
+            f"{n} went to the {p},{n == 'Mary'}" for n in ("Mary", "John") for p in ("park", "store", "school")))
+        values["dataset"] = str(tmp_path / "labels.csv")
     load_model(qtbot, window, ioi_gpt2_dir)
     assert window.model_loaded is not None, window.message_bar.text()
     type_prompts(window)
