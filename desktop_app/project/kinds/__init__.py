@@ -48,7 +48,7 @@ from desktop_app.project import specs as _specs
 from desktop_app.project.specs import AnalysisSpec, Prompts
 
 VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table")
-CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token")
+CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token", "details")
 SCALES = ("diverging", "sequential")
 _BUILTIN_MODULES = ("patching", "tracing", "ablation", "sae_features")  # their order is the panel's order
 
@@ -77,6 +77,7 @@ class AnalysisKind:
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
     description: str = ""
+    details: Callable[[Any, dict], str] | None = None  # click "details": (result, {dim: index}) -> plain text
 
     def __post_init__(self):
         if not self.kind or not self.kind.replace("_", "").isalnum():

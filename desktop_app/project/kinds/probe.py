@@ -32,6 +32,32 @@ class ProbeSpec(AnalysisSpec):
                       tip="L2 penalty on the standardised probe weights")
 
 
+def _layer(result, coords) -> int | None:
+    layer = coords.get("layer")
+    return layer if layer is not None and 0 <= layer < len(result.values) else None
+
+
+def probe_details(result, coords: dict) -> str:
+    """The clicked layer's accuracy, control accuracy and confusion matrix (rows: true class)."""
+    import numpy as np
+
+    layer, x = _layer(result, coords), result.extras
+    if layer is None or "confusion" not in x:
+        return "this result stores no confusion matrices."
+    classes = [str(c) for c in np.asarray(x.get("classes", []))]
+    conf = np.asarray(x["confusion"])[layer]
+    classes = classes if len(classes) == conf.shape[0] else [str(i) for i in range(conf.shape[0])]
+    lines = [f"accuracy {float(result.values[layer]):.3f}, control {float(x['control_accuracy'][layer]):.3f}, "
+             f"selectivity {float(x['selectivity'][layer]):.3f}"
+             + (f", majority class {float(x['majority_accuracy']):.3f}" if "majority_accuracy" in x else ""),
+             f"confusion on {int(conf.sum())} test texts (rows: true, columns: predicted)"]
+    width = max([len(c) for c in classes] + [len(str(int(conf.max())))]) + 2
+    lines.append(" " * width + "".join(c[:width - 1].rjust(width) for c in classes))
+    for c, row in zip(classes, conf):
+        lines.append(c[:width - 1].ljust(width) + "".join(str(int(v)).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
 def _job(lm, prompts, spec, cancel, batch_size):
     from desktop_app.engine.activations_dataset import default_cache_dir
     from desktop_app.engine.probes import probe_job
@@ -44,7 +70,7 @@ def _job(lm, prompts, spec, cancel, batch_size):
 
 register_kind(AnalysisKind(
     kind="probe", label="Linear probe", short="probe", spec=ProbeSpec, job=_job, dims="[layer]",
-    value_name="held-out accuracy", scale="sequential", view="bars", click="describe",
+    value_name="held-out accuracy", scale="sequential", view="bars", click="details", details=probe_details,
     name_for=lambda values: f"{values.get('hook') or 'resid_post'} probe",
     description="A logistic-regression probe per layer on a labelled dataset: held-out accuracy, a shuffled-label "
                 "control task (selectivity), confusion matrices and the probe directions."))

@@ -41,6 +41,25 @@ class TCAVSpec(AnalysisSpec):
         super().validate(where)
 
 
+def tcav_details(result, coords: dict) -> str:
+    """The clicked layer's p-value and the two score distributions (concept runs vs random runs)."""
+    import numpy as np
+
+    layer, x = coords.get("layer"), result.extras
+    if layer is None or "concept_scores" not in x:
+        return "this result stores no score distributions."
+    concept, random = np.asarray(x["concept_scores"])[:, layer], np.asarray(x["random_scores"])[:, layer]
+    p, adjusted = float(x["p_value"][layer]), float(x["p_value_adjusted"][layer])
+    alpha = float((result.params or {}).get("alpha", 0.05))
+    verdict = "significant" if bool(x["significant"][layer]) else "not significant"
+    bonf = f", Bonferroni-adjusted {adjusted:.3g}" if (result.params or {}).get("bonferroni") else ""
+    lines = [f"TCAV score {float(result.values[layer]):.3f}; p = {p:.3g}{bonf}: {verdict} at {alpha:g}"]
+    for what, scores in (("concept", concept), ("random", random)):
+        lines.append(f"{what:8s} mean {scores.mean():.3f} sd {scores.std(ddof=1) if len(scores) > 1 else 0.0:.3f}: "
+                     + " ".join(f"{s:.2f}" for s in np.sort(scores)))
+    return "\n".join(lines)
+
+
 def _job(lm, prompts, spec, cancel, batch_size):
     from desktop_app.engine.activations_dataset import default_cache_dir
     from desktop_app.engine.tcav import tcav_job
@@ -59,6 +78,6 @@ def _job(lm, prompts, spec, cancel, batch_size):
 
 register_kind(AnalysisKind(
     kind="tcav", label="TCAV (concept)", short="tcav", spec=TCAVSpec, job=_job, dims="[layer]",
-    value_name="TCAV score", scale="sequential", view="bars", click="describe",
+    value_name="TCAV score", scale="sequential", view="bars", click="details", details=tcav_details,
     description="Concept activation vectors per layer and the fraction of inputs whose target grows along them, "
                 "tested against random concepts (Kim et al. 2018)."))
