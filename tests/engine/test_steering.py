@@ -153,3 +153,31 @@ def test_result_exports(lm_llama, tmp_path):
     assert dropped == [0] and sorted(read_control_vector(path)[0]) == [1]
     st = export_result_safetensors(post, tmp_path / "r.safetensors")
     assert st.is_file()
+
+
+def test_one_edit_mechanism_for_sae_features_and_probe_directions(lm_llama):
+    """SAE feature edits run through the same runner as directions and give sae_intervention_job's numbers."""
+    from desktop_app.engine.probes import probe_job
+    from desktop_app.engine.sae.inspect import FeatureEdit, edit_hook
+    from desktop_app.engine.sae.jobs import sae_intervention_job
+    from desktop_app.engine.sae.model import SAE, SAEConfig
+    from desktop_app.engine.steering import steering_writes
+
+    hook = "blocks.1.hook_resid_pre"
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=64, d_sae=16, hook_name=hook))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    edits = [FeatureEdit(3, "steer", 5.0)]
+    text = "When Mary and John went to the store, John gave"
+    ours = drive(intervention_job(lm_llama, text, {hook: edit_hook(sae, edits)}, n_continue=3))
+    theirs = drive(sae_intervention_job(lm_llama, sae, text, edits, n_continue=3, hook=hook))
+    np.testing.assert_allclose(ours.values, theirs.values, atol=1e-6)
+    np.testing.assert_array_equal(ours.extras["continuation_after_ids"], theirs.extras["continuation_after_ids"])
+    # a probe's direction steers like any other direction
+    probe = drive(probe_job(lm_llama, [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE],
+                            test_fraction=0.5))
+    writes = steering_writes(probe.extras["directions"], "resid_post", 3.0, [1])
+    r = drive(intervention_job(lm_llama, text, writes, n_continue=0))
+    assert float(r.extras["kl"]) > 0
