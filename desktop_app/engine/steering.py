@@ -78,7 +78,7 @@ def steering_vector_job(lm, positive=None, negative=None, pairs=None, method: st
         values[layer] = v
         if paired:  # how often a pair is ordered along the direction as it should be
             separation[layer] = float(np.mean(pos[layer] @ v > neg[layer] @ v))
-        yield Partial(index=(np.array([layer]), np.arange(width)), values=values[layer][None])
+        yield Partial(index=(np.array([layer]),), values=values[layer][None])
         yield Progress(layer + 1, n_layers, f"direction of layer {layer}")
     return AnalysisResult(
         name=name, kind="steering_vector",

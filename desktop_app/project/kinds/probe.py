@@ -13,9 +13,10 @@ POSITION_TIP = "last: the last token's activation; mean: the mean over the text'
 
 
 def with_spec_params(job, spec):
-    """Pass a job's events on and record the spec's fields in its result's params (what `info` shows)."""
+    """Pass a job's events on and record the spec's fields in its result's params (what `info` shows); where
+    the engine resolved a field (target "answer" -> the token, random_size 0 -> the set size), its value wins."""
     result = yield from job
-    result.params = {**result.params, **field_values(spec)}
+    result.params = {**field_values(spec), **result.params}
     return result
 
 
