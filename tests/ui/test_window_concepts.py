@@ -45,3 +45,17 @@ def test_tcav_click_shows_the_score_distributions(qtbot, window):
     text = child(window, "cellPredictionsLabel", QLabel).text()
     assert "p = 0.001" in text and "significant at 0.05" in text and "not significant" not in text
     assert "0.90 0.95 1.00" in text and "0.40 0.50 0.60" in text
+
+
+def test_steering_click_shows_tokens_and_continuations(qtbot, window):
+    window.show()
+    r = AnalysisResult("steer", "steering", {}, ["which", "rank"], np.array([[0.5, 0.2], [0.6, 0.1]], np.float32),
+                       labels={"which": ["before", "after"], "rank": ["1", "2"]},
+                       extras={"top_tokens": np.array([["·Mary", "·John"], ["·John", "·Mary"]]),
+                               "kl": np.array(0.25, np.float32),
+                               "continuation": np.array([" Mary went home", " John went out"])})
+    window._show_result(r)
+    window._cell_clicked((1, 0))
+    text = child(window, "cellPredictionsLabel", QLabel).text()
+    assert "KL(before || after) = 0.25" in text
+    assert "continuation before:  Mary went home" in text and "continuation after:   John went out" in text

@@ -35,6 +35,7 @@ EXAMPLES = {
     "steering_vector": {"positive": ("Mary went home", "Mary sat down"), "negative": ("John went home",
                                                                                       "John sat down"),
                         "method": "pca", "hook": "resid_pre"},
+    "steering": {"vector": None, "coefficient": 2.0, "prompt": "corrupted", "n_continue": 2},  # vector: by the test
 }
 
 
@@ -95,6 +96,9 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     values = dict(EXAMPLES[kind])
     if kind == "sae_features":
         values["sae"] = str(_random_sae(tmp_path / "sae"))
+    if kind == "steering":
+        from desktop_app.engine.control_vector import write_control_vector
+        values["vector"] = str(write_control_vector(tmp_path / "cv.gguf", {1: np.ones(64, np.float32)}, "gpt2"))
     if kind == "probe":
         (tmp_path / "labels.csv").write_text("text,label\n" + "\n".join(
             f"{n} went to the {p},{n == 'Mary'}" for n in ("Mary", "John") for p in ("park", "store", "school")))

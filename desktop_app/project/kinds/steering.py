@@ -78,6 +78,22 @@ class SteeringSpec(AnalysisSpec):
     n_continue: int = param(20, widget="int", minimum=0, maximum=512, tip="Greedy tokens generated before / after")
 
 
+def steering_details(result, coords: dict) -> str:
+    """The top next tokens before / after steering, the KL and the two greedy continuations."""
+    import numpy as np
+
+    x = result.extras
+    if "top_tokens" not in x:
+        return "this result stores no token lists."
+    tokens, probs = np.asarray(x["top_tokens"]), np.asarray(result.values)
+    lines = [f"KL(before || after) = {float(x['kl']):.4g}", f"{'before':>24s}   {'after':>24s}"]
+    for (tb, pb), (ta, pa) in zip(zip(tokens[0], probs[0]), zip(tokens[1], probs[1])):
+        lines.append(f"{str(tb)[:16]:>16s} {float(pb):7.3f}   {str(ta)[:16]:>16s} {float(pa):7.3f}")
+    cont = [str(c) for c in np.asarray(x.get("continuation", np.array(["", ""])))]
+    lines += ["continuation before: " + cont[0], "continuation after:  " + cont[1]]
+    return "\n".join(lines)
+
+
 def _steer_job(lm, prompts, spec, cancel, batch_size):
     import numpy as np
 
@@ -94,7 +110,8 @@ def _steer_job(lm, prompts, spec, cancel, batch_size):
 
 register_kind(AnalysisKind(
     kind="steering", label="Steering (apply a vector)", short="steering", spec=SteeringSpec, job=_steer_job,
-    dims="[which, rank]", value_name="probability", scale="sequential", view="heatmap", click="describe",
+    dims="[which, rank]", value_name="probability", scale="sequential", view="heatmap", click="details",
+    details=steering_details,
     name_for=lambda values: f"steering x{values.get('coefficient', '')}",
     description="Add a steering direction (a control vector or exported directions) and compare the next-token "
                 "distribution and greedy continuations before and after."))
