@@ -6,7 +6,7 @@
 Texts are tokenised with the model's own defaults and right-padded within a batch. No attention mask is
 needed: in a causal model a real token never attends to a later one, so padding after it cannot change its
 activations; pooling reads only positions < length ("last" = position length - 1, "mean" = the mean over
-positions 0 .. length - 1). The cache is one .npy file (allow_pickle=False) per (model fingerprint, hook kind,
+the text's tokens after a leading BOS token). The cache is one .npy file (allow_pickle=False) per (model fingerprint, hook kind,
 pooling, tokenisation, texts); a changed weights file changes the fingerprint.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from desktop_app.engine.jobs import CancelToken, Progress
 
 POOLINGS = ("last", "mean")
 LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -77,13 +77,23 @@ def padded(docs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.tensor([len(d) for d in docs], dtype=torch.long)
 
 
-def pool(act: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, L, d] -> [B, d] reading only positions < length."""
+def pool(act: torch.Tensor, lengths: torch.Tensor, pooling: str, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, d] -> [B, d] reading only positions starts <= p < length (starts: 0 unless given)."""
     lengths = lengths.to(act.device)
     if pooling == "last":
         return act[torch.arange(act.shape[0], device=act.device), lengths - 1]
-    mask = (torch.arange(act.shape[1], device=act.device)[None, :] < lengths[:, None]).to(act.dtype)
-    return (act * mask[..., None]).sum(1) / lengths[:, None].to(act.dtype)
+    starts = torch.zeros_like(lengths) if starts is None else starts.to(act.device)
+    pos = torch.arange(act.shape[1], device=act.device)[None, :]
+    mask = ((pos < lengths[:, None]) & (pos >= starts[:, None])).to(act.dtype)
+    return (act * mask[..., None]).sum(1) / (lengths - starts)[:, None].to(act.dtype)
+
+
+def mean_starts(lm, docs: list[list[int]]) -> torch.Tensor:
+    """Where the mean over a text's tokens starts: after a leading BOS (an outlier activation in most models)
+    unless the BOS is the text's only token."""
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    return torch.tensor([1 if bos is not None and len(d) > 1 and d[0] == bos else 0 for d in docs],
+                        dtype=torch.long)
 
 
 def model_fingerprint(lm) -> str:
@@ -155,10 +165,11 @@ def collect_pooled(lm, texts: list[str], kind: str = "resid_post", pooling: str 
         rows = order[b * batch_size:(b + 1) * batch_size]
         yield Progress(b, n_batches, f"activations at {kind}: batch {b + 1} of {n_batches}")
         ids, lengths = padded([docs[i] for i in rows], pad)
+        starts = mean_starts(lm, [docs[i] for i in rows])
         with torch.inference_mode(), hooks(lm, read=names, cancel=cancel) as store:
             forward_logits(lm, ids, last_only=True)
             for layer, name in enumerate(names):
-                out[layer, rows] = pool(store[name].float(), lengths, pooling).cpu().numpy()
+                out[layer, rows] = pool(store[name].float(), lengths, pooling, starts).cpu().numpy()
     yield Progress(n_batches, n_batches, f"activations at {kind}: done")
     if cache_path is not None:
         _save_cached(cache_path, out)

@@ -58,7 +58,9 @@ def test_multinomial_fit_is_stationary():
     assert m.converged
 
 
-def test_pooling_reads_only_real_positions(lm_gpt2):
+@pytest.mark.parametrize("fixture", ["lm_gpt2", "stories_lm"])
+def test_pooling_reads_only_real_positions(request, fixture):
+    lm_gpt2 = request.getfixturevalue(fixture)
     texts = ["Mary went to the park", "John", "Alice and Bob went to the school together"]
     acts = drive(collect_pooled(lm_gpt2, texts, "resid_post", "mean", batch_size=3))
     last = drive(collect_pooled(lm_gpt2, texts, "resid_post", "last", batch_size=2))
@@ -66,8 +68,16 @@ def test_pooling_reads_only_real_positions(lm_gpt2):
         ids = lm_gpt2.tokenize(text).ids
         _, cache = run_with_cache(lm_gpt2, [ids], ["blocks.1.hook_resid_post"])
         ref = cache["blocks.1.hook_resid_post"][0].numpy()
-        np.testing.assert_allclose(acts[1, i], ref.mean(0), atol=1e-5)
+        start = 1 if ids[0] == lm_gpt2.tokenizer.bos_token_id and len(ids) > 1 else 0  # a leading BOS is left out
+        np.testing.assert_allclose(acts[1, i], ref[start:].mean(0), atol=1e-5)
         np.testing.assert_allclose(last[1, i], ref[-1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stories_lm(stories_dir):
+    from desktop_app.engine.loading import load_model
+
+    return load_model(stories_dir, dtype="float32", device="cpu")
 
 
 def test_cache_is_reused_and_keyed(lm_gpt2, tmp_path):
