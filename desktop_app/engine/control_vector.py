@@ -21,6 +21,15 @@ from desktop_app.engine.hooknames import hook_name
 ARCH = "controlvector"
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError as exc:
+        raise SpecError("control vectors need the gguf package; install it with pip install 'interp-workbench[gguf]'.") \
+            from exc
+    return gguf
+
+
 def _atomic_target(path) -> tuple[Path, Path]:
     p = Path(path).expanduser()
     if p.is_symlink() or (p.exists() and not p.is_file()):
@@ -50,7 +59,7 @@ def llama_cpp_layers(kind: str, directions: np.ndarray) -> tuple[dict[int, np.nd
 
 def write_control_vector(path, directions: dict[int, np.ndarray], model_hint: str) -> Path:
     """Write {llama.cpp layer il >= 1: [n_embd] float32} as a llama.cpp control-vector GGUF."""
-    import gguf
+    gguf = _gguf()
 
     if not directions:
         raise SpecError("there is no layer llama.cpp can steer (it steers the outputs of blocks 1 and later); "
@@ -79,7 +88,7 @@ def write_control_vector(path, directions: dict[int, np.ndarray], model_hint: st
 def read_control_vector(path) -> tuple[dict[int, np.ndarray], dict]:
     """({llama.cpp layer: direction float32}, {"model_hint", "layer_count"}); SpecError for a file that is not
     a control vector as llama.cpp would load it."""
-    import gguf
+    gguf = _gguf()
 
     p = Path(path).expanduser()
     if not p.is_file():
