@@ -112,3 +112,26 @@ def test_tcav_bad_input(lm_gpt2):
         drive(tcav_job(lm_gpt2, texts, texts * 10, texts, " Mary", runs=1))
     with pytest.raises(PromptError, match="context"):
         drive(tcav_job(lm_gpt2, texts, texts * 10, [" ".join(["Mary"] * 1100)], " Mary"))
+
+
+def _hook_count(lm):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def test_cancel_stops_collection_and_gradients_and_removes_hooks(lm_gpt2):
+    from desktop_app.engine.activations_dataset import collect_pooled
+    from desktop_app.engine.errors import JobCancelled
+    from desktop_app.engine.jobs import CancelToken
+
+    texts = [f"Mary went to the park {i}" for i in range(8)]
+    before = _hook_count(lm_gpt2)
+    for make in (lambda c: collect_pooled(lm_gpt2, texts, batch_size=2, cancel=c),
+                 lambda c: target_gradients(lm_gpt2, tokenize_texts(lm_gpt2, texts), "resid_post",
+                                            lm_gpt2.single_token_id(" Mary"), batch_size=2, cancel=c)):
+        cancel = CancelToken()
+        job = make(cancel)
+        next(job)  # the first batch's progress
+        cancel.cancel()
+        with pytest.raises(JobCancelled):
+            drive(job)
+        assert _hook_count(lm_gpt2) == before
