@@ -183,6 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--differ-at", type=int, default=None,
                         help="the position where the corrupted prompt differs (default: the middle)")
     parser.add_argument("--no-ui", action="store_true", help="skip the window measurements")
+    parser.add_argument("--no-analyses", action="store_true",
+                        help="skip the lens, attention, logit-attribution and token-attribution timings")
     args = parser.parse_args(argv)
     differ_at = args.positions // 2 if args.differ_at is None else min(max(args.differ_at, 0), args.positions - 1)
     import torch
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
           "activation and need no forward pass)")
     print(f"{'model':40s} {'sweep':28s} {'cells':>6s} {'cells/s':>9s} {'baseline/s':>10s} {'speed-up':>8s}")
     for label, lm in _models(args.models):
+        print(f"{label:40s} load-time conformance check: {lm.conformance.summary()}", flush=True)
         pair = _pair(lm, args.positions, differ_at)
         for component, title in (("resid_pre", "resid_pre [layer, pos]"), ("head_out", "head_out [layer, pos, head]")):
             rate, cells = _sweep_rate(lm, pair, component)
@@ -201,6 +204,11 @@ def main(argv=None) -> int:
         eq = _attribution_equivalents(lm, pair)
         if eq is not None:
             print(f"{label:40s} attribution patching (all heads): {eq:.1f} forward-pass equivalents", flush=True)
+        if not args.no_analyses:
+            from desktop_app.bench_lenses import analysis_times
+
+            for title, seconds, ratio in analysis_times(lm, pair, _forward_time(lm, pair)):
+                print(f"{label:40s} {title:34s} {seconds:8.3f} s = {ratio:7.1f} forward passes", flush=True)
     sae = _sae_rate()
     if sae:
         print(f"SAE encoding (d_in 768, 16384 features): {sae['tokens_per_s']:.0f} tokens/s, "

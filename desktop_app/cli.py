@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from desktop_app import cli_safety
 from desktop_app.engine.errors import WorkbenchError
 
 COMMANDS = ("run", "export", "info", "bench")
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _error(message: str) -> None:
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    cli_safety.write_err("error: " + cli_safety.clean_line(message))
 
 
 # ---- progress on stderr ------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class ProgressReport:
             self._step = event
             self._start, self._last_done, self._last_draw = None, -1, float("-inf")
             label = "loading model" if event.kind == "model" else f"{event.name} ({event.kind})"
-            self._line(f"[{event.index}/{event.count - 1}] {label}")
+            self._line(cli_safety.clean(f"[{event.index}/{event.count - 1}] {label}"))
         elif isinstance(event, Progress):
             self._progress(event)
         elif isinstance(event, StepFinished):
@@ -114,7 +115,7 @@ class ProgressReport:
         if not model_step and p.done > d0 and now > t0:
             rate = (p.done - d0) / (now - t0)
             extra = f", {rate:.1f} cells/s, ETA {_clock((p.total - p.done) / rate)}"
-        message = f"  {p.message}" if p.message else ""
+        message = f"  {cli_safety.clean(p.message)}" if p.message else ""
         return f"  |{bar}| {counts}{extra}{message}"
 
     def _finish(self, event) -> None:
@@ -124,7 +125,7 @@ class ProgressReport:
         r = event.result
         if r is not None:
             note = f": {r.message}" if r.message and r.status != "complete" else ""
-            self._line(f"  {r.status} in {r.elapsed_s:.2f} s{note}")
+            self._line(cli_safety.clean(f"  {r.status} in {r.elapsed_s:.2f} s{note}"))
 
     def _line(self, text: str) -> None:
         if self._drawn:
@@ -159,12 +160,12 @@ def _ctrl_c_cancels(cancel, stream):
 
 # ---- run -------------------------------------------------------------------------------------------------
 
-def _check_output_path(out: Path, what: str) -> None:
-    if out.is_dir():
-        raise CliError(f"{out} is a folder; give the name of the {what} to write, such as {out / 'result'}.")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise CliError(f"cannot write {out} because the folder {folder} does not exist; create it first.")
+def _check_output_path(out: Path, what: str, inputs=()) -> None:
+    """Before any work: the output is not one of `inputs` ((path, what) pairs) and can be written (a probe)."""
+    from desktop_app.project.safe_output import check_writable, refuse_output_that_is_input
+
+    refuse_output_that_is_input(out, inputs)
+    check_writable(out, what)
 
 
 def _positive_int(text: str) -> int:
@@ -201,12 +202,15 @@ def cmd_run(argv) -> int:
     from desktop_app.engine.jobs import CancelToken
     from desktop_app.project.execute import new_project, run_experiment, with_model_overrides
     from desktop_app.project.experiment import load_experiment
-    from desktop_app.project.iwb import save_project
+    from desktop_app.project.safe_output import save_project_or_recover
 
+    out = Path(args.out)
+    _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
     experiment = load_experiment(args.experiment)
     experiment.model = with_model_overrides(experiment.model, args.device, args.dtype)
-    out = Path(args.out)
-    _check_output_path(out, "project file")
+    _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
+        (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
+        for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)])
 
     project = new_project(experiment)
     cancel = CancelToken()
@@ -217,12 +221,18 @@ def cmd_run(argv) -> int:
             run_experiment(experiment, report, cancel, project=project, batch_size=args.batch_size)
     except KeyboardInterrupt:  # a second Ctrl-C: save the analyses that had finished, then stop
         cancel.cancel()
-    save_project(project, out)
+    with cli_safety.interrupts_deferred(restore=not _AS_PROGRAM):
+        saved_to, save_failed, notes = save_project_or_recover(project, out)
+    for note in notes:
+        cli_safety.write_err("note: " + cli_safety.clean_line(note))
+    if save_failed:
+        _error(f"could not save {out} ({save_failed.rstrip('.')}); the results are saved in {saved_to} instead.")
+        return EXIT_BAD_INPUT
 
     results = [e.result for e in project.analyses if e.result is not None]
     if cancel.cancelled:
-        print(f"interrupted: saved what was finished to {out} (the interrupted analysis has status partial)",
-              file=sys.stderr)
+        cli_safety.write_err(cli_safety.clean(f"interrupted: saved what was finished to {out} (the interrupted "
+                                              f"analysis has status partial)"))
         return EXIT_INTERRUPTED
     unfinished = [r for r in results if r.status != "complete"]
     if unfinished:
@@ -235,8 +245,8 @@ def cmd_run(argv) -> int:
         _error(f"analysis {first.name!r} {verb}{more} (what finished is saved in {out}): {first.message}")
         return EXIT_INTERNAL if internal else EXIT_BAD_INPUT
     if not args.quiet:
-        print(f"wrote {out}: {len(results)} analyses complete in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        cli_safety.write_err(cli_safety.clean(f"wrote {out}: {len(results)} analyses complete in "
+                                              f"{time.perf_counter() - t0:.1f} s"))
     return EXIT_OK
 
 
@@ -285,7 +295,7 @@ def cmd_export(argv) -> int:
     if fmt not in known:
         raise CliError(f"cannot tell the format from {args.out!r}; add --format {_formats_text(extra)}.")
     out = Path(args.out)
-    _check_output_path(out, "file")
+    _check_output_path(out, "file", [(args.project, "the project file")])
 
     from desktop_app.project.iwb import load_project
 
@@ -342,7 +352,8 @@ def cmd_info(argv) -> int:
     args = p.parse_args(argv)
     from desktop_app.project.iwb import load_project
 
-    print(json.dumps(project_summary(load_project(args.project)), indent=2, ensure_ascii=False))
+    print(cli_safety.json_safe(json.dumps(project_summary(load_project(args.project)), indent=2,
+                                          ensure_ascii=False)))
     return EXIT_OK
 
 
@@ -414,15 +425,39 @@ def _dispatch(argv: list[str]) -> int:
     return open_window(qt_args, project_path=args.project, demo=args.demo)  # leftover -options go to Qt
 
 
+_AS_PROGRAM = False  # main() runs as the program (not called from Python with its own argv)
+
+
 def main(argv=None) -> int:
+    global _AS_PROGRAM
+    _AS_PROGRAM = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        bad = cli_safety.bad_argument(argv)
+        if bad:
+            raise CliError(f"{bad}; see '{PROG} --help'.")
         return _dispatch(argv)
     except WorkbenchError as err:
         _error(str(err))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        cli_safety.write_err("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `interp-workbench info P.iwb | head`: the reader left; nothing more to say
+        cli_safety.quiet_broken_pipe()
+        return EXIT_OK
+    except MemoryError:
+        _error("ran out of memory; close other programs, or use a smaller --batch-size or a smaller model.")
+        return EXIT_BAD_INPUT
+    except OSError as err:  # a path the system refuses (too long, a loop of symlinks, ...)
+        where = f" ({err.filename})" if err.filename else ""
+        _error(f"{err.strerror or err}{where}; check the paths given.")
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - a bug: one line, and the traceback only on request
+        if os.environ.get("IWB_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        _error(f"internal error ({type(err).__name__}: {err}); please report it (IWB_DEBUG=1 shows the details).")
+        return EXIT_INTERNAL
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_BAD_INPUT)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import forward_logits, hooks, run_with_cache
+from desktop_app.engine.conformance import checks_for_component, require, require_for_hook
 from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import hook_name, parse_hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -155,9 +156,11 @@ def ablation_job(lm, pair: PromptPair, component: str = "head_out", method: str 
         if metric not in METRICS:
             raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
         names = [_check_full_name(lm, component)]
+        require_for_hook(lm, component, f"ablation of {component}", restarts=False)  # plain forward passes
     else:
         layers = validate(component, "denoise", metric, lm, layers)
         names = [_hook_of(component, L) for L in layers]
+        require(lm, *checks_for_component(component), analysis=f"ablation of {component}")
     reference_prompts = [str(p) for p in reference_prompts]
     t0 = time.perf_counter()
     if full:

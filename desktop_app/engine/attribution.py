@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks
+from desktop_app.engine.conformance import checks_for_component, require
 from desktop_app.engine.errors import JobCancelled, OutOfMemory
 from desktop_app.engine.hooknames import EMBED, hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress
@@ -75,6 +76,7 @@ def attribution_patching_job(lm, pair: PromptPair, component: str = "resid_pre",
     t0 = time.perf_counter()
     plan, result = new_sweep_result(lm, pair, "attribution_patching", component, positions, direction, metric,
                                     name, layers)
+    require(lm, *checks_for_component(component, restarts=False), analysis=f"attribution patching of {component}")
     values = result.values
     names = [_hook_of(component, L) for L in plan.layers]
     source_ids, target_ids = ((pair.clean.ids, pair.corrupted.ids) if direction == "denoise"

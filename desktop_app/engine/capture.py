@@ -44,6 +44,7 @@ class _Registrar:
         self.to_cpu = to_cpu
         self.handles: list = []
         self.scratch: dict = {}  # per forward: resid_pre of each layer, for resid_mid
+        self.scratch_hooked: set = set()
 
     def keep(self, name: str, t: torch.Tensor) -> None:
         if not self.keep_graph:
@@ -63,7 +64,9 @@ class _Registrar:
             act = get(output)
             if write is not None:
                 act = write(act)
-                output = put(output, act)
+                # a kept graph stores `act` itself: the model gets a copy, since some blocks add to a sub-layer's
+                # output in place (Falcon's parallel block: mlp_output += attention_output)
+                output = put(output, act.clone() if self.keep_graph else act)
             if write is None or name in self.reads:
                 self.keep(name, act)
             return output if write is not None else None
@@ -73,16 +76,47 @@ class _Registrar:
         self._output_hook(self.a.embed, name, write)
 
     def _ln_final_hook_normalized(self, name, _layer, write):
+        if not self.a.final_norm_in_model:
+            raise SpecError(f"{name} does not exist: this model has no final norm; use the last block's resid_post.")
         self._output_hook(self.a.final_norm, name, write)
 
     def _resid_post(self, name, layer, write):
         self._output_hook(self.a.blocks[layer], name, write, block_output_tensor, replace_block_output)
 
     def _attn_out(self, name, layer, write):
-        self._output_hook(self.a.attn_out_module(layer), name, write)
+        self._sublayer_hook(self.a.attn_out_module(layer), name, layer, write)
 
     def _mlp_out(self, name, layer, write):
-        self._output_hook(self.a.mlp_out_module(layer), name, write)
+        self._sublayer_hook(self.a.mlp_out_module(layer), name, layer, write)
+
+    def _sublayer_hook(self, module, name, layer, write):
+        """attn_out / mlp_out: the sub-module's output as added to the residual stream, i.e. times the residual
+        multiplier (Granite), and back in [batch, pos, d] where the block flattens the tokens (OPT's MLP)."""
+        get, put = self._sublayer_view(layer)
+        self._output_hook(module, name, write, get, put)
+
+    def _sublayer_view(self, layer):
+        m = self.a.residual_multiplier
+        key = ("shape", layer)
+        if key not in self.scratch_hooked:
+            self.scratch_hooked.add(key)
+
+            def remember(_mod, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.scratch[key] = hidden.shape[:-1]
+            self.handles.append(self.a.blocks[layer].register_forward_pre_hook(remember, with_kwargs=True))
+
+        def get(output):
+            act = _first_tensor(output)
+            if act.dim() == 2:
+                act = act.view(*self.scratch[key], act.shape[-1])
+            return act * m if m != 1.0 else act
+
+        def put(output, new):
+            old = _first_tensor(output)
+            new = new / m if m != 1.0 else new
+            return _replace_first(output, new.reshape(old.shape))
+        return get, put
 
     def _resid_pre(self, name, layer, write):
         def hook(_mod, args, kwargs):
@@ -109,13 +143,14 @@ class _Registrar:
         def remember_pre(_mod, args, kwargs):
             self.scratch[layer] = args[0] if args else kwargs["hidden_states"]
 
+        get, put = self._sublayer_view(layer)
+
         def hook(_mod, _inp, output):
             pre = self.scratch[layer]
-            attn = _first_tensor(output)
-            mid = pre + attn
+            mid = pre + get(output)
             if write is not None:
                 mid = write(mid)
-                output = _replace_first(output, mid - pre)
+                output = put(output, mid - pre)
             if write is None or name in self.reads:
                 self.keep(name, mid)
             return output if write is not None else None

@@ -33,5 +33,9 @@ class OutOfMemory(WorkbenchError):
     pass
 
 
+class ConformanceError(WorkbenchError):
+    """An analysis refused because a load-time conformance check it depends on failed for this model."""
+
+
 class JobCancelled(Exception):
     """Raised inside a job (also from inside a forward hook) when its cancel token is set."""

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 from desktop_app.engine.errors import JobCancelled, ModelLoadError
+from desktop_app.engine.file_checks import check_model_files, loader_error_text
 from desktop_app.engine.jobs import CancelToken, Progress, drive
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -35,6 +36,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     cancel = cancel or CancelToken()
     yield Progress(0, 100, "checking files")
     folder, gguf_file = _resolve_path(path)
+    check_model_files(folder, gguf_file)  # damaged or hostile files: one sentence, before any parser sees them
     if gguf_file is None:
         config_dict = _read_config(folder)
         _check_architecture(folder, config_dict, trust_remote_code)
@@ -75,6 +77,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
         p.requires_grad_(False)
 
     from desktop_app.engine.adapters import make_adapter
+    from desktop_app.engine.conformance import check_loadable
     from desktop_app.engine.model import LoadedModel
 
     adapter = make_adapter(model)
@@ -82,6 +85,8 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
                      config_hash=config_hash, source_kind="gguf" if gguf_file else "folder")
     lm.info = _model_info(model, adapter, torch_dtype, device_map, torch_device)
     _smoke_forward(lm, dtype, device)
+    yield Progress(95, 100, "checking the hook points (conformance)")
+    check_loadable(lm)
     yield Progress(100, 100, "loaded")
     return lm
 
@@ -319,13 +324,15 @@ def _gguf_or_config_error(folder, gguf_file, err):
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+    return loader_error_text((text[0] if text else type(err).__name__)[:300])
 
 
 def _model_info(model, adapter, torch_dtype, device_map, torch_device):
     from desktop_app.engine.model import ModelInfo
 
-    cfg = model.config
+    top = model.config
+    # multimodal checkpoints (Gemma 3 4B and up) keep the language model's shape in their text config
+    cfg = top.get_text_config() if hasattr(top, "get_text_config") else top
     n_heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head"))
     d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
     d_head = int(getattr(cfg, "head_dim", None) or d_model // n_heads)
@@ -341,9 +348,9 @@ def _model_info(model, adapter, torch_dtype, device_map, torch_device):
     else:
         device_text = str(next(model.parameters()).device)
     return ModelInfo(
-        architecture=(cfg.architectures or [type(model).__name__])[0] if getattr(cfg, "architectures", None)
+        architecture=(top.architectures or [type(model).__name__])[0] if getattr(top, "architectures", None)
         else type(model).__name__,
-        model_type=cfg.model_type,
+        model_type=top.model_type,
         n_layers=len(adapter.blocks),
         n_heads=n_heads,
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or n_heads),
@@ -390,4 +397,6 @@ def wrap_model(model, tokenizer=None, path: str = "<in memory>"):
     dtype = next(model.parameters()).dtype
     lm = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=None, path=path, config_hash="")
     lm.info = _model_info(model, adapter, dtype, None, torch.device("cpu"))
+    from desktop_app.engine.conformance import check_loadable
+    check_loadable(lm)
     return lm

@@ -10,6 +10,16 @@ from desktop_app.engine.adapters import Adapter
 from desktop_app.engine.errors import PromptError
 from desktop_app.engine.hooknames import EMBED, FINAL_NORM, hook_name
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """A lone surrogate (a broken \\ud800 escape in a JSON file) is not text a tokenizer can read."""
+    m = _LONE_SURROGATE.search(text) if isinstance(text, str) else None
+    if m:
+        raise PromptError(f"the {what} holds U+{ord(m.group()):04X} at character {m.start()}, half of a broken "
+                          f"character pair that is not valid text; remove it or retype the {what}.")
+
 POS = -1  # stands for the sequence length in a hook point's shape
 
 
@@ -97,6 +107,7 @@ class LoadedModel:
     path: str
     config_hash: str
     source_kind: str = "folder"  # or "gguf"
+    conformance: object = None  # engine.conformance.Conformance, measured at load
     _hook_points: list[HookPoint] = field(default_factory=list, repr=False)
 
     @property
@@ -126,7 +137,8 @@ class LoadedModel:
                 yield HookPoint(hook_name(layer, "resid_mid"), layer, "resid_mid", d, "residual")
             yield HookPoint(hook_name(layer, "mlp_out"), layer, "mlp_out", d, "mlp")
             yield HookPoint(hook_name(layer, "resid_post"), layer, "resid_post", d, "residual")
-        yield HookPoint(FINAL_NORM, None, FINAL_NORM, d, "final")
+        if self.adapter.final_norm_in_model:
+            yield HookPoint(FINAL_NORM, None, FINAL_NORM, d, "final")
 
     def hook_point(self, name: str) -> HookPoint:
         for hp in self.hook_points():
@@ -145,13 +157,16 @@ class LoadedModel:
             in_layer = [p for p in points if p.layer == layer]
             groups = [(g, [p for p in in_layer if p.group == g]) for g in ("attention", "mlp", "residual")]
             tree.append((f"block {layer}", groups))
-        tree.append(("final norm", [("final", [p for p in points if p.group == "final"])]))
+        final = [p for p in points if p.group == "final"]
+        if final:
+            tree.append(("final norm", [("final", final)]))
         return tree
 
     # ---- tokens ------------------------------------------------------------------------------------------
     def tokenize(self, text: str, prepend_bos: bool | None = None, what: str = "prompt") -> TokenInfo:
         if text is None or not text.strip():
             raise PromptError(f"the {what} is empty; type some text.")
+        _check_encodable(text, what)
         tok = self.tokenizer
         ids = list(tok(text, add_special_tokens=prepend_bos is not False)["input_ids"])
         bos_id = getattr(tok, "bos_token_id", None)
@@ -179,6 +194,7 @@ class LoadedModel:
 
     def token_pieces(self, text: str) -> TokenInfo:
         """The tokens of a short string without special tokens (answers, subjects)."""
+        _check_encodable(text, "text")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._token_info(ids, False)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from desktop_app.engine.conformance import checks_for_component, prefix_reuse_ok, require
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -125,6 +126,8 @@ def _first_changed_position(lm, target: RecordedRun, block: int, cells) -> int:
     the target run, so a chunk whose cells all sit at p or later reuses those (0 when it cannot)."""
     if any(pos < 0 for pos, _ in cells) or block >= lm.info.n_layers or not can_start_later(target, block):
         return 0
+    if not prefix_reuse_ok(lm):  # the load-time check found prefix reuse wrong here: recompute every position
+        return 0
     return min(pos for pos, _ in cells)
 
 
@@ -172,6 +175,7 @@ def activation_patching_job(lm, pair: PromptPair, component: str = "resid_pre", 
     t0 = time.perf_counter()
     plan, result = new_sweep_result(lm, pair, "activation_patching", component, positions, direction, metric,
                                     name, layers)
+    require(lm, *checks_for_component(component), analysis=f"activation patching of {component}")
     values = result.values
     yield Progress(0, values.size, "recording the clean and corrupted runs")
 

@@ -58,16 +58,29 @@ def record_run(lm, ids, extra_reads=(), cancel: CancelToken | None = None) -> Re
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(keeper(i), with_kwargs=True))
         with torch.inference_mode(), hooks(lm, read=reads, cancel=cancel) as store:
-            # with a KV cache, so that a restart can reuse the keys and values of the positions before a patch
-            out = lm.model(input_ids=as_ids(ids).to(lm.input_device), use_cache=True)
+            # with a KV cache, so that a restart can reuse the keys and values of the positions before a patch. A
+            # DynamicCache made without the config keeps every position on every layer: the model's own cache keeps
+            # only the last window of keys on sliding-window layers (Mistral, Gemma 2/3, Phi-3, Qwen2 windows).
+            ids_in = as_ids(ids).to(lm.input_device)
+            try:
+                out = lm.model(input_ids=ids_in, use_cache=True, cache=_full_cache())
+            except TypeError:  # remote code without transformers' `cache` argument: its own cache, checked below
+                out = lm.model(input_ids=ids_in, use_cache=True)
     finally:
         for h in handles:
             h.remove()
     resid = [store.pop(hook_name(L, "resid_pre")) for L in range(len(blocks))]
     acts = dict(store)
+    n_pos = as_ids(ids).shape[1]
     return RecordedRun(ids=as_ids(ids), logits_last=out.logits[0, -1].float().cpu(), resid_pre=resid,
                        block_kwargs=kwargs_per_block, block_args=args_per_block, acts=acts,
-                       prefix_kv=_cache_tensors(getattr(out, "past_key_values", None), len(blocks)))
+                       prefix_kv=_cache_tensors(getattr(out, "cache", None), len(blocks), n_pos))
+
+
+def _full_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 _CACHE = object()  # where the model passed its KV cache to a block
@@ -77,14 +90,17 @@ def _is_cache(obj) -> bool:
     return type(obj).__name__.endswith("Cache")
 
 
-def _cache_tensors(cache, n_layers: int):
-    """Per layer (keys, values) of a transformers cache, or None when its layout is not the one known here."""
+def _cache_tensors(cache, n_layers: int, n_pos: int):
+    """Per layer (keys, values) of a transformers cache, or None when its layout is not the one known here or a
+    layer's keys do not cover every position of the prompt (then sweeps restart from position 0)."""
     layers = getattr(cache, "layers", None)
     try:
         kv = [(layers[i].keys, layers[i].values) for i in range(n_layers)]
     except (TypeError, IndexError, AttributeError):
         return None
-    return kv if all(isinstance(k, torch.Tensor) and k.dim() == 4 for k, _ in kv) else None
+    ok = all(isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[-2] == n_pos and v.shape[-2] == n_pos
+             for k, v in kv)
+    return kv if ok else None
 
 
 class _PrefixKV:
@@ -133,20 +149,40 @@ def can_start_later(run: RecordedRun, layer: int) -> bool:
     return True
 
 
-def _block_call(run: RecordedRun, layer: int, start: int):
+def _alibi_rows(alibi, rows: int):
+    """ALiBi biases are recorded for batch 1 with the batch folded into their first dimension (Bloom: [batch *
+    heads, 1, key]; Falcon: [batch, heads, 1, key]); a batch of `rows` needs them repeated per row. Each depends on
+    the key position only, so they need no cut for a restart from a later position (the keys still start at 0)."""
+    if not isinstance(alibi, torch.Tensor) or rows == 1:
+        return alibi
+    if alibi.dim() == 4 and alibi.shape[0] == 1:
+        return alibi.expand(rows, *alibi.shape[1:])
+    if alibi.dim() == 3:
+        return alibi.repeat(rows, 1, 1)
+    return alibi
+
+
+def _block_call(run: RecordedRun, layer: int, start: int, rows: int = 1):
     """(args, kwargs) for block `layer`: the recorded ones, cut to the positions from `start` on with the
     prefix keys and values standing in for the cache (start > 0), or with no cache (start == 0)."""
     cache = _PrefixKV(run.prefix_kv, start) if start > 0 else None
     n_pos = run.n_pos
     args = tuple(cache if a is _CACHE else _from_position(a, start, n_pos) if start else a
                  for a in run.block_args[layer])
-    kwargs = {k: cache if v is _CACHE else _from_position(v, start, n_pos) if start else v
+    kwargs = {k: cache if v is _CACHE else _alibi_rows(v, rows) if k == "alibi" else
+              _from_position(v, start, n_pos) if start else v
               for k, v in run.block_kwargs[layer].items()}
     return args, kwargs
 
 
+def run_block(run: RecordedRun, lm, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Block `layer` alone on `hidden` [batch, pos, d_model] with the recorded arguments: its resid_post."""
+    args, kwargs = _block_call(run, layer, 0, rows=hidden.shape[0])
+    return block_output_tensor(lm.adapter.blocks[layer](hidden, *args, **kwargs))
+
+
 def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cancel: CancelToken | None = None,
-                   last_only: bool = True, start: int = 0) -> torch.Tensor:
+                   last_only: bool = True, start: int = 0, unembed: bool = True) -> torch.Tensor:
     """Feed `hidden` [batch, pos, d_model] into block `layer` and run to the logits. Returns float32 logits
     [batch, vocab] at the last position (or [batch, pos, vocab] if not last_only). Hooks registered by the
     caller (e.g. a write at this layer) apply as in a normal forward pass.
@@ -159,8 +195,8 @@ def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cance
     for L in range(layer, len(blocks)):
         if cancel is not None:
             cancel.check()
-        args, kwargs = _block_call(run, L, start)
+        args, kwargs = _block_call(run, L, start, rows=h.shape[0])
         h = block_output_tensor(blocks[L](h, *args, **kwargs))
     if last_only:
         h = h[:, -1]
-    return lm.adapter.logits_from_resid(h).float()
+    return lm.adapter.logits_from_resid(h).float() if unembed else h

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks
+from desktop_app.engine.conformance import checks_for_component, require
 from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import EMBED, hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -165,6 +166,7 @@ def causal_tracing_job(lm, pair: PromptPair, subject: str, noise: float = 3.0, s
     if int(samples) < 1 or int(window) < 1 or not float(noise) >= 0:
         raise SpecError(f"samples and window must be at least 1 and noise at least 0 (got {samples}, {window}, {noise}).")
     samples, window = int(samples), int(window)
+    require(lm, *checks_for_component(component), analysis=f"causal tracing of {component}")
     positions = subject_positions(pair.clean, subject)
     n, n_pos = lm.info.n_layers, pair.n_pos
     t0 = time.perf_counter()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from desktop_app.engine.errors import ProjectFileError
-from desktop_app.project.atomic import atomic_write
+from desktop_app.project.atomic import TMP_PREFIX, atomic_write
+from desktop_app.engine.bounded_io import is_regular_file, loads_json, read_regular_bytes
 from desktop_app.project.document import Project
 from desktop_app.project.iwb import load_project, save_project
 
@@ -58,29 +59,48 @@ def write_recovery(project: Project, folder: str | os.PathLike | None = None) ->
                                f"check that it is writable.") from None
     path = save_project(project, d / RECOVERY_FILE, backup=False, mark_saved=False)
     meta = {"original_path": str(project.path) if project.path else None, "saved_at": time.time()}
-    atomic_write(d / RECOVERY_META, lambda f: f.write(json.dumps(meta).encode("utf-8")), what="recovery note")
+    atomic_write(d / RECOVERY_META, lambda f: f.write(json.dumps(meta).encode("utf-8", "backslashreplace")),
+                 what="recovery note")
     return path
 
 
 def find_recovery(folder: str | os.PathLike | None = None) -> Recovery | None:
-    """The recovery left by a session that did not end normally, or None."""
+    """The recovery left by a session that did not end normally, or None. The note beside it goes through
+    the same bounded reader as project files; a damaged note is ignored (the recovery file is what matters)."""
     d = recovery_dir(folder)
     path = d / RECOVERY_FILE
-    if not path.is_file():
+    if not is_regular_file(path):
         return None
-    original, saved_at = None, path.stat().st_mtime
     try:
-        meta = json.loads((d / RECOVERY_META).read_text(encoding="utf-8"))
-        original = Path(meta["original_path"]) if meta.get("original_path") else None
-        saved_at = float(meta.get("saved_at", saved_at))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # the note is a convenience; the recovery file itself is what matters
+        saved_at = path.stat().st_mtime
+    except OSError:
+        return None
+    original = None
+    try:
+        meta = loads_json(read_regular_bytes(d / RECOVERY_META, 64 * 1024), max_depth=4)
+    except (OSError, ValueError):  # missing, not a regular file, too big, not JSON (BoundedReadError is one)
+        meta = None
+    if isinstance(meta, dict):
+        if isinstance(meta.get("original_path"), str) and meta["original_path"] and "\0" not in meta["original_path"]:
+            original = Path(meta["original_path"])
+        value = meta.get("saved_at")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11:
+            saved_at = float(value)
     return Recovery(path, original, saved_at)
+
+
+def _older_than(p: Path, seconds: float) -> bool:
+    try:
+        return time.time() - p.lstat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def discard_recovery(folder: str | os.PathLike | None = None) -> None:
     d = recovery_dir(folder)
-    for name in (RECOVERY_FILE, RECOVERY_META, RECOVERY_FILE + ".tmp", RECOVERY_META + ".tmp"):
+    # temporary files of autosaves that were killed; a recent one may belong to another window's autosave
+    leftovers = [p.name for p in d.glob(TMP_PREFIX + "*") if _older_than(p, 3600)] if d.is_dir() else []
+    for name in (RECOVERY_FILE, RECOVERY_META, RECOVERY_FILE + ".tmp", RECOVERY_META + ".tmp", *leftovers):
         try:
             (d / name).unlink()
         except FileNotFoundError:

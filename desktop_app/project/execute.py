@@ -95,7 +95,8 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
         lm = drive(load_model_job(model.path, model.dtype, model.device, model.trust_remote_code, cancel), emit)
     except JobCancelled:
         return project
-    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or ""))
+    conformance = lm.conformance.to_dict() if lm.conformance is not None else None
+    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", conformance=conformance))
     emit(StepFinished(0, count, "model", None))
 
     for i, spec in enumerate(experiment.analyses, start=1):

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from desktop_app.engine.errors import SpecError
+from desktop_app.engine.bounded_io import BoundedReadError, loads_json, read_regular_bytes
 from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts, analysis_from_dict
 
 EXPERIMENT_VERSION = 1
+EXPERIMENT_MAX_BYTES = 64 * 2**20
 _TOP_LEVEL = ("version", "model", "prompts", "analyses")
 
 
@@ -54,10 +56,12 @@ def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, sourc
         -> Experiment:
     """Parse experiment JSON text; relative model paths are resolved against base_dir when it is given."""
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
                         f"fix the file there.") from None
+    except BoundedReadError as e:
+        raise SpecError(f"{source} cannot be used: {e}; write a plain experiment file.") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source} must hold one JSON object with version, model, prompts and analyses.")
     unknown = sorted(set(data) - set(_TOP_LEVEL))
@@ -92,15 +96,18 @@ def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, sourc
 def load_experiment(path: str | os.PathLike) -> Experiment:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_bytes(path, EXPERIMENT_MAX_BYTES).decode("utf-8")
+    except BoundedReadError as e:
+        raise SpecError(f"experiment file {path} cannot be read: {e}; give the path of a .json file.") from None
     except FileNotFoundError:
         raise SpecError(f"experiment file {path} does not exist; check the path.") from None
     except IsADirectoryError:
         raise SpecError(f"{path} is a folder, not an experiment file; give the path of a .json file.") from None
     except UnicodeDecodeError:
         raise SpecError(f"experiment file {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
-    except OSError as e:
-        raise SpecError(f"experiment file {path} cannot be read ({e.strerror}); check its permissions.") from None
+    except (OSError, ValueError) as e:
+        raise SpecError(f"experiment file {path} cannot be read ({getattr(e, 'strerror', None) or e}); check the "
+                        f"path and its permissions.") from None
     exp = parse_experiment(text, base_dir=path.parent, source=f"experiment file {path}")
     exp.source = path
     return exp

@@ -21,7 +21,10 @@ import numpy as np
 from desktop_app import __version__
 from desktop_app.engine.errors import ProjectFileError, WorkbenchError
 from desktop_app.engine.results import AnalysisResult
+from desktop_app.engine import bounded_io
+from desktop_app.project import doc_checks
 from desktop_app.project.atomic import atomic_write
+from desktop_app.project.text_safety import encode_json_document
 from desktop_app.project.document import AnalysisEntry, Project
 from desktop_app.project.specs import ModelRef, Prompts, analysis_from_dict
 
@@ -102,8 +105,7 @@ def write_archive(project: Project, f: BinaryIO) -> None:
                "model": project.model.to_dict() if project.model else None,
                "prompts": project.prompts.to_dict(), "analyses": analyses,
                "view_state": project.view_state}
-        text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
-        zf.writestr(PROJECT_JSON, text.encode("utf-8"), compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr(PROJECT_JSON, encode_json_document(doc, indent=1), compress_type=zipfile.ZIP_DEFLATED)
 
 
 def _write_archive(project: Project, f: BinaryIO) -> None:
@@ -126,6 +128,10 @@ class _Archive:
 
     def __init__(self, zf: zipfile.ZipFile, path: Path):
         self.zf, self.path = zf, path
+        try:
+            bounded_io.check_zip_directory(zf)
+        except bounded_io.BoundedReadError as e:
+            self.fail(str(e))
         names = zf.namelist()
         if len(set(names)) != len(names):
             self.fail("it names the same member twice")
@@ -144,49 +150,40 @@ class _Archive:
     def _check_member(self, name: str) -> None:
         with self.zf.open(name) as m:
             head = m.read(len(_NPY_MAGIC))
-            if head[:1] == b"\x80" or name.endswith((".pkl", ".pickle", ".joblib")):
-                self.fail(f"its member {name!r} is a Python pickle, which is never loaded")
-            if head != _NPY_MAGIC or not name.endswith(".npy"):
-                self.fail(f"its member {name!r} is not a .npy array")
-            m2 = self.zf.open(name)
-            try:
-                version = np.lib.format.read_magic(m2)
-                if version == (1, 0):
-                    _, _, dtype = np.lib.format.read_array_header_1_0(m2)
-                elif version == (2, 0):
-                    _, _, dtype = np.lib.format.read_array_header_2_0(m2)
-                else:
-                    self.fail(f"its member {name!r} uses .npy version {version}, which is not supported")
-            except ValueError:
-                self.fail(f"its member {name!r} has a damaged .npy header")
-            finally:
-                m2.close()
-        if dtype.hasobject or dtype.kind not in _ALLOWED_KINDS:
-            self.fail(f"its member {name!r} is an array of Python objects ({dtype}), which is never loaded")
+        if head[:1] == b"\x80" or name.endswith((".pkl", ".pickle", ".joblib")):
+            self.fail(f"its member {name!r} is a Python pickle, which is never loaded")
+        if head != _NPY_MAGIC or not name.endswith(".npy"):
+            self.fail(f"its member {name!r} is not a .npy array")
+        try:
+            with self.zf.open(name) as m:
+                bounded_io.read_npy_header(m, _ALLOWED_KINDS)
+        except bounded_io.BoundedReadError as e:
+            self.fail(f"its member {name!r}: {e}")
 
     def json(self, name: str = PROJECT_JSON) -> Any:
         if name not in self.names:
             self.fail(f"it has no {name}")
         try:
-            return json.loads(self.zf.read(name).decode("utf-8"))
-        except json.JSONDecodeError as e:
-            self.fail(f"its {name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
-        except UnicodeDecodeError:
-            self.fail(f"its {name} is not UTF-8 text")
+            return bounded_io.loads_json(bounded_io.read_member(self.zf, name, bounded_io.LIMITS.json_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.fail(f"its {name} {bounded_io.json_error_text(e)}")
+        except bounded_io.BoundedReadError as e:
+            self.fail(f"its {name}: {e}")
 
     def array(self, name: Any) -> np.ndarray:
         if not isinstance(name, str) or name not in self.names:
             self.fail(f"the array member {name!r} named in project.json is missing")
         try:
-            arr = np.load(io.BytesIO(self.zf.read(name)), allow_pickle=False)
-        except ValueError as e:
-            self.fail(f"its member {name!r} cannot be read as an array ({e})")
-        if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-            self.fail(f"its member {name!r} is not a plain array")
-        return arr
+            return bounded_io.load_npy_member(self.zf, name, allowed_kinds=_ALLOWED_KINDS)
+        except bounded_io.BoundedReadError as e:
+            self.fail(str(e))
 
 
 def _result(ar: _Archive, r: dict, values, tokens_clean, tokens_corrupted, extras, params) -> AnalysisResult:
+    try:
+        doc_checks.check_array_kinds(f"the result of {r.get('name')!r}", values, tokens_clean, tokens_corrupted)
+    except bounded_io.BoundedReadError as e:
+        ar.fail(str(e))
     try:
         return AnalysisResult(
             name=r["name"], kind=r["kind"], params=params, dims=list(r["dims"]), values=values,
@@ -251,12 +248,17 @@ LOADERS: dict[int, Callable[[_Archive, dict], Project]] = {1: _load_schema_1, 2:
 def load_project(path: str | Path) -> Project:
     """Open a .iwb file of any known schema version; raises ProjectFileError with one sentence."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise ProjectFileError(f"cannot open project {path}: {getattr(e, 'strerror', None) or e}; check the "
+                               f"path.") from None
+    if not exists:
         raise ProjectFileError(f"project file {path} does not exist; check the path.")
-    if path.is_dir():
+    if is_dir:
         raise ProjectFileError(f"{path} is a folder, not a project file; choose a .iwb file.")
     try:
-        with zipfile.ZipFile(path) as zf:
+        with bounded_io.open_regular(path) as fh, zipfile.ZipFile(fh) as zf:
             ar = _Archive(zf, path)
             doc = ar.json()
             if not isinstance(doc, dict):
@@ -271,6 +273,10 @@ def load_project(path: str | Path) -> Project:
             if version not in LOADERS:
                 ar.fail(f"its schema version {version} is unknown")
             try:
+                doc_checks.check_project_doc(doc, version)
+            except bounded_io.BoundedReadError as e:
+                ar.fail(str(e))
+            try:
                 project = LOADERS[version](ar, doc)
             except ProjectFileError:
                 raise
@@ -281,9 +287,11 @@ def load_project(path: str | Path) -> Project:
     except (zipfile.BadZipFile, zlib.error, EOFError, zipfile.LargeZipFile, NotImplementedError) as e:
         raise ProjectFileError(f"cannot open project {path}: the file is truncated or is not a project file "
                                f"({e}); open its .bak copy if there is one.") from None
-    except OSError as e:
-        raise ProjectFileError(f"cannot read project {path}: {e.strerror or e}; check the file and "
-                               f"its permissions.") from None
+    except bounded_io.BoundedReadError as e:
+        raise ProjectFileError(f"cannot open project {path}: {e}; choose a .iwb project file.") from None
+    except (OSError, ValueError) as e:
+        raise ProjectFileError(f"cannot read project {path}: {getattr(e, 'strerror', None) or e}; check the file "
+                               f"and its permissions.") from None
     project.path = path
     project.mark_saved(path)
     return project

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from desktop_app.engine.bounded_io import loads_json, read_regular_bytes
 from desktop_app.project.atomic import atomic_write
 
 APP_NAME = "interp-workbench"
@@ -26,7 +27,7 @@ class RecentProjects:
 
     def _read(self) -> list[str]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = loads_json(read_regular_bytes(self.path, 1 << 20), max_depth=4)  # never waits on a pipe
         except (OSError, ValueError):
             return []
         items = data.get("recent") if isinstance(data, dict) else None

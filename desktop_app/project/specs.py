@@ -177,6 +177,8 @@ class ModelRef:
     device: str = "auto"
     trust_remote_code: bool = False
     config_hash: str = ""  # filled from the loaded model; lets a project notice that the folder changed
+    # filled from the loaded model: its load-time conformance checks (engine.conformance.Conformance.to_dict())
+    conformance: dict | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self):
         if hasattr(self.path, "__fspath__"):
@@ -187,11 +189,15 @@ class ModelRef:
             raise SpecError(f"model: field 'device' is {self.device!r}; use auto, cpu, cuda, cuda:N or mps.")
         _check_bool("model", "trust_remote_code", self.trust_remote_code)
         _check_str("model", "config_hash", self.config_hash, empty_ok=True)
+        if self.conformance is not None and not isinstance(self.conformance, dict):
+            raise SpecError(f"model: field 'conformance' must be an object or null, not {self.conformance!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if not d["config_hash"]:
             del d["config_hash"]
+        if d["conformance"] is None:
+            del d["conformance"]
         return d
 
     @classmethod

@@ -13,7 +13,7 @@ from PySide6.QtCore import Qt, QTimer
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
-from desktop_app.ui import worker_jobs
+from desktop_app.ui import kind_views, worker_jobs
 from desktop_app.ui.panels import HOOK_COMPONENT
 
 
@@ -164,6 +164,17 @@ class AnalysisMixin:
         a.set_field("component", HOOK_COMPONENT[kind])
         self.run_analysis()
 
+    def _tree_item_opened(self, item, _column=0):
+        """A double-clicked attention pattern hook point in the layer tree opens that layer's patterns."""
+        data = item.data(0, Qt.UserRole) if item is not None else None
+        if not data or data[1] != "attn.hook_pattern" or kinds.find("attention_patterns") is None:
+            return
+        a = self.analysis_panel
+        a.set_kind("attention_patterns")
+        a.set_field("layers", (int(data[0].split(".")[1]),))
+        a.set_field("heads", None)
+        self.run_analysis()
+
     # ---- a clicked cell: top next tokens of the clean, corrupted and patched runs
     def _cell_clicked(self, cell, value=None):
         view = self.result_view
@@ -251,6 +262,7 @@ class AnalysisMixin:
     def _show_result(self, result: AnalysisResult):
         self.result_view.set_result(result)
         record = kinds.find(result.kind) if result is not None else None
+        kind_views.show_detail(self, result, record)  # views keyed by view type (lens grid, patterns, strips)
         if record is not None and record.view == "feature_table" and result.values.size:
             dock = self.docks["saeDock"]
             if not dock.isVisible():

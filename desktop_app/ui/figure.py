@@ -12,13 +12,14 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-from PySide6.QtCore import QMarginsF, QPointF, QRectF, QSize, QSizeF, Qt
+from PySide6.QtCore import QBuffer, QIODevice, QMarginsF, QPointF, QRectF, QSize, QSizeF, Qt
 from PySide6.QtGui import (QColor, QFont, QFontMetricsF, QGuiApplication, QImage, QLinearGradient,
                            QPageLayout, QPageSize, QPainter, QPainterPath, QPdfWriter, QPen)
 from PySide6.QtSvg import QSvgGenerator
 
 from desktop_app.engine.errors import ProjectFileError, WorkbenchError
 from desktop_app.engine.results import AnalysisResult
+from desktop_app.project.atomic import atomic_write
 from desktop_app.ui.colormaps import NAN_RGB, color_limits, colormap, lut_for_limits
 from desktop_app.ui.figure_data import (MAX_BARS, FigureData, default_title, nice_step, prepare_data,
                                         subtitle_lines, value_name, value_ticks, wrap_text)
@@ -443,22 +444,26 @@ def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, 
         raise ValueError(f"figure format must be one of {FORMATS}, not {fmt!r}")
     path = os.fspath(path)
     _check_target(path)
+    # Painted into memory, then written like every other file (atomic_write): a unique temporary file
+    # beside the target, never through a symlink planted at the target, never half a figure.
+    buf = QBuffer()
+    buf.open(QIODevice.OpenModeFlag.WriteOnly)
     if fmt == "png":
-        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax).save(path, "PNG"):
+        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax).save(buf, "PNG"):
             raise _write_failed(path)
-        return path
+        return _store(buf, path)
     fig = _build(result, width_px, height_px, dpi, title, vmin, vmax)
     w, h = fig.layout.width, fig.layout.height
     if fmt == "svg":
         device = QSvgGenerator()
-        device.setFileName(path)
+        device.setOutputDevice(buf)
         device.setSize(QSize(w, h))
         device.setViewBox(QRectF(0, 0, w, h))
         device.setResolution(int(round(dpi)))
         device.setTitle(fig.title)
         device.setDescription(fig.subtitle)
     else:
-        device = QPdfWriter(path)
+        device = QPdfWriter(buf)
         device.setResolution(int(round(dpi)))
         device.setTitle(fig.title)
         device.setCreator("Interp Workbench")
@@ -474,6 +479,13 @@ def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, 
         _paint(p, fig)
     finally:
         p.end()
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    del device  # the PDF and SVG writers finish their output when they go
+    return _store(buf, path)
+
+
+def _store(buf, path: str) -> str:
+    data = bytes(buf.data())
+    if not data:
         raise _write_failed(path)
+    atomic_write(path, lambda f: f.write(data), what="figure")
     return path

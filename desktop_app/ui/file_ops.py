@@ -6,6 +6,7 @@ scripts and tests call; the *_dialog methods only ask for the path first.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from PySide6.QtCore import QTimer
@@ -17,6 +18,7 @@ from desktop_app.project import autosave
 from desktop_app.project.document import Project
 from desktop_app.project.iwb import load_project, save_project
 from desktop_app.project.recent import RecentProjects
+from desktop_app.project.text_safety import EscapedTextWarning
 from desktop_app.project.undo import UndoStack
 
 AUTOSAVE_MS = 30_000
@@ -113,14 +115,19 @@ class FileOpsMixin:
 
     def save_to(self, path) -> bool:
         try:
-            save_project(self.project, path)
-        except WorkbenchError as err:
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always", EscapedTextWarning)
+                save_project(self.project, path)
+        except WorkbenchError as err:  # a SaveConflict says where this version was kept instead
             self.show_error(str(err), getattr(err, "details", ""))
             return False
         self.undo_stack.set_clean()
         self._add_recent(path)
         self.discard_autosave()
         self.statusBar().showMessage(f"saved {path}", 5000)
+        escaped = [str(n.message) for n in notes if issubclass(n.category, EscapedTextWarning)]
+        if escaped:
+            self.show_message(f"saved {Path(path).name}, but {escaped[0]}.", "warning")
         return True
 
     def _start_dir(self) -> str:

@@ -57,9 +57,11 @@ class ModelMixin:
         m.unload_button.setEnabled(True)
         m.progress.setValue(m.progress.maximum())
         m.progress.setFormat("loaded")
-        m.summary.setText(info.summary)
+        m.summary.setText(info.summary + ("\n" + info.conformance_text.split("\n")[0] if info.conformance_text else ""))
+        m.summary.setToolTip(info.conformance_text)
         self.model_loaded = info
-        self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash)
+        self.loaded_ref = ModelRef(ref.path, ref.dtype, ref.device, ref.trust_remote_code, info.config_hash,
+                                   info.conformance)
         self.project.set_model(self.loaded_ref)
         self.layer_panel.set_tree(info.tree, self.project.view("selected_hooks", []))
         self.device_label.setText(f"device: {info.device}")

@@ -20,6 +20,8 @@ class ModelLoaded:
     config_hash: str
     device: str
     memory_bytes: int
+    conformance: dict | None = None  # engine.conformance.Conformance.to_dict()
+    conformance_text: str = ""  # one line for the Model pane; the failed checks in its tooltip
 
 
 def _freeze_long_lived_objects():
@@ -43,8 +45,12 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
         _freeze_long_lived_objects()
         tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])
                 for node, groups in lm.hook_tree()]
+        conf = lm.conformance
         return ModelLoaded(path=str(lm.path), summary=lm.info.summary(), info=lm.info.to_dict(), tree=tree,
-                           config_hash=lm.config_hash, device=lm.info.device, memory_bytes=lm.info.memory_bytes)
+                           config_hash=lm.config_hash, device=lm.info.device, memory_bytes=lm.info.memory_bytes,
+                           conformance=conf.to_dict() if conf else None,
+                           conformance_text="\n".join([conf.summary()] + [f"{c.name}: {c.describe()}" for c in
+                                                                           conf.failed()]) if conf else "")
     return job
 
 

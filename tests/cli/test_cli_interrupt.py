@@ -73,3 +73,42 @@ def test_ctrl_c_saves_a_partial_project_and_exits_130(tmp_path, sweep_model):
     assert finite.any() and not finite.all()
     assert r.dims == ["layer", "position", "head"] and r.values.shape[2] == 8
     assert project.entry("never").result is None  # analyses after the interrupted one are not run
+
+
+def test_a_second_and_third_ctrl_c_still_save_what_was_finished(tmp_path, sweep_model):
+    """The first Ctrl-C asks the sweep to stop; an impatient second one stops at once; a third arriving while
+    the project is being saved waits for the save. The analysis that had finished is in the file."""
+    analyses = [{"name": "quick", "kind": "activation_patching", "component": "resid_pre", "positions": "all"},
+                {"name": "heads", "kind": "activation_patching", "component": "head_out", "positions": "each"}]
+    exp = write_json(tmp_path / "exp.json", experiment_dict(sweep_model, analyses, clean=LONG_CLEAN,
+                                                            corrupted=LONG_CORRUPTED, answer=" Anna",
+                                                            wrong_answer=" Tom"))
+    out = tmp_path / "p.iwb"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "desktop_app", "run", str(exp), "--out", str(out),
+                             "--batch-size", "1"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stderr:
+            seen.append(line)
+            if "heads" in "".join(seen) and re.search(r"\| [1-9]\d*/\d+ cells", line):
+                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGINT)  # at once: lands while the sweep is still stopping
+                time.sleep(0.2)
+                proc.send_signal(signal.SIGINT)  # lands during the save or the exit
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest
+    assert code == 130, stderr
+    assert "Traceback" not in stderr
+    project = load_project(out)
+    quick = project.entry("quick").result
+    assert quick.status == "complete" and np.isfinite(quick.values).all()
+    heads = project.entry("heads").result  # stopped at once (not saved) or stopped after its batch (partial)
+    assert heads is None or heads.status in ("partial", "cancelled")

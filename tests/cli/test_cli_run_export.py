@@ -156,3 +156,15 @@ def test_python_m_desktop_app_run(tmp_path, ioi_gpt2_dir):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == error_lines(bad.stderr) and len(error_lines(bad.stderr)) == 1
     assert "its analyses are resid" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_info_reports_the_conformance_checks(ran, capsys):
+    _, out, _ = ran
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    conf = json.loads(capsys.readouterr().out)["model"]["conformance"]
+    assert conf["family"] == "gpt2" and conf["total_ms"] > 0
+    assert set(conf["checks"]) == {"decomposition", "block_form", "unembed", "restart", "prefix_restart", "hook_z"}
+    for name, check in conf["checks"].items():
+        assert check["passed"] is True and check["tolerance"] > 0, name
+    assert conf["checks"]["decomposition"]["max_abs_diff"] <= conf["checks"]["decomposition"]["tolerance"]

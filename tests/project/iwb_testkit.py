@@ -18,7 +18,29 @@ def all_specs():
         AblationSpec("abl", component="blocks.1.attn.hook_z", method="resample", positions="each",
                      metric="logit_diff_recovered", layers=[1], noise=0.5, seed=3),
         SAEFeaturesSpec("sae", sae="/saes/res_0", hook="blocks.0.hook_resid_post", prompt="corrupted", top_k=0),
-        *_concept_specs(),
+    ] + reading_specs() + _concept_specs()
+
+
+def reading_specs():
+    """The lens, attention, direct-logit-attribution and token-attribution kinds (registered in project.kinds)."""
+    from desktop_app.project import kinds
+
+    kinds.load()  # first, so that the built-in kinds keep their places (the panel's order is registration order)
+    from desktop_app.project.kinds.attention import AttentionPatternsSpec, AttentionRolloutSpec
+    from desktop_app.project.kinds.direct_logit_attribution import DirectLogitAttributionSpec
+    from desktop_app.project.kinds.logit_lens import LogitLensSpec
+    from desktop_app.project.kinds.token_attribution import TokenAttributionSpec
+    from desktop_app.project.kinds.tuned_lens_training import TunedLensTrainingSpec
+
+    return [
+        LogitLensSpec("lens", lens="tuned", lens_path="/lenses/gpt2", prompt="corrupted", target=" Paris", k=7),
+        AttentionPatternsSpec("att", prompt="Some literal text", layers=[0, 1], heads=[3]),
+        AttentionRolloutSpec("roll", residual=0.25, head_fusion="max", method="flow"),
+        DirectLogitAttributionSpec("dla", prompt="corrupted", granularity="layers"),
+        TokenAttributionSpec("tok", method="lime", target="answer_prob", baseline=" the", steps=7,
+                             integration="riemann_left", samples=99, window=3, seed=5),
+        TunedLensTrainingSpec("tl", corpus="/data/corpus.txt", out="/lenses/out", steps=9, context=16, batch_size=2,
+                              lr=0.01, seed=1),
     ]
 
 

@@ -247,3 +247,18 @@ def test_works_with_its_own_application_and_without_torch(tmp_path):
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_figures_are_written_atomically_never_through_a_symlink(tmp_path):
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for fmt in ("png", "svg", "pdf"):
+        path = tmp_path / f"fig.{fmt}"
+        os.symlink(victim, path)
+        render_figure(patching_result(), fmt, path, width_px=400)
+        assert not path.is_symlink() and path.stat().st_size > 100
+        assert victim.read_text() == "keep me"
+    assert (tmp_path / "fig.pdf").read_bytes().rstrip().endswith(b"%%EOF")
+    assert not list(tmp_path.glob(".iwb-save-*"))

@@ -27,6 +27,12 @@ EXAMPLES = {
                  "layers": (0,), "noise": 0.5, "seed": 2, "mean_over": "positions",
                  "reference_prompts": ("a reference", "another one"), "source_prompt": "unused here"},
     "sae_features": {"sae": None, "hook": HOOK, "prompt": "corrupted", "top_k": 5},  # sae: set by the test
+    "logit_lens": {"target": "prediction", "prompt": "corrupted", "k": 3},
+    "attention_patterns": {"prompt": "corrupted", "layers": (1,), "heads": (0, 2)},
+    "attention_rollout": {"residual": 0.3, "head_fusion": "max", "method": "flow"},
+    "direct_logit_attribution": {"granularity": "layers", "prompt": "corrupted"},
+    "token_attribution": {"method": "occlusion", "target": "answer_logit", "baseline": "zero", "window": 2,
+                          "steps": 8, "integration": "riemann_middle", "samples": 16, "seed": 4},
     "probe": {"dataset": None, "hook": "resid_pre", "position": "mean", "test_fraction": 0.5, "seed": 1},
     "tcav": {"concept": ("Mary gave a book", "Mary gave a pen"), "random": ("John went home", "Bob went out",
                                                                            "Anna sat down", "Tom ran away"),

@@ -66,3 +66,56 @@ def test_run_without_model_is_an_error_in_the_window(qtbot, window):
     child(window, "runButton").click()
     assert window.message_bar.level == "error" and "no model" in window.message_bar.text()
     assert child(window, "progressBar", QProgressBar).value() == 0
+
+
+def test_hostile_files_around_the_window(qtbot, window, tmp_path):
+    """A corrupt recovery note does not stop the window; a lone surrogate is saved escaped and said so; a save
+    that loses a race with another program says where its version went; a pipe is refused, not waited on."""
+    import json
+    import os
+
+    from desktop_app.project import autosave
+    from desktop_app.project.iwb import load_project
+    from desktop_app.project.specs import Prompts
+    from desktop_app.ui import create_main_window
+
+    child(window, "cleanPromptEdit").setText("an unsaved prompt")
+    window.autosave_now()
+    rec = autosave.recovery_dir()
+    (rec / autosave.RECOVERY_META).write_text(json.dumps({"original_path": 7, "saved_at": 1e300}))
+    other = create_main_window([])
+    other.confirm_dialogs = False
+    qtbot.addWidget(other)
+    try:
+        assert "restore" in other.message_bar.text()
+    finally:
+        other.close()
+
+    window.project.set_prompts(Prompts("broken \ud800 text"))
+    path = tmp_path / "s.iwb"
+    assert window.save_to(path)
+    assert window.message_bar.level == "warning" and "escaped" in window.message_bar.text()
+    assert load_project(path).prompts.clean == "broken \\ud800 text"
+
+    from desktop_app.project import iwb
+    from desktop_app.project.atomic import atomic_write
+    real = iwb.write_archive
+
+    def racing(project, f):
+        real(project, f)
+        theirs = load_project(path)  # another program saves the same file meanwhile
+        atomic_write(path, lambda g: real(theirs, g), backup=True)
+
+    window.project.set_prompts(Prompts("mine"))
+    iwb._write_archive, saved = racing, iwb._write_archive
+    try:
+        assert not window.save_to(path)
+    finally:
+        iwb._write_archive = saved
+    assert window.message_bar.level == "error" and "another window or program" in window.message_bar.text()
+    assert window.isWindowModified()
+
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.iwb")
+        assert not window.open_project(tmp_path / "pipe.iwb", confirmed=True)
+        assert "pipe" in window.message_bar.text()

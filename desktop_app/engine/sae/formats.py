@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,7 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from desktop_app.engine.bounded_io import BoundedReadError, check_npz, loads_json, read_regular_bytes
 from desktop_app.engine.errors import SAEError
+from desktop_app.engine.file_checks import (nonfinite_problem, not_regular_problem, safetensors_problem,
+                                            saelens_cfg_problem)
 from desktop_app.engine.sae.model import ARCHITECTURES, SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
@@ -50,6 +54,9 @@ def load_sae(path: str | os.PathLike, hook_name: str | None = None, *, dtype: An
     safetensors file. `hook_name` is used when the file names no hook; k / apply_b_dec_to_input only
     matter for files without a config. The SAE is returned in eval mode on `device`."""
     p = Path(path).expanduser()
+    problem = not_regular_problem(p)
+    if problem:
+        raise SAEError(f"SAE path {p} {problem}; choose an SAELens folder, a params.npz or a .safetensors file.")
     if not p.exists():
         raise SAEError(f"SAE path {p} does not exist; choose an SAELens folder, a params.npz or a .safetensors file.")
     if p.is_dir():
@@ -104,8 +111,8 @@ def check_fits(sae: SAE, hook_name: str, width: int | tuple | list) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        cfg = loads_json(read_regular_bytes(path, 16 * 2**20))
+    except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8 and the bounded reader's limits
         raise SAEError(f"{path} is not a readable JSON file ({exc.__class__.__name__}); repair or replace it.") from exc
     if not isinstance(cfg, dict):
         raise SAEError(f"{path} does not hold a JSON object; it is not an SAELens cfg.json.")
@@ -113,6 +120,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    problem = safetensors_problem(path)
+    if problem:
+        raise SAEError(f"Cannot read {path}: it is not a valid safetensors file (it {problem}); copy it again.")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types and OSError for bad files
@@ -122,6 +132,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _cfg_from_saelens_dict(raw: dict, where: Path) -> tuple[dict, dict]:
     """Normalise a cfg.json of any SAELens version into SAEConfig fields + extra metadata."""
+    problem = saelens_cfg_problem(raw)
+    if problem:
+        raise SAEError(f"{where} {problem}; repair the SAE's cfg.json.")
     meta = dict(raw.get("metadata") or raw.get("meta") or {})
     hook = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
     act_fn = raw.get("activation_fn") or raw.get("activation_fn_str")
@@ -190,6 +203,9 @@ def _build(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path, dtype: t
     if "log_threshold" in state and "threshold" not in state:  # SAELens training checkpoints
         state["threshold"] = state.pop("log_threshold").exp()
     finetune = state.pop("finetuning_scaling_factor", state.pop("scaling_factor", None))
+    problem = nonfinite_problem(state)
+    if problem:
+        raise SAEError(f"{where} {problem}; the SAE is damaged, so use another copy of it.")
     for name, shape in _expected_shapes(cfg).items():
         if name not in state:
             raise SAEError(f"{where} has no tensor {name!r}, which a {cfg.architecture} SAE needs; "
@@ -211,8 +227,11 @@ def _build(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path, dtype: t
 
 def _load_gemma_scope(path: Path, hook_name: str | None, dtype: Any) -> SAE:
     try:
+        check_npz(path)
         with np.load(path, allow_pickle=False) as data:
             arrays = {("W_" + key[2:] if key.startswith("w_") else key): np.asarray(data[key]) for key in data.files}
+    except BoundedReadError as exc:
+        raise SAEError(f"Cannot read {path}: {exc}; use a params.npz of plain number arrays.") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise SAEError(f"Cannot read {path}: it is not a valid params.npz (corrupt, truncated or holding "
                        "pickled objects); copy it again.", details=str(exc)) from exc
@@ -276,11 +295,25 @@ def saelens_cfg_dict(sae: SAE) -> dict:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """write(tmp) into a new, uniquely named file beside `path` (O_EXCL: never through a planted symlink),
+    fsync, rename over `path`; a failure or a kill leaves the previous file in place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.with_name(f".iwb-save-{os.urandom(8).hex()}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def save_saelens(sae: SAE, folder: str | os.PathLike, sparsity: torch.Tensor | None = None) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
+from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.errors import SAEError
 from desktop_app.engine.hooknames import parse_hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -95,6 +96,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE features at {hook}", restarts=False)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
     yield Progress(1, 2, "encoding with the SAE")
@@ -136,6 +138,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE metrics at {hook}", restarts=False)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
     n_tok = n_next = 0
@@ -209,6 +212,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
+    require_for_hook(lm, hook, f"SAE interventions at {hook}", restarts=False)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
     write = edit_hook(sae, edits, keep_error)
@@ -270,6 +274,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     sae = _as_sae(sae, hook)
     hook = _fitted_hook(lm, sae, hook)
     layer, kind = parse_hook_name(hook)
+    require_for_hook(lm, hook, f"SAE feature patching at {hook}")
     yield Progress(0, 1, "recording the clean and corrupted runs")
     with torch.inference_mode():
         clean = record_run(lm, pair.clean.ids, [hook], cancel)
@@ -367,6 +372,7 @@ TRAIN_METRICS = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "au
 def collect_activations(lm, hook: str, texts: list[str], context: int = 128, max_tokens: int = 200_000,
                         batch_size: int = 16, cancel: CancelToken | None = None):
     """Job: activations [tokens, width] (float32, CPU) at `hook` over the texts, special tokens left out."""
+    require_for_hook(lm, hook, f"collecting activations at {hook}", restarts=False)
     docs = corpus_mod.tokenize_documents(lm, texts, context, max_tokens)
     skip = corpus_mod.special_ids(lm)
     chunks, n_batches = [], (len(docs) + batch_size - 1) // batch_size

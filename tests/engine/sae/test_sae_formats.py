@@ -192,3 +192,46 @@ def test_check_fits_names_both_widths(tmp_path):
     check_fits(z_sae, "blocks.1.attn.hook_z", (3, 4))
     with pytest.raises(SAEError, match="width 12"):
         check_fits(z_sae, "blocks.1.attn.hook_z", (4, 4))
+
+
+# ---- damaged SAE files (issue 16): one sentence naming the file --------------------------------------------
+
+def test_nan_weights_are_refused(tmp_path):
+    a = arrays(np.random.default_rng(3))
+    a["W_dec"][2, 1] = np.nan
+    a["b_enc"][0] = np.inf
+    folder = write_saelens(tmp_path / "s", a, {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE})
+    with pytest.raises(SAEError) as err:
+        load_sae(folder)
+    assert "NaN or infinite" in one_sentence(err) and "sae_weights.safetensors" in str(err.value)
+    plain = tmp_path / "plain.safetensors"
+    save_np(a, str(plain))
+    with pytest.raises(SAEError, match="NaN or infinite"):
+        load_sae(plain, hook_name="blocks.0.hook_resid_post")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("k", "abc", "k = 'abc'"), ("apply_b_dec_to_input", "false", "apply_b_dec_to_input"),
+    ("d_in", "8", "d_in"), ("norm_scaling_factor", "big", "norm_scaling_factor"), ("hook_name", 5, "hook_name"),
+    ("metadata", ["x"], "metadata"), ("dtype", 32, "dtype"),
+    ("activation_fn_kwargs", {"k": "3"}, "activation_fn_kwargs.k"),
+    ("normalize_activations", 1.5, "normalize_activations"), ("d_sae", 0, "d_sae"),
+])
+def test_wrong_typed_cfg_fields_are_one_sentence(tmp_path, field, value, needle):
+    cfg = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": 3}
+    cfg[field] = value
+    folder = write_saelens(tmp_path / "s", arrays(np.random.default_rng(4)), cfg)
+    with pytest.raises(SAEError) as err:
+        load_sae(folder)
+    assert needle in one_sentence(err) and "cfg.json" in str(err.value)
+
+
+def test_a_safetensors_header_that_lies_is_refused_before_reading(tmp_path):
+    folder = write_saelens(tmp_path / "s", arrays(np.random.default_rng(5)),
+                           {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE})
+    header = json.dumps({"W_enc": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}})
+    raw = header.encode()
+    (folder / "sae_weights.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(64))
+    with pytest.raises(SAEError) as err:
+        load_sae(folder)
+    assert "truncated" in one_sentence(err)
