@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import forward_logits, hooks
+from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Progress
@@ -143,6 +144,7 @@ def collect_pooled(lm, texts: list[str], kind: str = "resid_post", pooling: str 
         raise SpecError(f"position {pooling!r} is unknown; use last or mean.")
     if not texts:
         raise SpecError(f"there are no {what}s to run; give at least one.")
+    require_for_hook(lm, hook_name(0, kind), f"reading {kind} activations", restarts=False)
     docs = tokenize_texts(lm, list(texts), prepend_bos, what)
     n_layers, width = lm.info.n_layers, lm.info.d_model
     shape = (n_layers, len(docs), width)

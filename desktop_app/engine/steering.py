@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from desktop_app.engine.activations_dataset import check_layer_kind, collect_pooled
+from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.edits import add_direction, intervention_job
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import hook_name
@@ -115,5 +116,7 @@ def steering_intervention_job(lm, text, directions: np.ndarray, kind: str = "res
     kind = check_layer_kind(lm, kind)
     layers = list(range(directions.shape[0])) if layers is None else [int(x) for x in layers]
     writes = steering_writes(directions, kind, coefficient, layers, positions)
+    for hook in writes:
+        require_for_hook(lm, hook, f"steering at {hook}", restarts=False)
     return (yield from intervention_job(lm, text, writes, n_continue, top_n, cancel, name, kind="steering",
                                         params=dict(hook=kind, coefficient=float(coefficient), layers=layers)))

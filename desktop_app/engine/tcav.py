@@ -24,6 +24,7 @@ import torch
 from desktop_app.engine.activations_dataset import (check_layer_kind, collect_pooled, pad_id, padded,
                                                     tokenize_texts)
 from desktop_app.engine.capture import forward_logits, hooks
+from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import EMBED, hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress
@@ -43,6 +44,7 @@ def target_gradients(lm, docs: list[list[int]], kind: str, target_id: int, batch
     """Job: float32 numpy [layer, input, width], the gradient of logit(target_id) at each input's last position
     with respect to `kind` of every layer at that position (one forward and one backward pass per batch)."""
     cancel = cancel or CancelToken()
+    require_for_hook(lm, hook_name(0, kind), f"gradients at {kind}", restarts=False)
     names = [hook_name(layer, kind) for layer in range(lm.info.n_layers)]
     out = np.zeros((len(names), len(docs), lm.info.d_model), dtype=np.float32)
     pad = pad_id(lm)
