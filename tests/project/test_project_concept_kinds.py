@@ -138,3 +138,27 @@ def test_concept_specs_round_trip(d):
     spec = analysis_from_dict(d)
     assert analysis_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert kinds.get(d["kind"]).spec is type(spec)
+
+
+def test_a_member_marked_encrypted_is_one_sentence(tmp_path):
+    """Found by the reader fuzzing once the concept specs changed the project's bytes: zipfile raises a bare
+    RuntimeError for a member whose encryption flag is set."""
+    import struct
+    import zipfile
+
+    from desktop_app.engine.errors import ProjectFileError
+    from desktop_app.project.iwb import save_project
+
+    from iwb_testkit import make_project
+
+    path = save_project(make_project(), tmp_path / "p.iwb")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".npy"))
+    offset = info.header_offset + 6  # the local header's general-purpose flag
+    data[offset:offset + 2] = struct.pack("<H", struct.unpack("<H", data[offset:offset + 2])[0] | 1)
+    central = data.rfind(b"PK\x01\x02", 0, data.rfind(info.filename.encode()))  # its central directory entry
+    data[central + 8:central + 10] = struct.pack("<H", struct.unpack("<H", data[central + 8:central + 10])[0] | 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ProjectFileError, match="encrypted"):
+        load_project(path)
