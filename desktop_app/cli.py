@@ -299,7 +299,8 @@ def cmd_export(argv) -> int:
 
     from desktop_app.project.iwb import load_project
 
-    result = _exportable_result(load_project(args.project), args.analysis)
+    project = load_project(args.project)
+    result = _exportable_result(project, args.analysis)
     if fmt in extra:
         record = kinds.find(result.kind)
         writer = record.export_format(fmt) if record is not None else None
@@ -319,8 +320,12 @@ def cmd_export(argv) -> int:
     except ModuleNotFoundError as err:
         raise CliError(f"figure export is not available here ({err.name} is missing); export csv or npz "
                        f"instead.") from None
+    from desktop_app.ui.figure_data import figure_context
+
     figure.ensure_gui_app()
-    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi)
+    entry = project.entry(args.analysis)
+    context = figure_context(entry.result_model, project.prompts)
+    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi, context=context)
     return EXIT_OK
 
 
@@ -339,7 +344,8 @@ def project_summary(project) -> dict:
         else:
             item.update(status=r.status, dims=list(r.dims), shape=list(r.shape), message=r.message,
                         done_fraction=r.done_fraction(), clean_metric=r.clean_metric,
-                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s, stale=entry.stale)
+                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s,
+                        stale=bool(project.stale_reason(entry.name)), computed_with=entry.result_model)
         analyses.append(item)
     return jsonable({"path": str(project.path) if project.path else None,
                      "model": project.model.to_dict() if project.model else None,

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from desktop_app.engine.errors import JobCancelled, SpecError, WorkbenchError
+from desktop_app.engine.errors import JobCancelled, WorkbenchError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds

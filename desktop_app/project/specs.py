@@ -372,7 +372,8 @@ def analysis_from_dict(d) -> AnalysisSpec:
     kind = d["kind"]
     cls = ANALYSIS_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise SpecError(f"{where} has unknown kind {kind!r}; known kinds are {', '.join(ANALYSIS_KINDS)}.")
+        broken = "".join(f" The kind module {m} failed to load ({e})." for m, e in kinds.LOAD_ERRORS.items())
+        raise SpecError(f"{where} has unknown kind {kind!r}; known kinds are {', '.join(ANALYSIS_KINDS)}.{broken}")
     fields = {k: v for k, v in d.items() if k != "kind"}
     return _construct(cls, fields, where)
 

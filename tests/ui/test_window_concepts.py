@@ -30,7 +30,7 @@ def _tcav_result():
 
 def test_probe_click_shows_the_confusion_matrix(qtbot, window):
     window.show()
-    window._show_result(_probe_result())
+    window.analysis_ctl._show_result(_probe_result())
     window._cell_clicked((1,))
     text = child(window, "cellPredictionsLabel", QLabel).text()
     assert "accuracy 0.900, control 0.600, selectivity 0.300" in text
@@ -40,7 +40,7 @@ def test_probe_click_shows_the_confusion_matrix(qtbot, window):
 
 def test_tcav_click_shows_the_score_distributions(qtbot, window):
     window.show()
-    window._show_result(_tcav_result())
+    window.analysis_ctl._show_result(_tcav_result())
     window._cell_clicked((1,))
     text = child(window, "cellPredictionsLabel", QLabel).text()
     assert "p = 0.001" in text and "significant at 0.05" in text and "not significant" not in text
@@ -54,7 +54,7 @@ def test_steering_click_shows_tokens_and_continuations(qtbot, window):
                        extras={"top_tokens": np.array([["·Mary", "·John"], ["·John", "·Mary"]]),
                                "kl": np.array(0.25, np.float32),
                                "continuation": np.array([" Mary went home", " John went out"])})
-    window._show_result(r)
+    window.analysis_ctl._show_result(r)
     window._cell_clicked((1, 0))
     text = child(window, "cellPredictionsLabel", QLabel).text()
     assert "KL(before || after) = 0.25" in text

@@ -132,3 +132,24 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     assert {k: result.params.get(k) for k in ("component", "metric") if k in params} == \
         {k: params[k] for k in ("component", "metric") if k in params and k in result.params}
     assert dataclasses.replace(expected, name="x") == dataclasses.replace(window.spec_from_panel(), name="x")
+
+
+def test_a_result_with_more_than_two_dims_shows_one_slice_chosen_by_name(qtbot, window):
+    """[layer, head, query, key] (attention patterns) is drawn as query x key of the chosen layer and head."""
+    from desktop_app.engine.results import AnalysisResult
+
+    values = np.random.default_rng(0).uniform(0, 1, (2, 3, 4, 4)).astype(np.float32)
+    result = AnalysisResult("att", "activation_patching", {}, ["layer", "head", "query", "key"], values,
+                            {"layer": [0, 1], "query": [f"{i}: t{i}" for i in range(4)],
+                             "key": [f"{i}: t{i}" for i in range(4)]})
+    view = window.result_view
+    view.set_result(result)
+    np.testing.assert_array_equal(view.image_data(), values[0, 0])
+    child(window, "layerSliceCombo", QComboBox).setCurrentIndex(1)
+    child(window, "headSliceCombo", QComboBox).setCurrentIndex(2)
+    np.testing.assert_array_equal(view.image_data(), values[1, 2])
+    assert view.cell_coordinates((3, 1)) == {"query": 3, "key": 1, "layer": 1, "head": 2}
+    assert [t for _, t in view.column_labels()] == [f"{i}: t{i}" for i in range(4)]
+    view.set_result(None)
+    assert window.findChild(QComboBox, "layerSliceCombo") is None or \
+        not window.findChild(QComboBox, "layerSliceCombo").isVisibleTo(window)

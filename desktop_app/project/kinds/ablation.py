@@ -1,7 +1,7 @@
 """Ablation: replace an activation (zero, mean, noise, resample) and measure the metric."""
 from __future__ import annotations
 
-from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind
+from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind, with_raw_logit_diffs
 from desktop_app.project.specs import AblationSpec
 
 _METRICS_WITH_WRONG = ("logit_diff", "logit_diff_recovered")
@@ -14,10 +14,11 @@ def _job(lm, prompts, spec, cancel, batch_size):
     need_corrupted = (spec.method == "resample" or spec.metric == "logit_diff_recovered"
                       or bool(prompts.corrupted.strip()))
     pair = prompt_pair(lm, prompts, need_corrupted=need_corrupted, need_wrong=spec.metric in _METRICS_WITH_WRONG)
-    return ablation_job(lm, pair, component=spec.component, method=spec.method, positions=spec.positions,
-                        metric=spec.metric, layers=spec.layers, reference_prompts=spec.reference_prompts,
-                        mean_over=spec.mean_over, noise=spec.noise, seed=spec.seed, source_prompt=spec.source_prompt,
-                        name=spec.name, cancel=cancel, batch_size=batch_size)
+    job = ablation_job(lm, pair, component=spec.component, method=spec.method, positions=spec.positions,
+                       metric=spec.metric, layers=spec.layers, reference_prompts=spec.reference_prompts,
+                       mean_over=spec.mean_over, noise=spec.noise, seed=spec.seed, source_prompt=spec.source_prompt,
+                       name=spec.name, cancel=cancel, batch_size=batch_size)
+    return with_raw_logit_diffs(lm, pair if spec.metric in _METRICS_WITH_WRONG else None, job)
 
 
 register_kind(AnalysisKind(

@@ -1,7 +1,7 @@
 """Activation patching and attribution patching: [layer, position] / [layer, head] sweeps of one component."""
 from __future__ import annotations
 
-from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind
+from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind, with_raw_logit_diffs
 from desktop_app.project.specs import ActivationPatchingSpec, AttributionPatchingSpec
 
 _DIMS = "[layer, position] (each) or [layer] (all); head_out: [layer, position, head] or [layer, head]"
@@ -14,17 +14,19 @@ def _metric(params: dict) -> str:
 def _activation_job(lm, prompts, spec, cancel, batch_size):
     from desktop_app.engine.patching import activation_patching_job
 
-    return activation_patching_job(lm, prompt_pair(lm, prompts), component=spec.component, positions=spec.positions,
-                                   direction=spec.direction, metric=spec.metric, name=spec.name, layers=spec.layers,
-                                   cancel=cancel, batch_size=batch_size)
+    pair = prompt_pair(lm, prompts)
+    return with_raw_logit_diffs(lm, pair, activation_patching_job(
+        lm, pair, component=spec.component, positions=spec.positions, direction=spec.direction, metric=spec.metric,
+        name=spec.name, layers=spec.layers, cancel=cancel, batch_size=batch_size))
 
 
 def _attribution_job(lm, prompts, spec, cancel, batch_size):
     from desktop_app.engine.attribution import attribution_patching_job
 
-    return attribution_patching_job(lm, prompt_pair(lm, prompts), component=spec.component,
-                                    positions=spec.positions, direction=spec.direction, metric=spec.metric,
-                                    name=spec.name, cancel=cancel)
+    pair = prompt_pair(lm, prompts)
+    return with_raw_logit_diffs(lm, pair, attribution_patching_job(
+        lm, pair, component=spec.component, positions=spec.positions, direction=spec.direction, metric=spec.metric,
+        name=spec.name, cancel=cancel))
 
 
 def _skeleton(lm, prompts, spec):
