@@ -151,6 +151,8 @@ class _Archive:
                                f"Interp Workbench or was damaged, so open a backup copy.")
 
     def _check_member(self, name: str) -> None:
+        if self.zf.getinfo(name).flag_bits & 0x1:  # zipfile raises a bare RuntimeError on an encrypted member
+            self.fail(f"its member {name!r} is encrypted")
         with self.zf.open(name) as m:
             head = m.read(len(_NPY_MAGIC))
         if head[:1] == b"\x80" or name.endswith((".pkl", ".pickle", ".joblib")):

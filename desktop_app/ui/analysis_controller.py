@@ -271,6 +271,12 @@ class AnalysisController:
         if result is None:
             return
         self.status(view.describe(cell), 8000)
+        record = kinds.find(result.kind)
+        if record is not None and record.click == "details" and record.details is not None:
+            text = record.details(result, view.cell_coordinates(cell))  # from the stored result: no model needed
+            self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b>"
+                                           f"<pre>{html.escape(text)}</pre>")
+            return
         if self.model() is None:
             self.predictions_label.setText("Load the model to see the predictions of a cell.")
             return

@@ -18,7 +18,7 @@ def all_specs():
         AblationSpec("abl", component="blocks.1.attn.hook_z", method="resample", positions="each",
                      metric="logit_diff_recovered", layers=[1], noise=0.5, seed=3),
         SAEFeaturesSpec("sae", sae="/saes/res_0", hook="blocks.0.hook_resid_post", prompt="corrupted", top_k=0),
-    ] + reading_specs()
+    ] + reading_specs() + _concept_specs()
 
 
 def reading_specs():
@@ -42,6 +42,20 @@ def reading_specs():
         TunedLensTrainingSpec("tl", corpus="/data/corpus.txt", out="/lenses/out", steps=9, context=16, batch_size=2,
                               lr=0.01, seed=1),
     ]
+
+
+def _concept_specs():
+    from desktop_app.project.kinds.probe import ProbeSpec
+    from desktop_app.project.kinds.steering import SteeringSpec, SteeringVectorSpec
+    from desktop_app.project.kinds.tcav import TCAVSpec
+
+    return [ProbeSpec("probe", dataset="/data/labels.csv", hook="resid_pre", position="mean", test_fraction=0.5,
+                      seed=2, l2=0.5),
+            TCAVSpec("tcav", concept=["a cat", "a dog"], random="/data/corpus.txt", inputs=["x"], target=" Mary",
+                     hook="mlp_out", runs=4, random_size=2, seed=1, alpha=0.01, bonferroni=True),
+            SteeringVectorSpec("sv", positive=["good"], negative=["bad"], method="pca", hook="resid_pre",
+                               position="mean"),
+            SteeringSpec("steer", vector="/cv.gguf", coefficient=-2.0, layers=[1], prompt="corrupted", n_continue=5)]
 
 
 def make_result(name="resid", kind="activation_patching", shape=(3, 4), status="partial", seed=0):

@@ -33,6 +33,15 @@ EXAMPLES = {
     "direct_logit_attribution": {"granularity": "layers", "prompt": "corrupted"},
     "token_attribution": {"method": "occlusion", "target": "answer_logit", "baseline": "zero", "window": 2,
                           "steps": 8, "integration": "riemann_middle", "samples": 16, "seed": 4},
+    "probe": {"dataset": None, "hook": "resid_pre", "position": "mean", "test_fraction": 0.5, "seed": 1},
+    "tcav": {"concept": ("Mary gave a book", "Mary gave a pen"), "random": ("John went home", "Bob went out",
+                                                                           "Anna sat down", "Tom ran away"),
+             "inputs": ("When Mary and John went to the store, John gave a drink to",), "target": " Mary",
+             "runs": 2, "seed": 1},
+    "steering_vector": {"positive": ("Mary went home", "Mary sat down"), "negative": ("John went home",
+                                                                                      "John sat down"),
+                        "method": "pca", "hook": "resid_pre"},
+    "steering": {"vector": None, "coefficient": 2.0, "prompt": "corrupted", "n_continue": 2},  # vector: by the test
 }
 
 
@@ -93,6 +102,13 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     values = dict(EXAMPLES[kind])
     if kind == "sae_features":
         values["sae"] = str(_random_sae(tmp_path / "sae"))
+    if kind == "steering":
+        from desktop_app.engine.control_vector import write_control_vector
+        values["vector"] = str(write_control_vector(tmp_path / "cv.gguf", {1: np.ones(64, np.float32)}, "gpt2"))
+    if kind == "probe":
+        (tmp_path / "labels.csv").write_text("text,label\n" + "\n".join(
+            f"{n} went to the {p},{n == 'Mary'}" for n in ("Mary", "John") for p in ("park", "store", "school")))
+        values["dataset"] = str(tmp_path / "labels.csv")
     load_model(qtbot, window, ioi_gpt2_dir)
     assert window.model_loaded is not None, window.message_bar.text()
     type_prompts(window)

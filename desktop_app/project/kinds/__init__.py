@@ -52,7 +52,7 @@ from desktop_app.project import specs as _specs
 from desktop_app.project.specs import AnalysisSpec, Prompts
 
 VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table", "lens_grid", "attention_pattern")
-CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token")
+CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token", "details")
 SCALES = ("diverging", "sequential")
 _BUILTIN_MODULES = ("patching", "tracing", "ablation", "sae_features")  # their order is the panel's order
 
@@ -83,6 +83,7 @@ class AnalysisKind:
     # job over a dataset of pairs (prompts a DatasetPrompts), same signature as job; None: one pair only
     dataset_job: Callable[..., Any] | None = None
     description: str = ""
+    details: Callable[[Any, dict], str] | None = None  # click "details": (result, {dim: index}) -> plain text
 
     def __post_init__(self):
         if not self.kind or not self.kind.replace("_", "").isalnum():
