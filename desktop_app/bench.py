@@ -128,6 +128,52 @@ def _attribution_equivalents(lm, pair) -> float | None:
     return (time.perf_counter() - t0) / fwd
 
 
+def _quantized_models(n_pos: int, differ_at: int):
+    """The GPT-2-small shape in float32, bfloat16, int8 and int4 (bitsandbytes, when installed)."""
+    import copy
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from desktop_app.engine.loading import wrap_model
+    from desktop_app.engine.quantize import bitsandbytes_available, quantize_in_memory
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=256, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+                        n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
+    base = GPT2LMHeadModel(config).float().eval()
+    yield "float32", wrap_model(base)
+    yield "bfloat16", wrap_model(copy.deepcopy(base).to(torch.bfloat16))
+    if not bitsandbytes_available():
+        return
+    for choice in ("int8", "int4"):
+        model = copy.deepcopy(base)
+        quantize_in_memory(model, choice, torch.float32)
+        lm = wrap_model(model)
+        lm.info.quantize = choice
+        yield choice, lm
+
+
+def _quantization_table(n_pos: int, differ_at: int) -> None:
+    import numpy as np
+
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.patching import activation_patching_job
+
+    print("quantisation, gpt2-small shape (12 layers, d 768), resid_pre [layer, pos] sweep; int8 / int4 through "
+          "bitsandbytes (the other layers float32)")
+    print(f"{'weights':10s} {'memory':>11s} {'cells/s':>9s} {'max |diff| vs float32 (logit diff)':>36s}")
+    reference = None
+    for label, lm in _quantized_models(n_pos, differ_at):
+        pair = _pair(lm, n_pos, differ_at)
+        rate, _cells = _sweep_rate(lm, pair, "resid_pre")
+        values = drive(activation_patching_job(lm, pair, "resid_pre", "each", "denoise", "logit_diff")).values
+        reference = values if reference is None else reference
+        print(f"{label:10s} {lm.info.memory_bytes / 2**20:7.1f} MiB {rate:9.1f} "
+              f"{float(np.abs(values - reference).max()):36.4f}", flush=True)
+        del lm
+
+
 def _sae_rate() -> dict | None:
     try:
         import torch
@@ -183,14 +229,28 @@ def main(argv=None) -> int:
     parser.add_argument("--differ-at", type=int, default=None,
                         help="the position where the corrupted prompt differs (default: the middle)")
     parser.add_argument("--no-ui", action="store_true", help="skip the window measurements")
+    parser.add_argument("--no-analyses", action="store_true",
+                        help="skip the lens, attention, logit-attribution and token-attribution timings")
+    parser.add_argument("--quantization", choices=("yes", "no", "only"), default="yes",
+                        help="memory and cells/s of float32 / bfloat16 / int8 / int4 on the gpt2-small shape")
+    parser.add_argument("--no-datasets", action="store_true", help="skip the 32-pair dataset sweeps")
+    parser.add_argument("--only-datasets", action="store_true", help="run only the 32-pair dataset sweeps")
     args = parser.parse_args(argv)
     differ_at = args.positions // 2 if args.differ_at is None else min(max(args.differ_at, 0), args.positions - 1)
     import torch
 
     print(f"interp-workbench bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"prompt of {args.positions} tokens")
+    if args.only_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
+        return 0
     print(f"(the corrupted prompt differs at position {differ_at}: cells before it patch in an identical "
           "activation and need no forward pass)")
+    if args.quantization == "only":
+        _quantization_table(args.positions, differ_at)
+        return 0
     print(f"{'model':40s} {'sweep':28s} {'cells':>6s} {'cells/s':>9s} {'baseline/s':>10s} {'speed-up':>8s}")
     for label, lm in _models(args.models):
         print(f"{label:40s} load-time conformance check: {lm.conformance.summary()}", flush=True)
@@ -202,6 +262,17 @@ def main(argv=None) -> int:
         eq = _attribution_equivalents(lm, pair)
         if eq is not None:
             print(f"{label:40s} attribution patching (all heads): {eq:.1f} forward-pass equivalents", flush=True)
+        if not args.no_analyses:
+            from desktop_app.bench_lenses import analysis_times
+
+            for title, seconds, ratio in analysis_times(lm, pair, _forward_time(lm, pair)):
+                print(f"{label:40s} {title:34s} {seconds:8.3f} s = {ratio:7.1f} forward passes", flush=True)
+    if args.quantization == "yes" and args.models == "all":
+        _quantization_table(args.positions, differ_at)
+    if not args.no_datasets:
+        from desktop_app import bench_datasets
+
+        bench_datasets.run(_models(args.models), args.baseline_seconds)
     sae = _sae_rate()
     if sae:
         print(f"SAE encoding (d_in 768, 16384 features): {sae['tokens_per_s']:.0f} tokens/s, "

@@ -194,6 +194,7 @@ def cmd_run(argv) -> int:
     p.add_argument("--out", required=True, help="project file to write (.iwb)")
     p.add_argument("--device", help="override the experiment's device: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", help="override the experiment's dtype: auto, float32, float16, bfloat16")
+    p.add_argument("--quantize", help="override the experiment's quantize: none, int8, int4 (needs bitsandbytes)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="rows per forward pass in patching sweeps (default: chosen from free memory)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -207,7 +208,7 @@ def cmd_run(argv) -> int:
     out = Path(args.out)
     _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
     experiment = load_experiment(args.experiment)
-    experiment.model = with_model_overrides(experiment.model, args.device, args.dtype)
+    experiment.model = with_model_overrides(experiment.model, args.device, args.dtype, args.quantize)
     _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
         (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
         for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)])
@@ -299,7 +300,8 @@ def cmd_export(argv) -> int:
 
     from desktop_app.project.iwb import load_project
 
-    result = _exportable_result(load_project(args.project), args.analysis)
+    project = load_project(args.project)
+    result = _exportable_result(project, args.analysis)
     if fmt in extra:
         record = kinds.find(result.kind)
         writer = record.export_format(fmt) if record is not None else None
@@ -319,8 +321,12 @@ def cmd_export(argv) -> int:
     except ModuleNotFoundError as err:
         raise CliError(f"figure export is not available here ({err.name} is missing); export csv or npz "
                        f"instead.") from None
+    from desktop_app.ui.figure_data import figure_context
+
     figure.ensure_gui_app()
-    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi)
+    entry = project.entry(args.analysis)
+    context = figure_context(entry.result_model, project.prompts)
+    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi, context=context)
     return EXIT_OK
 
 
@@ -339,11 +345,18 @@ def project_summary(project) -> dict:
         else:
             item.update(status=r.status, dims=list(r.dims), shape=list(r.shape), message=r.message,
                         done_fraction=r.done_fraction(), clean_metric=r.clean_metric,
-                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s, stale=entry.stale)
+                        corrupted_metric=r.corrupted_metric, elapsed_s=r.elapsed_s,
+                        stale=bool(project.stale_reason(entry.name)), computed_with=entry.result_model)
+            if "values_per_pair" in r.extras:
+                item["pairs"] = int(len(r.extras["values_per_pair"]))
         analyses.append(item)
+    prompts = project.prompts.to_dict()
+    if isinstance(prompts, list) or "pairs" in prompts:  # a dataset: its size and first pair, not every pair
+        pairs = prompts if isinstance(prompts, list) else prompts["pairs"]
+        prompts = {"pairs": len(pairs), "source": getattr(project.prompts, "source", ""), "first_pair": pairs[0]}
     return jsonable({"path": str(project.path) if project.path else None,
                      "model": project.model.to_dict() if project.model else None,
-                     "prompts": project.prompts.to_dict(), "analyses": analyses})
+                     "prompts": prompts, "analyses": analyses})
 
 
 def cmd_info(argv) -> int:

@@ -153,7 +153,7 @@ def ablation_job(lm, pair: PromptPair, component: str = "head_out", method: str 
     if positions not in ("each", "all"):
         raise SpecError(f"positions must be 'each' or 'all', not {positions!r}.")
     if full:
-        if metric not in METRICS:
+        if metric not in METRICS and not callable(metric):
             raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
         names = [_check_full_name(lm, component)]
         require_for_hook(lm, component, f"ablation of {component}", restarts=False)  # plain forward passes

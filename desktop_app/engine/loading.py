@@ -14,6 +14,11 @@ from pathlib import Path
 from desktop_app.engine.errors import JobCancelled, ModelLoadError
 from desktop_app.engine.file_checks import check_model_files, loader_error_text
 from desktop_app.engine.jobs import CancelToken, Progress, drive
+from desktop_app.engine.memory_estimate import count_weights, refuse_if_too_big
+from desktop_app.engine.quantize import (QuantPlan, from_pretrained_kwargs, parameter_count,
+                                         plan_quantization, prepare_loaded, quantize_in_memory,
+                                         weights_bytes)
+from desktop_app.engine.quantize import run_error as quantize_run_error
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -26,12 +31,12 @@ def _offline_env():
 
 
 def load_model(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               on_progress=None, cancel: CancelToken | None = None):
-    return drive(load_model_job(path, dtype, device, trust_remote_code, cancel), on_progress)
+               on_progress=None, cancel: CancelToken | None = None, quantize: str = "none"):
+    return drive(load_model_job(path, dtype, device, trust_remote_code, cancel, quantize), on_progress)
 
 
 def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-                   cancel: CancelToken | None = None):
+                   cancel: CancelToken | None = None, quantize: str = "none"):
     _offline_env()
     cancel = cancel or CancelToken()
     yield Progress(0, 100, "checking files")
@@ -40,12 +45,16 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     if gguf_file is None:
         config_dict = _read_config(folder)
         _check_architecture(folder, config_dict, trust_remote_code)
+        plan = plan_quantization(quantize, config_dict, folder)
+        _refuse_if_too_big(count_weights(config_dict, folder, plan.stored is not None), dtype, device, config_dict,
+                           plan, folder)
         weights = _check_weights(folder)
         _check_tokenizer(folder)
         config_hash = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
         total_bytes = sum(w.stat().st_size for w in weights)
     else:
         config_dict = {}
+        plan = plan_quantization(quantize, config_dict, folder / gguf_file)
         config_hash = _file_hash(folder / gguf_file)
         total_bytes = (folder / gguf_file).stat().st_size
     cancel.check()
@@ -64,11 +73,17 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
                              "pip install 'interp-workbench[gguf]'.", str(err)) from err
     except ValueError as err:
         raise _gguf_or_config_error(folder, gguf_file, err) from err
+    if gguf_file:
+        _refuse_if_too_big(count_weights(config), dtype, device, config_dict, plan, folder / gguf_file, True)
 
     yield Progress(10, 100, f"loading weights ({total_bytes / 2**20:.0f} MiB)")
     progress_events: list[Progress] = []
-    model = _from_pretrained(folder, config, torch_dtype, torch_device, device_map, trust_remote_code, extra,
-                             cancel, progress_events)
+    quant_kwargs = from_pretrained_kwargs(plan, torch_dtype, torch_device, device_map, after_load=bool(gguf_file))
+    model = _from_pretrained(folder, config, torch_dtype, torch_device, quant_kwargs.pop("device_map", device_map),
+                             trust_remote_code, extra, cancel, progress_events, quant_kwargs)
+    if gguf_file and plan.choice != "none":
+        quantize_in_memory(model, plan.choice, torch_dtype)
+    prepare_loaded(model)
     yield from progress_events[-1:]
     yield Progress(90, 100, "loading tokenizer")
     tokenizer = _load_tokenizer(folder, trust_remote_code, extra)
@@ -84,7 +99,8 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     lm = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=None, path=str(Path(path).resolve()),
                      config_hash=config_hash, source_kind="gguf" if gguf_file else "folder")
     lm.info = _model_info(model, adapter, torch_dtype, device_map, torch_device)
-    _smoke_forward(lm, dtype, device)
+    lm.info.quantize = plan.label
+    _smoke_forward(lm, dtype, device, plan)
     yield Progress(95, 100, "checking the hook points (conformance)")
     check_loadable(lm)
     yield Progress(100, 100, "loaded")
@@ -196,6 +212,12 @@ def _file_hash(path: Path) -> str:
 
 
 # ---- device and dtype -----------------------------------------------------------------------------------
+def _refuse_if_too_big(count, dtype, device, config_dict, plan, where, gguf=False) -> None:
+    torch_device, device_map = _resolve_device(device)
+    resolved = str(_resolve_dtype(dtype, torch_device, config_dict)).replace("torch.", "")
+    refuse_if_too_big(count, resolved, plan, torch_device, device_map, where, quantised_after_load=gguf)
+
+
 def _resolve_device(device: str):
     import torch
 
@@ -277,12 +299,12 @@ def _weights_progress(cancel: CancelToken, events: list):
 
 
 def _from_pretrained(folder, config, torch_dtype, torch_device, device_map, trust_remote_code, extra, cancel,
-                     events):
+                     events, quant_kwargs=None):
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
-                  attn_implementation="eager", **extra)
+                  attn_implementation="eager", **extra, **(quant_kwargs or {}))
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -339,9 +361,8 @@ def _model_info(model, adapter, torch_dtype, device_map, torch_device):
     d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
     n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or \
         getattr(cfg, "n_ctx", None) or 2048
-    params = sum(p.numel() for p in model.parameters())
-    memory = sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
+    params = parameter_count(model)
+    memory = weights_bytes(model)
     hf_map = getattr(model, "hf_device_map", None)
     if hf_map and len(set(map(str, hf_map.values()))) > 1:
         device_text = "+".join(sorted({_device_text(v) for v in hf_map.values()}))
@@ -371,7 +392,7 @@ def _device_text(v) -> str:
     return f"cuda:{v}" if isinstance(v, int) else str(v)
 
 
-def _smoke_forward(lm, dtype: str, device: str) -> None:
+def _smoke_forward(lm, dtype: str, device: str, plan: QuantPlan = QuantPlan()) -> None:
     """One tiny forward pass: a dtype the device cannot compute fails here, with a message, not mid-analysis."""
     import torch
 
@@ -379,7 +400,11 @@ def _smoke_forward(lm, dtype: str, device: str) -> None:
     try:
         with torch.inference_mode():
             lm.model(input_ids=ids)
-    except (RuntimeError, NotImplementedError) as err:
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError) as err:
+        if plan.active:
+            raise quantize_run_error(plan, lm.info.device, err) from err
+        if not isinstance(err, (RuntimeError, NotImplementedError)):
+            raise
         raise ModelLoadError(f"dtype {lm.info.dtype} does not run on {lm.info.device} ({_first_line(err)}); "
                              "choose float32 or another device.", str(err)) from err
 

@@ -40,6 +40,7 @@ class ModelInfo:
     n_params: int
     memory_bytes: int
     parallel_attn_mlp: bool = False
+    quantize: str = "none"  # int8 / int4, or a checkpoint's own quantisation "... (as stored)"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +48,8 @@ class ModelInfo:
     def summary(self) -> str:
         gqa = f" ({self.n_kv_heads} kv)" if self.n_kv_heads != self.n_heads else ""
         return (f"{self.architecture}: {self.n_layers} layers, {self.n_heads} heads{gqa}, d_model {self.d_model}, "
-                f"{human_count(self.n_params)} parameters, {human_bytes(self.memory_bytes)}, {self.dtype} on {self.device}")
+                f"{human_count(self.n_params)} parameters, {human_bytes(self.memory_bytes)}, {self.dtype}"
+                + (f" {self.quantize}" if self.quantize != "none" else "") + f" on {self.device}")
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def validate(component: str, direction: str, metric: str, lm, layers=None) -> li
         raise SpecError(f"unknown component {component!r}; choose one of {', '.join(COMPONENTS)}.")
     if direction not in DIRECTIONS:
         raise SpecError(f"unknown direction {direction!r}; choose denoise or noise.")
-    if metric not in METRICS:
+    if metric not in METRICS and not callable(metric):  # a bound metric expression is callable
         raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
     if component == "resid_mid" and lm.info.parallel_attn_mlp:
         raise SpecError("resid_mid does not exist in this model (attention and MLP run in parallel); "

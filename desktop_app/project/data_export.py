@@ -33,11 +33,20 @@ def npz_arrays(result: AnalysisResult) -> dict[str, np.ndarray]:
     for dim in result.dims:
         labels = dim_labels(result, dim)
         arrays[f"labels_{dim}"] = np.array(labels, dtype=str) if labels else np.zeros(0, dtype="<U1")
+    per_pair = is_dataset_result(result)
     for name, arr in result.extras.items():  # a kind's further arrays (sem, values_per_pair, p_value, ...)
         arr = np.asarray(arr)
-        if name not in arrays and name != "traceback" and not arr.dtype.hasobject:
+        # over a dataset, clean_metric / corrupted_metric are per pair [pair] (contract 6.1)
+        replaces = per_pair and name in ("clean_metric", "corrupted_metric")
+        if (name not in arrays or replaces) and name != "traceback" and not arr.dtype.hasobject:
             arrays[name] = arr
     return arrays
+
+
+def is_dataset_result(result: AnalysisResult) -> bool:
+    """A result over a dataset of pairs: it carries values_per_pair [pair, ...dims]."""
+    v = result.extras.get("values_per_pair")
+    return v is not None and np.ndim(v) == np.ndim(result.values) + 1
 
 
 def _check_target(path: Path) -> None:
@@ -59,17 +68,34 @@ def _fmt(x) -> str:
 
 
 def csv_text(result: AnalysisResult) -> str:
-    """Header `<dim>,<dim>_label,...,value`; one row per cell in C order; cells not computed read "nan"."""
+    """Header `<dim>,<dim>_label,...,value`; one row per cell in C order; cells not computed read "nan".
+
+    A result over a dataset has a first column `pair` and a last column `sem`: the rows of the mean (pair
+    "mean", with its standard error), then every pair's own rows (pair 0, 1, ...; sem empty)."""
     labels = [dim_labels(result, d) for d in result.dims]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([c for d in result.dims for c in (d, f"{d}_label")] + ["value"])
+    dataset = is_dataset_result(result)
+    head = [c for d in result.dims for c in (d, f"{d}_label")] + ["value"]
+    w.writerow(["pair"] + head + ["sem"] if dataset else head)
     values = np.asarray(result.values)
-    for idx in itertools.product(*(range(n) for n in values.shape)):
-        row = []
-        for axis, i in enumerate(idx):
-            row += [i, labels[axis][i]]
-        w.writerow(row + [_fmt(values[idx])])
+
+    def cells(vals, first=(), sem=None):
+        for idx in itertools.product(*(range(n) for n in vals.shape)):
+            row = list(first)
+            for axis, i in enumerate(idx):
+                row += [i, labels[axis][i]]
+            row.append(_fmt(vals[idx]))
+            if dataset:
+                row.append(_fmt(sem[idx]) if sem is not None else "")
+            w.writerow(row)
+    if not dataset:
+        cells(values)
+        return out.getvalue()
+    sem = np.asarray(result.extras.get("sem", np.full(values.shape, np.nan)))
+    cells(values, ["mean"], sem)
+    for p, vals in enumerate(np.asarray(result.extras["values_per_pair"])):
+        cells(vals, [p])
     return out.getvalue()
 
 

@@ -21,11 +21,31 @@ EVENTS = ("model", "prompts", "analyses", "spec", "result", "view", "saved")
 Observer = Callable[["Project", str, Any], None]
 
 
+def model_fingerprint(model: ModelRef | None) -> dict | None:
+    """What identifies the model a result was computed with: path, config hash and quantisation."""
+    if model is None:
+        return None
+    return {"path": model.path, "config_hash": model.config_hash or "",
+            "quantize": getattr(model, "quantize", "none") or "none"}
+
+
+def same_model(a: dict | None, b: dict | None) -> bool:
+    """True when two fingerprints name the same model (a missing config hash matches by path alone)."""
+    if a is None or b is None:
+        return a is b
+    if a.get("quantize", "none") != b.get("quantize", "none"):
+        return False
+    if a.get("config_hash") and b.get("config_hash"):
+        return a["config_hash"] == b["config_hash"] and a.get("path") == b.get("path")
+    return a.get("path") == b.get("path")
+
+
 @dataclass
 class AnalysisEntry:
     spec: AnalysisSpec
     result: AnalysisResult | None = None
     result_spec: AnalysisSpec | None = None  # the spec the result was computed from
+    result_model: dict | None = None  # model_fingerprint() of the model the result was computed with
 
     @property
     def name(self) -> str:
@@ -94,12 +114,33 @@ class Project:
             self.model = model
             self._changed("model", model)
 
+    def learn_config_hash(self, model: ModelRef) -> bool:
+        """The loaded model is the project's model and only its config hash was not known yet (a demo, an
+        experiment file), or only its load-time conformance measurements are new: record them without counting
+        it as an edit. True when it did so."""
+        if self.model is None or not model.config_hash:
+            return False
+        if self.model.config_hash and self.model.config_hash != model.config_hash:
+            return False
+        if replace(self.model, config_hash=model.config_hash, conformance=model.conformance) != model:
+            return False
+        self.model = model
+        for entry in self.analyses:
+            if entry.result_model is not None and entry.result_model.get("path") == model.path \
+                    and not entry.result_model.get("config_hash"):
+                entry.result_model = {**entry.result_model, "config_hash": model.config_hash}
+        self._notify("model", model)
+        return True
+
     def set_prompts(self, prompts: Prompts) -> None:
         if prompts != self.prompts:
             self.prompts = prompts
             self._changed("prompts", prompts)
 
     def set_prompt_field(self, field: str, value) -> None:
+        if hasattr(self.prompts, "with_field"):  # a dataset: the field of its first pair (the one shown)
+            self.set_prompts(self.prompts.with_field(field, value))
+            return
         self.set_prompts(replace(self.prompts, **{field: value}))
 
     # ---- analyses ----
@@ -146,12 +187,32 @@ class Project:
             self.analyses[i].spec = spec
             self._changed("spec", spec.name)
 
-    def set_result(self, name: str, result: AnalysisResult | None) -> None:
-        """Store a computed (or partial) result; not undoable, but it does make the project dirty."""
+    def set_result(self, name: str, result: AnalysisResult | None, model: ModelRef | dict | None = None) -> None:
+        """Store a computed (or partial) result and the model it was computed with (default: the project's
+        model); not undoable, but it does make the project dirty."""
         entry = self.entry(name)
         entry.result = result
         entry.result_spec = entry.spec if result is not None else None
+        if result is None:
+            entry.result_model = None
+        else:
+            entry.result_model = model if isinstance(model, dict) else model_fingerprint(model or self.model)
         self._changed("result", name)
+
+    def stale_reason(self, name: str, loaded: ModelRef | None = None) -> str:
+        """Why the result of `name` no longer matches (empty when it does): its spec was edited, or it was
+        computed with another model than `loaded` (default: the project's model)."""
+        entry = self.entry(name)
+        if entry.result is None:
+            return ""
+        current = model_fingerprint(loaded if loaded is not None else self.model)
+        if entry.result_model is not None and current is not None and not same_model(entry.result_model, current):
+            m = entry.result_model
+            quant = f", {m['quantize']}" if m.get("quantize", "none") != "none" else ""
+            return f"computed with another model ({m.get('path')}{quant})"
+        if entry.stale:
+            return "its settings were edited after it was computed"
+        return ""
 
     # ---- view state (JSON-able: open panes, selected hook points, colour ranges) ----
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from desktop_app.engine.errors import JobCancelled, SpecError, WorkbenchError
+from desktop_app.engine.errors import JobCancelled, WorkbenchError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
@@ -51,6 +51,13 @@ def analysis_job(lm, prompts: Prompts, spec: AnalysisSpec, cancel: CancelToken |
     Raises SpecError / PromptError right away (before the first event) when the spec cannot run."""
     cancel = cancel or CancelToken()
     record = kinds.get(spec.kind)  # SpecError for a kind this version cannot run
+    from desktop_app.project.dataset_prompts import is_dataset
+
+    if is_dataset(prompts):
+        if record.dataset_job is None:
+            raise SpecError(f"analysis {spec.name!r}: {record.label.lower()} runs on one prompt pair, not on a dataset "
+                            "of pairs; use a single pair for it.")
+        return record.dataset_job(lm, prompts, spec, cancel, batch_size)
     return record.job(lm, prompts, spec, cancel, batch_size)
 
 
@@ -92,11 +99,13 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
 
     emit(StepStarted(0, count, "model", "model"))
     try:
-        lm = drive(load_model_job(model.path, model.dtype, model.device, model.trust_remote_code, cancel), emit)
+        lm = drive(load_model_job(model.path, model.dtype, model.device, model.trust_remote_code, cancel,
+                                  model.quantize), emit)
     except JobCancelled:
         return project
     conformance = lm.conformance.to_dict() if lm.conformance is not None else None
-    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", conformance=conformance))
+    project.set_model(dataclasses.replace(model, config_hash=lm.config_hash or "", conformance=conformance,
+                                          memory_bytes=lm.info.memory_bytes))
     emit(StepFinished(0, count, "model", None))
 
     for i, spec in enumerate(experiment.analyses, start=1):
@@ -122,9 +131,11 @@ def run_experiment(experiment, on_event: Callable[[Any], None] | None = None,
     return project
 
 
-def with_model_overrides(model: ModelRef, device: str | None = None, dtype: str | None = None) -> ModelRef:
-    """The model reference with the command line's --device / --dtype applied (validated by ModelRef)."""
-    changes = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+def with_model_overrides(model: ModelRef, device: str | None = None, dtype: str | None = None,
+                         quantize: str | None = None) -> ModelRef:
+    """The model reference with the command line's --device / --dtype / --quantize applied (validated by
+    ModelRef)."""
+    changes = {k: v for k, v in (("device", device), ("dtype", dtype), ("quantize", quantize)) if v is not None}
     return dataclasses.replace(model, **changes) if changes else model
 
 

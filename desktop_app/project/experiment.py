@@ -83,7 +83,9 @@ def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, sourc
         if not os.path.isabs(p):
             p = os.path.normpath(os.path.join(os.path.abspath(base_dir), p))
         model = ModelRef(**{**model.__dict__, "path": p})
-    prompts = Prompts.from_dict(data["prompts"])
+    from desktop_app.project.dataset_prompts import prompts_from_json
+
+    prompts = prompts_from_json(data["prompts"], base_dir)
     if not prompts.clean.strip():
         raise SpecError(f"{source}: field 'prompts.clean' is empty; write the clean prompt.")
     analyses = data["analyses"]

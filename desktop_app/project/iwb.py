@@ -25,7 +25,8 @@ from desktop_app.engine import bounded_io
 from desktop_app.project import doc_checks
 from desktop_app.project.atomic import atomic_write
 from desktop_app.project.text_safety import encode_json_document
-from desktop_app.project.document import AnalysisEntry, Project
+from desktop_app.project.document import AnalysisEntry, Project, model_fingerprint
+from desktop_app.project.dataset_prompts import prompts_from_json
 from desktop_app.project.specs import ModelRef, Prompts, analysis_from_dict
 
 SCHEMA_VERSION = 2
@@ -100,6 +101,8 @@ def write_archive(project: Project, f: BinaryIO) -> None:
                 item["result"] = _result_to_json(zf, i, entry.result)
                 if entry.result_spec is not None and entry.result_spec != entry.spec:
                     item["result_spec"] = entry.result_spec.to_dict()
+                if entry.result_model is not None:
+                    item["result_model"] = entry.result_model
             analyses.append(item)
         doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "app_version": __version__,
                "model": project.model.to_dict() if project.model else None,
@@ -148,6 +151,8 @@ class _Archive:
                                f"Interp Workbench or was damaged, so open a backup copy.")
 
     def _check_member(self, name: str) -> None:
+        if self.zf.getinfo(name).flag_bits & 0x1:  # zipfile raises a bare RuntimeError on an encrypted member
+            self.fail(f"its member {name!r} is encrypted")
         with self.zf.open(name) as m:
             head = m.read(len(_NPY_MAGIC))
         if head[:1] == b"\x80" or name.endswith((".pkl", ".pickle", ".joblib")):
@@ -210,10 +215,21 @@ def _load_schema_2(ar: _Archive, doc: dict) -> Project:
             result = _result(ar, r, ar.array(arrays["values"]), ar.array(arrays["tokens_clean"]),
                              ar.array(arrays["tokens_corrupted"]), extras, r.get("params") or {})
             result_spec = analysis_from_dict(item["result_spec"]) if item.get("result_spec") else spec
-        entries.append(AnalysisEntry(spec, result, result_spec))
+        entries.append(AnalysisEntry(spec, result, result_spec, _result_model(item.get("result_model"))))
     model = ModelRef.from_dict(doc["model"]) if doc.get("model") else None
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    for entry in entries:  # files written before results recorded their model: the project's model
+        if entry.result is not None and entry.result_model is None:
+            entry.result_model = model_fingerprint(model)
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view_state") or {})
+
+
+def _result_model(d) -> dict | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k, ""), str) for k in ("path", "config_hash", "quantize")):
+        raise ValueError("result_model must be an object of texts path, config_hash, quantize")
+    return {"path": d.get("path", ""), "config_hash": d.get("config_hash", ""), "quantize": d.get("quantize", "none")}
 
 
 def _load_schema_1(ar: _Archive, doc: dict) -> Project:
@@ -238,7 +254,10 @@ def _load_schema_1(ar: _Archive, doc: dict) -> Project:
     model = None
     if doc.get("model"):
         model = ModelRef.from_dict({**doc["model"], "config_hash": doc.get("config_hash", "")})
-    return Project(model=model, prompts=Prompts.from_dict(doc["prompts"]), analyses=entries,
+    for entry in entries:
+        if entry.result is not None:
+            entry.result_model = model_fingerprint(model)
+    return Project(model=model, prompts=prompts_from_json(doc["prompts"]), analyses=entries,
                    view_state=doc.get("view") or {})
 
 

@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import SHORT_COMPONENTS, parse_hook_name
+from desktop_app.engine.quantize import QUANTIZE
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-POSITIONS = ("each", "all")
+POSITIONS = ("each", "all", "named")  # named: the position names of a templated dataset
 DIRECTIONS = ("denoise", "noise")
 METRICS = ("logit_diff", "logit_diff_recovered", "answer_prob", "kl_div")
 TRACING_COMPONENTS = ("resid_post", "mlp_out", "attn_out")
@@ -75,6 +76,29 @@ def _check_hook(where: str, name: str, value) -> None:
     except ValueError:
         raise SpecError(f"{where}: field '{name}' is {value!r}, which is not a hook point name; "
                         f"use one like blocks.0.hook_resid_pre.") from None
+
+
+def _normalise_metric(obj, where: str) -> None:
+    """A metric is a built-in name or an expression (contract 6.2): {"expression": text} becomes the text,
+    whose syntax is checked here (the tokens it names are checked against the model when it runs)."""
+    value = obj.metric
+    if isinstance(value, dict):
+        if set(value) != {"expression"} or not isinstance(value["expression"], str):
+            raise SpecError(f"{where}: field 'metric' must be one of {', '.join(METRICS)} or an object "
+                            "{\"expression\": \"logit(answer) - logit(wrong)\"}.")
+        value = value["expression"]
+        _set(obj, "metric", value)
+    if not isinstance(value, str) or value in METRICS:
+        return
+    if re.fullmatch(r"\s*\w+\s*", value):
+        raise SpecError(f"{where}: field 'metric' is {value!r}; use one of {', '.join(METRICS)} or an expression "
+                        "such as {\"expression\": \"logit(answer) - logit(wrong)\"}.")
+    from desktop_app.engine.metric_expr import MetricExpression
+
+    try:
+        MetricExpression(value)
+    except SpecError as err:
+        raise SpecError(f"{where}: {err}") from None
 
 
 def _normalise_layers(obj, where: str) -> None:
@@ -179,6 +203,9 @@ class ModelRef:
     config_hash: str = ""  # filled from the loaded model; lets a project notice that the folder changed
     # filled from the loaded model: its load-time conformance checks (engine.conformance.Conformance.to_dict())
     conformance: dict | None = dataclasses.field(default=None, hash=False)
+    quantize: str = "none"  # none / int8 / int4 (contract 6.0)
+    # filled from the loaded model: its weights' bytes as stored (after quantisation); not part of its identity
+    memory_bytes: int = dataclasses.field(default=0, compare=False)
 
     def __post_init__(self):
         if hasattr(self.path, "__fspath__"):
@@ -191,6 +218,8 @@ class ModelRef:
         _check_str("model", "config_hash", self.config_hash, empty_ok=True)
         if self.conformance is not None and not isinstance(self.conformance, dict):
             raise SpecError(f"model: field 'conformance' must be an object or null, not {self.conformance!r}.")
+        _check_choice("model", "quantize", self.quantize, QUANTIZE)
+        _check_int("model", "memory_bytes", self.memory_bytes, 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -198,6 +227,10 @@ class ModelRef:
             del d["config_hash"]
         if d["conformance"] is None:
             del d["conformance"]
+        if d["quantize"] == "none":  # files without quantisation stay as older versions wrote them
+            del d["quantize"]
+        if not d["memory_bytes"]:
+            del d["memory_bytes"]
         return d
 
     @classmethod
@@ -253,6 +286,8 @@ class AnalysisSpec:
 
     def validate(self, where: str) -> None:
         _check_str(where, "name", self.name)
+        if "metric" in {f.name for f in dataclasses.fields(self)}:
+            _normalise_metric(self, where)
         for f in panel_fields(type(self)):
             check_field(self, where, f)
 
@@ -262,13 +297,16 @@ class AnalysisSpec:
             if f.name != "name":
                 value = getattr(self, f.name)
                 d[f.name] = list(value) if isinstance(value, tuple) else value
+        if isinstance(d.get("metric"), str) and d["metric"] not in METRICS:
+            d["metric"] = {"expression": d["metric"]}  # contract 6.2: a written metric is an object
         return d
 
 
 _COMPONENT_TIP = "Which activation is patched, in every layer (head_out: each attention head)"
 _POSITIONS_TIP = "each: one cell per token position; all: every position at once"
 _DIRECTION_TIP = "denoise: run corrupted, patch in clean; noise: run clean, patch in corrupted"
-_METRIC_TIP = "What is measured at the last position"
+_METRIC_TIP = ("What is measured at the last position: a built-in metric, or an expression such as "
+               "logit(answer) - logit(wrong) over logit / logprob / prob of tokens")
 _LAYERS_TIP = "Layers to sweep, e.g. 0, 2, 5 (empty: every layer)"
 
 
@@ -278,7 +316,8 @@ class ActivationPatchingSpec(AnalysisSpec):
     component: str = param("resid_pre", widget="choice", choices=SHORT_COMPONENTS, tip=_COMPONENT_TIP)
     positions: str = param("each", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
     direction: str = param("denoise", widget="choice", choices=DIRECTIONS, tip=_DIRECTION_TIP)
-    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, tip=_METRIC_TIP)
+    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, editable=True,
+                         tip=_METRIC_TIP)
     layers: tuple[int, ...] | None = param(None, widget="layers", tip=_LAYERS_TIP)  # None: every layer
 
 
@@ -302,7 +341,8 @@ class AttributionPatchingSpec(AnalysisSpec):
     component: str = param("resid_pre", widget="choice", choices=SHORT_COMPONENTS, tip=_COMPONENT_TIP)
     positions: str = param("each", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
     direction: str = param("denoise", widget="choice", choices=DIRECTIONS, tip=_DIRECTION_TIP)
-    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, tip=_METRIC_TIP)
+    metric: str = param("logit_diff_recovered", widget="choice", choices=METRICS, editable=True,
+                         tip=_METRIC_TIP)
 
 
 @register("ablation")
@@ -314,7 +354,8 @@ class AblationSpec(AnalysisSpec):
                                "blocks.0.hook_mlp_out")
     method: str = param("zero", widget="choice", choices=ABLATION_METHODS, tip="How an ablated activation is replaced")
     positions: str = param("all", widget="choice", choices=POSITIONS, tip=_POSITIONS_TIP)
-    metric: str = param("logit_diff", widget="choice", choices=METRICS, tip=_METRIC_TIP)
+    metric: str = param("logit_diff", widget="choice", choices=METRICS, editable=True,
+                         tip=_METRIC_TIP)
     layers: tuple[int, ...] | None = param(None, widget="layers", tip=_LAYERS_TIP)
     noise: float = param(1.0, widget="float", minimum=0.0, step=0.5,
                          tip="Method noise: a multiple of the activation's standard deviation")
@@ -374,7 +415,8 @@ def analysis_from_dict(d) -> AnalysisSpec:
     kind = d["kind"]
     cls = ANALYSIS_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise SpecError(f"{where} has unknown kind {kind!r}; known kinds are {', '.join(ANALYSIS_KINDS)}.")
+        broken = "".join(f" The kind module {m} failed to load ({e})." for m, e in kinds.LOAD_ERRORS.items())
+        raise SpecError(f"{where} has unknown kind {kind!r}; known kinds are {', '.join(ANALYSIS_KINDS)}.{broken}")
     fields = {k: v for k, v in d.items() if k != "kind"}
     return _construct(cls, fields, where)
 

@@ -51,8 +51,9 @@ def ensure_gui_app():
 # --------------------------------------------------------------------------------------------- layout
 
 class _Style:
-    def __init__(self, width_px: int, dpi: float):
+    def __init__(self, width_px: int, dpi: float, font_scale: float = 1.0):
         px_per_pt = min(dpi / 72.0, width_px / 550.0)  # a small figure at a high dpi would be all text
+        px_per_pt *= font_scale
         self.px = px_per_pt
 
         def font(pt, bold=False):
@@ -341,16 +342,19 @@ class _Figure:
     y_title: str
 
 
-def _build(result: AnalysisResult, width_px, height_px, dpi, title, vmin, vmax) -> _Figure:
+def _build(result: AnalysisResult, width_px, height_px, dpi, title, vmin, vmax, font_scale: float = 1.0,
+           context: list[str] | None = None) -> _Figure:
     ensure_gui_app()
     if width_px < 200:
         raise ValueError(f"a figure must be at least 200 px wide, not {width_px}")
     data = prepare_data(result)
     if data.values.size == 0:
         raise WorkbenchError(f"The analysis {result.name!r} has no values to draw; run it before exporting a figure.")
-    st = _Style(int(width_px), float(dpi))
+    if not 0.25 <= float(font_scale) <= 4.0:
+        raise ValueError(f"the font scale must be between 0.25 and 4, not {font_scale:g}")
+    st = _Style(int(width_px), float(dpi), float(font_scale))
     title = default_title(result) if title is None else title
-    subtitle = wrap_text(subtitle_lines(result, data), st.fm_sub, width_px - 2 * st.pad)
+    subtitle = wrap_text(list(context or []) + subtitle_lines(result, data), st.fm_sub, width_px - 2 * st.pad)
     metric = value_name(result)
     if data.values.ndim == 2:
         vlim = color_limits(data.values, vmin, vmax)
@@ -402,9 +406,11 @@ def _paint(p: QPainter, fig: _Figure):
 # ------------------------------------------------------------------------------------------ public API
 
 def figure_image(result: AnalysisResult, width_px: int = 1200, height_px: int | None = None, dpi: float = 150,
-                 title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> QImage:
-    """The figure as an ARGB32 image (for the clipboard, or to save as PNG), with `dpi` stored in it."""
-    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax)
+                 title: str | None = None, vmin: float | None = None, vmax: float | None = None,
+                 font_scale: float = 1.0, context: list[str] | None = None) -> QImage:
+    """The figure as an ARGB32 image (for the clipboard, or to save as PNG), with `dpi` stored in it.
+    context: subtitle parts naming what the result was computed from (figure_context: the model, the prompts)."""
+    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context)
     img = QImage(fig.layout.width, fig.layout.height, QImage.Format_ARGB32)
     img.fill(QColor(255, 255, 255))
     dots_per_metre = round(dpi / 0.0254)
@@ -437,7 +443,7 @@ def _write_failed(path: str) -> ProjectFileError:
 
 def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, height_px: int | None = None,
                   dpi: float = 150, title: str | None = None, vmin: float | None = None,
-                  vmax: float | None = None) -> str:
+                  vmax: float | None = None, font_scale: float = 1.0, context: list[str] | None = None) -> str:
     """Write the figure of `result` as PNG, SVG or PDF to `path`; returns the path written."""
     fmt = fmt.lower()
     if fmt not in FORMATS:
@@ -449,10 +455,10 @@ def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, 
     buf = QBuffer()
     buf.open(QIODevice.OpenModeFlag.WriteOnly)
     if fmt == "png":
-        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax).save(buf, "PNG"):
+        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context).save(buf, "PNG"):
             raise _write_failed(path)
         return _store(buf, path)
-    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax)
+    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context)
     w, h = fig.layout.width, fig.layout.height
     if fmt == "svg":
         device = QSvgGenerator()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PySide6.QtGui import QFontMetricsF
@@ -68,11 +69,47 @@ def value_name(result: AnalysisResult) -> str:
     return kinds.value_label(result)
 
 
+_GENERIC_NAMES = {"model", "models", "weights", "checkpoint", "hf", "snapshot", "main"}
+
+
+def model_display_name(path: str) -> str:
+    """A model's folder or file name; ".../demo/model" says more as "demo/model"."""
+    p = Path(str(path).rstrip("/\\"))
+    name = p.name or str(path)
+    if name.lower() in _GENERIC_NAMES and p.parent.name:
+        name = f"{p.parent.name}/{name}"
+    return name
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return "“" + (text if len(text) <= limit else text[:limit - 1] + "…") + "”"
+
+
+def figure_context(model: dict | None, prompts=None, kind_params: dict | None = None) -> list[str]:
+    """Subtitle parts naming what a result was computed from: the model (its folder or file name, and a
+    quantisation other than none) and the prompt(s)."""
+    parts = []
+    if model and model.get("path"):
+        name = model_display_name(model["path"])
+        quant = model.get("quantize", "none")
+        parts.append(f"model {name}" + (f" ({quant})" if quant and quant != "none" else ""))
+    if prompts is not None:
+        if getattr(prompts, "clean", ""):
+            parts.append(f"clean {_quoted(prompts.clean)}")
+        if getattr(prompts, "corrupted", ""):
+            parts.append(f"corrupted {_quoted(prompts.corrupted)}")
+    return parts
+
+
 def subtitle_lines(result: AnalysisResult, data: FigureData) -> list[str]:
     parts = []
     refs = [f"{name} {_fmt(v)}" for name, v in (("clean", result.clean_metric),
                                                  ("corrupted", result.corrupted_metric)) if np.isfinite(v)]
     parts.append(f"{value_name(result)}: " + ", ".join(refs) if refs else value_name(result))
+    raw = kinds.raw_logit_diffs(result)
+    if raw and value_name(result) != "logit_diff":
+        parts.append("raw logit diff: " + ", ".join(f"{n} {_fmt(v)}" for n, v in raw.items()))
     for key in ("component", "direction", "positions", "subject", "hook", "prompt"):
         if result.params.get(key):
             parts.append(f"{key} {result.params[key]}")

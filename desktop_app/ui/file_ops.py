@@ -19,7 +19,6 @@ from desktop_app.project.document import Project
 from desktop_app.project.iwb import load_project, save_project
 from desktop_app.project.recent import RecentProjects
 from desktop_app.project.text_safety import EscapedTextWarning
-from desktop_app.project.undo import UndoStack
 
 AUTOSAVE_MS = 30_000
 FIGURE_FILTERS = "PNG image (*.png);;SVG vector image (*.svg);;PDF document (*.pdf)"
@@ -37,25 +36,20 @@ class FileOpsMixin:
     # ---- the document ----
     def set_project(self, project: Project):
         """Show `project` in the window: prompts, model reference, results. Undo history starts afresh."""
-        self._unsubscribe()
         self.runner.cancel_slot("analysis")
-        self.project = project
-        self.undo_stack = UndoStack(project)
+        self.analysis_ctl.run_queue = []
+        self.session.set_project(project)
         self.undo_stack.subscribe(self._undo_changed)
         self._undo_changed(self.undo_stack)
-        self._unsubscribe = project.subscribe(self._on_project_event)
+        self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
         self._sync_prompts_to_edits()
         if project.model is not None:
-            m = self.model_panel
-            m.path_edit.setText(project.model.path)
-            m.dtype_combo.setCurrentText(project.model.dtype)
-            m.device_combo.setCurrentText(project.model.device)
-            m.trust_check.setChecked(project.model.trust_remote_code)
+            self.model_ctl.show_ref(project.model)
         if project.analyses:
             self.analysis_panel.show_spec(project.analyses[0].spec)
         with_results = [e.name for e in project.analyses if e.result is not None]
-        self._refresh_tabs(select=with_results[-1] if with_results else None)
-        self.result_view.set_result(project.entry(with_results[-1]).result if with_results else None)
+        self.result_view.set_result(None)
+        self.session.select(with_results[-1] if with_results else None)
         self._update_title()
         self.token_timer.start()
 
@@ -192,18 +186,33 @@ class FileOpsMixin:
             self.show_error("there is no result to export; run an analysis first.")
         return result
 
+    def figure_context(self, result) -> list[str]:
+        """The subtitle parts naming the model and prompts the shown result was computed with."""
+        from desktop_app.ui.figure_data import figure_context
+
+        name = self.session.selected
+        model = None
+        if name in self.project.names() and self.project.entry(name).result is result:
+            model = self.project.entry(name).result_model
+        elif self.session.loaded is not None:  # a result still streaming in: the loaded model computes it
+            from desktop_app.project.document import model_fingerprint
+
+            model = model_fingerprint(self.session.loaded)
+        return figure_context(model, self.project.prompts)
+
     def export_figure_dialog(self):
+        """The figure export dialog (exportFigureDialog): size, DPI, title, font size, colour limits, preview."""
+        from desktop_app.ui.export_dialog import ExportFigureDialog
+
         result = self._need_result()
         if result is None:
-            return
+            return None
         start = str(Path(self._start_dir()) / f"{result.name}.png")
-        path, chosen = QFileDialog.getSaveFileName(self, "Export figure", start, FIGURE_FILTERS)
-        if path:
-            fmt = Path(path).suffix.lstrip(".").lower()
-            if fmt not in ("png", "svg", "pdf"):
-                fmt = chosen.split("*.")[-1].rstrip(")")
-                path += "." + fmt
-            self.export_figure(path, fmt)
+        dialog = ExportFigureDialog(result, self.figure_context(result), start, self)
+        dialog.accepted.connect(lambda: self.statusBar().showMessage(f"exported {dialog.written}", 5000))
+        self.export_dialog = dialog
+        dialog.open()
+        return dialog
 
     def export_figure(self, path, fmt: str | None = None) -> bool:
         from desktop_app.ui.figure import render_figure
@@ -213,7 +222,7 @@ class FileOpsMixin:
             return False
         fmt = fmt or Path(path).suffix.lstrip(".").lower()
         try:
-            render_figure(result, fmt, path)
+            render_figure(result, fmt, path, context=self.figure_context(result))
         except (WorkbenchError, ValueError) as err:
             self.show_error(str(err))
             return False
@@ -273,6 +282,6 @@ class FileOpsMixin:
         result = self._need_result()
         if result is None:
             return False
-        QGuiApplication.clipboard().setImage(figure_image(result))
+        QGuiApplication.clipboard().setImage(figure_image(result, context=self.figure_context(result)))
         self.statusBar().showMessage("figure copied to the clipboard", 5000)
         return True

@@ -5,31 +5,52 @@ and every edit goes through the project document (project.document.Project) and 
 """
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from types import SimpleNamespace
+
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QMessageBox, QScrollArea,
-                               QSplitter, QTabBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
+                               QPlainTextEdit, QScrollArea,
+                               QSplitter, QVBoxLayout, QWidget)
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import recent as recent_mod
-from desktop_app.project.document import Project
+from desktop_app.project.session import Session
 from desktop_app.project.specs import ModelRef
-from desktop_app.project.undo import UndoStack
-from desktop_app.ui import worker_jobs
-from desktop_app.ui.analysis_controller import AnalysisMixin
+from desktop_app.ui import kind_views, worker_jobs
+from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
+from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.file_ops import FileOpsMixin
-from desktop_app.ui.model_controller import ModelMixin
+from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
 from desktop_app.ui.runner import Runner
-from desktop_app.ui.sae_controller import SAEMixin
+from desktop_app.ui.sae_controller import SAEController
 from desktop_app.ui.sae_panel import SAEFeatureView
 from desktop_app.ui.training_view import TrainingView
 
-TOKENIZE_DEBOUNCE_MS = 150
+WINDOW_KEYS = (QKeySequence("Ctrl+E"), QKeySequence("Ctrl+R"), QKeySequence("Ctrl+Shift+C"))
 
 
-class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow):
+class _WindowShortcuts(QObject):
+    """A focused text field claims Ctrl+E (end of line) and friends for itself; these keys mean the window's
+    actions (export, run, copy figure) everywhere in it, so the field's claim is declined."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.window = window
+
+    def eventFilter(self, obj, event):
+        if event.type() == QEvent.ShortcutOverride and isinstance(obj, (QLineEdit, QPlainTextEdit)) \
+                and obj.window() is self.window:
+            pressed = QKeySequence(event.keyCombination())
+            if any(pressed.matches(k) == QKeySequence.ExactMatch for k in WINDOW_KEYS):
+                event.ignore()
+                return True
+        return False
+
+
+class MainWindow(FileOpsMixin, QMainWindow):
     analysis_ended = Signal(str)  # "done", "cancelled" or "failed", after the result is shown
 
     def __init__(self, settings: QSettings | None = None):
@@ -38,38 +59,160 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.settings = settings or QSettings(str(recent_mod.config_dir() / "window.ini"), QSettings.IniFormat)
         self.confirm_dialogs = True  # scripts and tests set False: unsaved changes are then discarded silently
         self.runner = Runner(self)
-        self.project = Project()
-        self.undo_stack = UndoStack(self.project)
-        self._unsubscribe = self.project.subscribe(self._on_project_event)
-        self.model_loaded: worker_jobs.ModelLoaded | None = None
-        self.loaded_ref: ModelRef | None = None
-        self._handlers: dict[int, dict] = {}
-        self._syncing = False
-        self._run_job: int | None = None
-        self._run_name = ""
-        self._run_t0 = 0.0
-        self._streaming: AnalysisResult | None = None
-        self.predictions: worker_jobs.Predictions | None = None
+        self.session = Session()  # the Qt-free state: document, undo stack, loaded model, selection, running
+        self._unsubscribe = self.session.subscribe(self._on_session_event)
         self._build_ui()
+        self.jobs = JobRouter(self.runner, lambda: self.job_label.setText("idle"))
+        self._submit = self.jobs.submit
+        messages = SimpleNamespace(show_error=self.show_error, show_message=self.show_message,
+                                   clear=self.message_bar.clear)
+        self.model_ctl = ModelController(
+            self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
+            StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
+            on_loaded=[self.request_tokens, self.restore_saes], on_unloaded=[self.prompts_panel.clear_chips],
+            dialog_parent=self)
+        self.prompt_ctl = PromptsController(self.session, self.prompts_panel, self._submit,
+                                            lambda: self.model_ctl.loaded is not None, self)
         self._build_actions()
-        self._connect_runner()
+        self._shortcuts_win = _WindowShortcuts(self)
+        QApplication.instance().installEventFilter(self._shortcuts_win)
+        self.analysis_ctl = AnalysisController(
+            self.session, self.runner, self._submit, lambda: self.model_ctl.loaded, self.analysis_panel,
+            self.result_view, self.predictions_label, messages, self.job_label,
+            lambda text, ms: self.statusBar().showMessage(text, ms), self.sae_view, self._show_sae_dock,
+            self.analysis_ended.emit, lambda result, record: kind_views.show_detail(self, result, record))
+        self.layer_panel.patch_here.connect(self.analysis_ctl.patch_here)
+        self.layer_panel.tree.itemDoubleClicked.connect(self.analysis_ctl.open_tree_item)
         self._init_file_ops()
-        self._init_sae()
+        self.sae_ctl = SAEController(
+            self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
+            self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
+            self.analysis_panel, messages, self.job_label, self.run_analysis, self._start_dir, self)
         self._restore_layout()
         self._update_title()
+
+    @property
+    def project(self):
+        return self.session.project
+
+    # ---- the Model and Prompts controllers, as scripts and tests call them on the window
+    @property
+    def model_loaded(self) -> worker_jobs.ModelLoaded | None:
+        return self.model_ctl.loaded
+
+    @property
+    def loaded_ref(self) -> ModelRef | None:
+        return self.model_ctl.ref
+
+    def load_model(self):
+        self.model_ctl.load()
+
+    def unload_model(self):
+        self.model_ctl.unload()
+
+    def browse_model(self, gguf: bool = False):
+        self.model_ctl.browse(gguf)
+
+    def request_tokens(self):
+        self.prompt_ctl.request_tokens()
+
+    def _sync_prompts_to_edits(self):
+        self.prompt_ctl.sync_to_edits()
+
+    # ---- the analysis controller
+    def run_analysis(self):
+        self.analysis_ctl.run_analysis()
+
+    def run_named(self, name: str):
+        self.analysis_ctl.run_named(name)
+
+    def run_all(self):
+        self.analysis_ctl.run_all()
+
+    def cancel_analysis(self):
+        self.analysis_ctl.cancel_analysis()
+
+    def keep_partial_run(self):
+        self.analysis_ctl.keep_partial_run()
+
+    def spec_from_panel(self):
+        return self.analysis_ctl.spec_from_panel()
+
+    def current_result(self) -> AnalysisResult | None:
+        return self.analysis_ctl.current_result()
+
+    def set_shared_colour_scale(self, on: bool):
+        self.analysis_ctl.set_shared_colour_scale(on)
+
+    def _cell_clicked(self, cell, value=None):
+        self.analysis_ctl.cell_clicked(cell, value)
+
+    def _show_selected(self):
+        self.analysis_ctl._show_selected()
+
+    @property
+    def _run_job(self) -> int | None:
+        return self.analysis_ctl.run_job
+
+    @property
+    def predictions(self):
+        return self.analysis_ctl.predictions
+
+    @predictions.setter
+    def predictions(self, value):
+        self.analysis_ctl.predictions = value
+
+    def _show_sae_dock(self):
+        dock = self.docks["saeDock"]
+        if not dock.isVisible():
+            dock.show()
+            # the feature heatmap needs the room (after the dock is laid out, or Qt ignores it)
+            QTimer.singleShot(0, lambda: self.resizeDocks([dock], [400], Qt.Horizontal))
+
+    # ---- the SAE controller
+    @property
+    def sae_attached(self):
+        return self.sae_ctl.sae_attached
+
+    def attach_sae(self, path, hook: str, restore: bool = False):
+        return self.sae_ctl.attach_sae(path, hook, restore)
+
+    def attach_sae_dialog(self, hook: str | None = None):
+        self.sae_ctl.attach_sae_dialog(hook)
+
+    def build_dashboards(self, corpus_path):
+        return self.sae_ctl.build_dashboards(corpus_path)
+
+    def build_dashboards_dialog(self):
+        self.sae_ctl.build_dashboards_dialog()
+
+    def train_sae(self, hook: str, corpus, out_folder, **settings):
+        return self.sae_ctl.train_sae(hook, corpus, out_folder, **settings)
+
+    def train_sae_dialog(self, hook: str | None = None):
+        self.sae_ctl.train_sae_dialog(hook)
+
+    def restore_saes(self):
+        self.sae_ctl.restore_saes()
+
+    @property
+    def token_timer(self):
+        return self.prompt_ctl.timer
+
+    @property
+    def token_problems(self) -> list[str]:
+        return self.prompt_ctl.token_problems
+
+    @property
+    def undo_stack(self):
+        return self.session.undo
 
     # ------------------------------------------------------------------ construction
     def _build_ui(self):
         self.message_bar = MessageBar()
-        self.result_tabs = QTabBar()
-        self.result_tabs.setObjectName("resultTabs")
-        self.result_tabs.setToolTip("Results of this project; click one to show it")
-        self.result_tabs.setExpanding(False)
-        self.result_tabs.currentChanged.connect(self._tab_changed)
         self.result_view = ResultView()
         self.result_view.setObjectName("heatmapView")
         self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
-        self.result_view.cell_clicked.connect(self._cell_clicked)
         self.predictions_label = QLabel("Click a heatmap cell to see the top next tokens of the clean, corrupted "
                                         "and patched runs.")
         self.predictions_label.setObjectName("cellPredictionsLabel")
@@ -94,7 +237,6 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         lay = QVBoxLayout(central)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.message_bar)
-        lay.addWidget(self.result_tabs)
         lay.addWidget(split, 1)
         self.setCentralWidget(central)
 
@@ -102,6 +244,10 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.prompts_panel = PromptsPanel()
         self.layer_panel = LayerTreePanel()
         self.analysis_panel = AnalysisPanel()
+        self.analysis_list = AnalysisListPanel()
+        self.analysis_list.set_session(self.session)
+        self.analysis_list.run_all.connect(self.run_all)
+        self.analysis_list.rerun.connect(self.run_named)
         self.sae_view = SAEFeatureView()
         self.sae_view.setToolTip("SAE features of the attached hook point on the clean prompt")
         self.training_view = TrainingView()
@@ -111,6 +257,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
                 ("layerDock", "Layers", self.layer_panel, Qt.LeftDockWidgetArea),
                 ("promptsDock", "Prompts", self.prompts_panel, Qt.TopDockWidgetArea),
                 ("analysisDock", "Analysis", self.analysis_panel, Qt.RightDockWidgetArea),
+                ("analysisListDock", "Analyses", self.analysis_list, Qt.LeftDockWidgetArea),
                 ("saeDock", "SAE features", self.sae_view, Qt.RightDockWidgetArea),
                 ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea)):
             dock = QDockWidget(title, self)
@@ -136,22 +283,7 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         for w in (self.device_label, self.memory_label, self.job_label):
             sb.addPermanentWidget(w)
 
-        m, p, a = self.model_panel, self.prompts_panel, self.analysis_panel
-        m.load_button.clicked.connect(self.load_model)
-        m.unload_button.clicked.connect(self.unload_model)
-        m.path_edit.returnPressed.connect(self.load_model)
-        m.browse_button.clicked.connect(lambda: self.browse_model(gguf=False))
-        m.browse_gguf_button.clicked.connect(lambda: self.browse_model(gguf=True))
-        for field, edit in p.edits().items():
-            edit.textChanged.connect(lambda text, f=field: self._prompt_edited(f, text))
-        a.run_button.clicked.connect(self.run_analysis)
-        a.cancel_button.clicked.connect(self.cancel_analysis)
-        self.layer_panel.patch_here.connect(self._patch_here)
-        self.layer_panel.checked_changed.connect(lambda names: self.project.set_view("selected_hooks", names))
-        self.token_timer = QTimer(self)
-        self.token_timer.setSingleShot(True)
-        self.token_timer.setInterval(TOKENIZE_DEBOUNCE_MS)
-        self.token_timer.timeout.connect(self.request_tokens)
+        self.layer_panel.checked_changed.connect(self._hooks_checked)
 
     def _action(self, text, slot, shortcut=None, tip="", name=""):
         act = QAction(text, self)
@@ -224,6 +356,11 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         for dock in self.docks.values():
             v.addAction(dock.toggleViewAction())
         v.addSeparator()
+        self.act_shared_scale = self._action("&Shared colour scale", self.set_shared_colour_scale, None,
+                                             "One colour scale for all results of the same value (metric), so "
+                                             "equal colours mean equal numbers", "actionSharedColourScale")
+        self.act_shared_scale.setCheckable(True)
+        v.addAction(self.act_shared_scale)
         v.addAction(self._action("Reset &layout", self.reset_layout, name="actionResetLayout"))
 
     def _undo_changed(self, stack):
@@ -257,11 +394,30 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
     def show_message(self, message: str, level: str = "info", action_text: str = "", action=None):
         self.message_bar.show_message(message, level, "", action_text, action)
 
+    def _on_session_event(self, session, event, detail):
+        if event == "document":
+            self._on_project_event(session.project, *detail)
+        elif event == "selected":
+            self._show_selected()
+        elif event == "loaded":
+            self._show_selected()
+
     def _on_project_event(self, project, event, detail):
         if event == "prompts":
             self._sync_prompts_to_edits()
             self.token_timer.start()
+        elif event in ("model", "spec", "analyses") and self.session.selected is not None:
+            self._show_selected()
+        elif event == "view" and detail == "shared_colour_scale":
+            self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
+            self._show_selected()
         self._update_title()
+
+    def _hooks_checked(self, names):
+        from desktop_app.project.undo import SetViewValue
+
+        if self.project.view("selected_hooks", []) != names:
+            self.undo_stack.push(SetViewValue(self.project, "selected_hooks", names or None, "Select hook points"))
 
     def _update_title(self):
         name = self.project.path.stem if self.project.path else "Untitled"
@@ -269,15 +425,37 @@ class MainWindow(ModelMixin, AnalysisMixin, SAEMixin, FileOpsMixin, QMainWindow)
         self.setWindowModified(self.project.dirty)
 
     def closeEvent(self, event):
-        if not self.confirm_discard("close"):
+        if self._run_job is not None:
+            if not self.confirm_close_while_running():
+                event.ignore()
+                return
+        elif not self.confirm_discard("close"):
             event.ignore()
             return
         self.autosave_timer.stop()
         self.save_layout()
         self.runner.shutdown()
         self.discard_autosave()
+        QApplication.instance().removeEventFilter(self._shortcuts_win)
         self._unsubscribe()
         event.accept()
+
+    def confirm_close_while_running(self) -> bool:
+        """Closing during a run: say so; Save keeps the finished cells (status partial) in the project file."""
+        running = self.session.running or "an analysis"
+        if not self.confirm_dialogs:
+            return True
+        answer = QMessageBox.question(
+            self, "A run is in progress",
+            f"{running} is still running. Save the project with the cells finished so far (marked partial), "
+            f"close without saving, or keep working?",
+            QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        if answer == QMessageBox.Cancel:
+            return False
+        if answer == QMessageBox.Save:
+            self.keep_partial_run()
+            return self.save()
+        return True
 
     def confirm_discard(self, what: str) -> bool:
         """True if the project may be replaced or closed (saved, not dirty, or the user agrees)."""

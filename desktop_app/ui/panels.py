@@ -7,8 +7,8 @@ import html
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QHBoxLayout, QLabel, QLineEdit, QMenu,
-                               QProgressBar, QPushButton, QSpinBox, QToolButton, QTreeWidget, QTreeWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QProgressBar, QPushButton, QSpinBox, QStyle, QToolButton, QTreeWidget,
+                               QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from desktop_app.project import kinds
 from desktop_app.project.specs import panel_fields
@@ -33,6 +33,8 @@ class MessageBar(QFrame):
         self.setObjectName("messageBar")
         self.setFrameShape(QFrame.StyledPanel)
         self.setAutoFillBackground(True)
+        self.icon = _named(QLabel(), "messageIcon", "")
+        self.icon.setFixedSize(20, 20)
         self.label = _named(QLabel(), "messageLabel", "The last message")
         self.label.setWordWrap(True)
         self.label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -45,6 +47,7 @@ class MessageBar(QFrame):
         self.details.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.details.hide()
         row = QHBoxLayout()
+        row.addWidget(self.icon)
         row.addWidget(self.label, 1)
         row.addWidget(self.action_button)
         row.addWidget(self.details_button)
@@ -60,10 +63,20 @@ class MessageBar(QFrame):
         self.level = ""
         self.hide()
 
+    # error / warning / info: a standard icon (drawn by the style, no font needed) and a colour of its own
+    LEVELS = {"error": (QStyle.SP_MessageBoxCritical, "#f8d7da", "#842029", "#f1aeb5", "Error"),
+              "warning": (QStyle.SP_MessageBoxWarning, "#fff3cd", "#664d03", "#ffda6a", "Warning"),
+              "info": (QStyle.SP_MessageBoxInformation, "#cfe2ff", "#084298", "#9ec5fe", "Information")}
+
     def show_message(self, text: str, level: str = "info", details: str = "", action_text: str = "", action=None):
         self.level = level
-        icon = {"error": "⛔ ", "warning": "⚠ ", "info": "ℹ "}.get(level, "")
-        self.label.setText(icon + text)
+        pixmap, bg, fg, border, word = self.LEVELS.get(level, self.LEVELS["info"])
+        self.icon.setPixmap(self.style().standardIcon(pixmap).pixmap(18, 18))
+        self.icon.setToolTip(word)
+        self.icon.setAccessibleName(word)
+        self.setStyleSheet(f"#messageBar {{ background: {bg}; border: 1px solid {border}; border-radius: 4px; }} "
+                           f"#messageBar QLabel {{ color: {fg}; }}")
+        self.label.setText(text)
         self.details.setText(details)
         self.details.hide()
         self.details_button.setVisible(bool(details))
@@ -71,12 +84,6 @@ class MessageBar(QFrame):
         self.action_button.setText(action_text)
         self.action_button.setToolTip(action_text)
         self.action_button.setVisible(bool(action_text))
-        role = QPalette.ToolTipBase if level == "info" else QPalette.Highlight
-        pal = self.palette()
-        pal.setColor(QPalette.Window, self.palette().color(QPalette.AlternateBase if level == "info" else role))
-        if level != "info":
-            pal.setColor(QPalette.WindowText, self.palette().color(QPalette.HighlightedText))
-        self.setPalette(pal)
         self.show()
 
     def text(self) -> str:
@@ -104,6 +111,9 @@ class ModelPanel(QWidget):
         self.browse_gguf_button = _named(QPushButton(".gguf…"), "browseGgufButton", "Choose a .gguf file")
         self.dtype_combo = _named(QComboBox(), "dtypeCombo", "Number format of the weights (auto: the model's own)")
         self.dtype_combo.addItems(["auto", "float32", "float16", "bfloat16"])
+        self.quantize_combo = _named(QComboBox(), "quantizeCombo",
+                                     "Store the linear layers in 8 or 4 bits (bitsandbytes) to save memory")
+        self.quantize_combo.addItems(["none", "int8", "int4"])
         self.device_combo = _named(QComboBox(), "deviceCombo",
                                    "Where the model runs (auto: the GPU if there is one); you can type cuda:1")
         self.device_combo.setEditable(True)
@@ -128,6 +138,8 @@ class ModelPanel(QWidget):
         opts = QHBoxLayout()
         opts.addWidget(QLabel("dtype"))
         opts.addWidget(self.dtype_combo)
+        opts.addWidget(QLabel("quantize"))
+        opts.addWidget(self.quantize_combo)
         opts.addWidget(QLabel("device"))
         opts.addWidget(self.device_combo)
         opts.addStretch(1)

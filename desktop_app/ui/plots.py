@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
-from PySide6.QtGui import QFontMetrics, QPalette
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from desktop_app.engine.results import AnalysisResult
@@ -26,12 +26,6 @@ _MAX_LABEL = 14
 def _short(label: str) -> str:
     text = str(label)
     return text if len(text) <= _MAX_LABEL else text[:_MAX_LABEL - 1] + "…"
-
-
-def _tick_text(label: str) -> str:
-    """A position label "3: ·John" drawn as "·John" on the axis (the index is in the hover text)."""
-    head, sep, rest = str(label).partition(": ")
-    return rest if sep and head.isdigit() else str(label)
 
 
 def _fmt(v: float) -> str:
@@ -64,6 +58,18 @@ class ResultView(QWidget):
         self.position_combo.hide()
         top.addWidget(self.title_label, 1)
         top.addWidget(self.position_combo)
+        self._top = top
+        self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
+
+        self.stale_label = QLabel("")
+        self.stale_label.setObjectName("staleLabel")
+        self.stale_label.setWordWrap(True)
+        self.stale_label.setToolTip("This result does not match the loaded model or its current settings; "
+                                    "its values are kept, and re-running it updates it")
+        self.stale_label.setStyleSheet("QLabel { background: #fff3cd; color: #664d03; padding: 3px; "
+                                       "border: 1px solid #ffda6a; border-radius: 3px; }")
+        self.stale_label.hide()
+        self._stale = ""
 
         self.hover_label = QLabel(" ")
         self.hover_label.setObjectName("hoverLabel")
@@ -76,6 +82,7 @@ class ResultView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
+        layout.addWidget(self.stale_label)
         layout.addWidget(self._placeholder, 1)
         layout.addWidget(self.hover_label)
         self._layout = layout
@@ -100,7 +107,9 @@ class ResultView(QWidget):
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setObjectName("heatmapGraphics")
         self.graphics.setBackground(None)  # the system palette: right in light and dark mode
-        self.plot = self.graphics.addPlot(row=0, col=0)
+        from desktop_app.ui.token_axis import TokenAxis  # pyqtgraph is imported after the window shows
+
+        self.plot = self.graphics.addPlot(row=0, col=0, axisItems={"bottom": TokenAxis("bottom")})
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
         self.plot.getViewBox().invertY(True)
@@ -116,7 +125,7 @@ class ResultView(QWidget):
         self.line = pg.PlotDataItem([], [], symbol="o", symbolSize=5)
         self.plot.addItem(self.bars)
         self.plot.addItem(self.line)
-        self.plot.getViewBox().sigResized.connect(self._layout_col_ticks)
+        self.plot.getViewBox().sigResized.connect(lambda *_: self.plot.getAxis("bottom").relayout())
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
 
@@ -127,11 +136,23 @@ class ResultView(QWidget):
             self._refresh(full=True)
 
     # ---- public API ----
-    def set_result(self, result: AnalysisResult | None) -> None:
+    def set_result(self, result: AnalysisResult | None, stale: str = "") -> None:
+        """Show `result`; `stale` (a reason) marks it as not matching the loaded model or its settings."""
         self._ensure_graphics()
+        self._stale = stale if result is not None else ""
+        self.stale_label.setText(f"⚠ Stale: {self._stale}. The values are kept; re-run it to update it."
+                                 if self._stale else "")
+        self.stale_label.setVisible(bool(self._stale))
         self.result = result
         self._setup_position_combo()
         self._refresh(full=True)
+
+    def is_stale(self) -> bool:
+        """True when the shown result was computed with another model or other settings than the current ones."""
+        return bool(self._stale)
+
+    def stale_reason(self) -> str:
+        return self._stale
 
     def update_cells(self, index: tuple, values) -> None:
         """Write streamed cells into the result's array; the repaint timer shows them."""
@@ -164,11 +185,41 @@ class ResultView(QWidget):
             self.position_combo.addItems([f"position {lab}" for lab in labels])
         self.position_combo.setVisible(show)
         self.position_combo.blockSignals(False)
+        self._setup_slice_combos()
+
+    def _sliced_dims(self) -> list[str]:
+        """Dims shown one index at a time: all but the last two of a result with more than two dims and no
+        position dim to sum over ([layer, head, query, key] shows one layer's one head as query x key)."""
+        r = self.result
+        if r is None or r.values.ndim <= 2 or (r.values.ndim == 3 and "position" in r.dims):
+            return []
+        return list(r.dims[:-2])
+
+    def _setup_slice_combos(self):
+        for combo in self._slice_combos.values():
+            self._top.removeWidget(combo)
+            combo.deleteLater()
+        self._slice_combos = {}
+        r = self.result
+        for dim in self._sliced_dims():
+            n = r.values.shape[r.dims.index(dim)]
+            labels = r.labels.get(dim) or list(range(n))
+            combo = QComboBox()
+            combo.setObjectName(f"{dim}SliceCombo")
+            combo.setToolTip(f"Which {dim} to show")
+            combo.addItems([f"{dim} {lab}" for lab in labels][:n])
+            combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
+            self._top.insertWidget(self._top.count() - 1, combo)
+            self._slice_combos[dim] = combo
 
     def _shown_array(self):
         """(array 1-D or 2-D, its dims) for the result and the position selector."""
         r = self.result
         values, dims = np.asarray(r.values, dtype=np.float32), list(r.dims)
+        for dim, combo in self._slice_combos.items():
+            axis = dims.index(dim)
+            values = np.take(values, max(combo.currentIndex(), 0), axis=axis)
+            dims.pop(axis)
         while values.ndim > 2:
             axis = dims.index("position") if "position" in dims[1:] else values.ndim - 1
             choice = self.position_combo.currentIndex() if dims[axis] == "position" else 0
@@ -213,30 +264,9 @@ class ResultView(QWidget):
         if not full:
             self.title_label.setText(self._title())
 
-    def _layout_col_ticks(self, *_):
-        """Column labels that fit side by side without overlapping: the columns with the strongest values first
-        (the cells a reader looks for), then the others from left to right; redone on resize."""
-        if self._mode != "heatmap" or not getattr(self, "_col_labels", None):
-            return
-        axis = self.plot.getAxis("bottom")
-        metrics = QFontMetrics(axis.style.get("tickFont") or self.font())
-        n = len(self._col_labels)
-        col_px = self.plot.getViewBox().width() / max(n, 1)
-        texts = [_short(_tick_text(t)) for t in self._col_labels]
-        strength = np.nan_to_num(np.abs(self._shown)).max(axis=0) if self._shown.size else np.zeros(n)
-        order = sorted(range(n), key=lambda j: (-float(strength[j]) if strength[j] > 0 else 1.0, j))
-        taken: list[tuple[float, float]] = []
-        shown = []
-        for j in order:
-            half = (metrics.horizontalAdvance(texts[j]) + 8) / 2
-            centre = (j + 0.5) * col_px
-            if all(centre + half <= a or centre - half >= b for a, b in taken):
-                taken.append((centre - half, centre + half))
-                shown.append(j)
-        ticks = [(j + 0.5, texts[j]) for j in sorted(shown)]
-        if ticks != getattr(self, "_col_ticks", None):  # setTicks re-renders the axis: only when they change
-            self._col_ticks = ticks
-            axis.setTicks([ticks])
+    def column_labels(self) -> list[tuple[int, str]]:
+        """(column, text) of the column labels drawn now: every column unless even rotated text cannot fit."""
+        return self.plot.getAxis("bottom").shown_labels()
 
     def _paint_heatmap(self, values, dims, full):
         self._set_mode("heatmap")
@@ -250,7 +280,6 @@ class ResultView(QWidget):
                 self.colorbar.setColorMap(pg.ColorMap(np.linspace(0.0, 1.0, 256), lut_for_limits(lo, hi)))
             self.colorbar.setLevels((lo, hi))
         if not full:
-            self._layout_col_ticks()  # the strongest columns may have changed as cells streamed in
             return
         self.plot.getViewBox().invertY(True)
         n_rows, n_cols = values.shape
@@ -259,7 +288,7 @@ class ResultView(QWidget):
         self.image_item.setRect(0, 0, n_cols, n_rows)
         left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
         left.setTicks([[(i + 0.5, _short(t)) for i, t in enumerate(self._row_labels)]])
-        self._layout_col_ticks()
+        bottom.set_labels(self._col_labels)
         left.setLabel(dims[0])
         bottom.setLabel(dims[1])
         self.colorbar.axis.setLabel(self._value_name())
@@ -279,7 +308,7 @@ class ResultView(QWidget):
             self._row_labels = self._labels(dims[0], n)
             self._col_labels = []
             bottom, left = self.plot.getAxis("bottom"), self.plot.getAxis("left")
-            bottom.setTicks([[(i, _short(t)) for i, t in enumerate(self._row_labels)]] if n <= 64 else None)
+            bottom.set_labels(self._row_labels if n <= 64 else None, offset=0.0)
             bottom.setLabel(dims[0])
             left.setTicks(None)
             left.setLabel(self._value_name())
@@ -289,9 +318,19 @@ class ResultView(QWidget):
         pad = 0.05 * (hi - lo or 1.0)
         self.plot.setRange(xRange=(-0.6, n - 0.4), yRange=(lo - pad, hi + pad), padding=0)
 
+    def set_shared_extent(self, extent: float | None) -> None:
+        """A colour scale shared with other results of the same value: |v| up to `extent` (None: this result's
+        own). Repaints the shown result."""
+        self._shared_extent = extent
+        if self.result is not None:
+            self._refresh(full=True)
+
     def _limits(self, values) -> tuple[float, float]:
         finite = values[np.isfinite(values)]
         m = float(np.abs(finite).max()) if finite.size else 0.0
+        shared = getattr(self, "_shared_extent", None)
+        if shared:
+            m = max(m, float(shared))
         m = m or 1.0
         if self.result is not None and kinds.scale_of(self.result) == "sequential" and (finite >= 0).all():
             return 0.0, m
@@ -311,6 +350,9 @@ class ResultView(QWidget):
                 if np.isfinite(v)]
         if refs:
             parts.append(f"{self._value_name()}: " + ", ".join(refs))
+        raw = kinds.raw_logit_diffs(r)
+        if raw and self._value_name() != "logit_diff":
+            parts.append("raw logit diff: " + ", ".join(f"{n} {_fmt(v)}" for n, v in raw.items()))
         if r.status != "complete":
             parts.append(f"<i>{r.status}: {r.done_fraction():.0%} of cells</i>")
         if r.message:
@@ -342,6 +384,8 @@ class ResultView(QWidget):
         coords = dict(zip(self._dims, (int(i) for i in cell)))
         if r is not None and r.values.ndim > 2 and "position" in r.dims and self.position_combo.currentIndex() > 0:
             coords["position"] = self.position_combo.currentIndex() - 1
+        for dim, combo in self._slice_combos.items():
+            coords[dim] = max(combo.currentIndex(), 0)
         return coords
 
     def describe(self, cell) -> str:

@@ -1,5 +1,5 @@
 """SAEs in the main window: attach one to a hook point, show its features, run feature edits, build
-dashboards over a corpus and train a new SAE with live curves. A mixin of MainWindow.
+dashboards over a corpus and train a new SAE with live curves: a controller with explicit dependencies.
 
 Every method that takes a path is what scripts and tests call; the *_dialog methods only ask for the path.
 The SAE is loaded and run in the runner thread (sae_worker_jobs); this module only routes and paints.
@@ -11,6 +11,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog
 
+from desktop_app.project.session import SAEAttachment
 from desktop_app.ui import sae_worker_jobs
 from desktop_app.ui.training_view import ARCHITECTURES, TrainDialog
 
@@ -29,85 +30,149 @@ def choose_sae_path(parent, start: str) -> str:
     return path
 
 
-class SAEMixin:
-    def _init_sae(self):
+class SAEController:
+    """Dependencies: the session; `submit` / `cancel_slot` of the runner; `model()` (the loaded
+    worker_jobs.ModelLoaded or None); the SAE pane, the training view and their docks (`resize_docks` gives a
+    dock room); the Layers and Analysis panels; `messages` (show_error, show_message, clear); the job label;
+    `run_analysis()` (the Analysis panel's Run); `start_dir()` for file dialogs; the dialogs' parent."""
+
+    def __init__(self, session, submit, cancel_slot, model, sae_view, training_view, sae_dock, train_dock,
+                 resize_docks, layer_panel, analysis_panel, messages, job_label, run_analysis, start_dir, parent):
+        self.session, self.submit, self.cancel_slot, self.model = session, submit, cancel_slot, model
+        self.sae_view, self.training_view, self.sae_dock, self.train_dock = sae_view, training_view, sae_dock, train_dock
+        self.resize_docks, self.layer_panel, self.analysis_panel = resize_docks, layer_panel, analysis_panel
+        self.messages, self.job_label, self.run_analysis = messages, job_label, run_analysis
+        self.start_dir, self.parent = start_dir, parent
         self.sae_attached: sae_worker_jobs.SAEAttached | None = None
+        self._restoring_sae = False
         self.sae_view.interventionRequested.connect(self.run_intervention)
         self.layer_panel.attach_sae.connect(self.attach_sae_dialog)
         self.layer_panel.train_sae.connect(self.train_sae_dialog)
-        self.training_view.cancel_button.clicked.connect(lambda: self.runner.cancel_slot("sae_train"))
+        self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("sae_train"))
 
     def _sae_start_dir(self) -> str:
         if self.sae_attached is not None:
             return str(Path(self.sae_attached.path).parent)
-        return self._start_dir()
+        return self.start_dir()
 
     def _need_sae(self) -> bool:
         if self.sae_attached is None:
-            self.show_error("no SAE is attached; right-click a hook point in the Layers tree and choose Attach SAE….")
+            self.messages.show_error("no SAE is attached; right-click a hook point in the Layers tree and choose Attach SAE….")
             return False
         return True
 
     # ---- attaching ----
     def attach_sae_dialog(self, hook: str | None = None):
         hook = hook or self.layer_panel.selected_hook()
-        if self.model_loaded is None:
-            self.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
+        if self.model() is None:
+            self.messages.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
             return
         if not hook:
-            self.show_error("no hook point is selected; click one in the Layers tree, then choose Attach SAE….")
+            self.messages.show_error("no hook point is selected; click one in the Layers tree, then choose Attach SAE….")
             return
-        path = choose_sae_path(self, self._sae_start_dir())
+        path = choose_sae_path(self.parent, self._sae_start_dir())
         if path:
             self.attach_sae(path, hook)
 
-    def attach_sae(self, path, hook: str) -> int | None:
+    def attach_sae(self, path, hook: str, restore: bool = False) -> int | None:
         """Load the SAE at `path` for `hook` in the runner, check its width, then show its features on the
-        clean prompt (an `sae_features` analysis, shown in the SAE pane and as a result tab)."""
-        if self.model_loaded is None:
-            self.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
+        clean prompt (an `sae_features` analysis, shown in the SAE pane and in the Analyses list).
+        restore: the project's saved attachment, reopened: its dashboards and feature edit come back, nothing
+        is run and the document does not change."""
+        self._restoring_sae = restore
+        if self.model() is None:
+            self.messages.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
             return None
-        self.message_bar.clear()
+        self.messages.clear()
         self.job_label.setText(f"loading the SAE for {hook}")
         self.sae_view.title_label.setText(f"Loading {Path(path).name} for {hook}…")
-        dock = self.docks["saeDock"]
+        dock = self.sae_dock
         if not dock.isVisible():
             dock.show()
             # the feature heatmap needs the room (after the dock is laid out, or Qt ignores it)
-            QTimer.singleShot(0, lambda: self.resizeDocks([dock], [400], Qt.Horizontal))
-        return self._submit(sae_worker_jobs.attach_sae(str(path), hook), "sae", finished=self._sae_attached,
+            QTimer.singleShot(0, lambda: self.resize_docks([dock], [400], Qt.Horizontal))
+        return self.submit(sae_worker_jobs.attach_sae(str(path), hook), "sae", finished=self._sae_attached,
                             errored=self._sae_failed)
 
     def _sae_attached(self, info: sae_worker_jobs.SAEAttached):
         self.sae_attached = info
+        if getattr(self, "_restoring_sae", False):
+            self._restoring_sae = False
+            self._sae_restored(info)
+            return
+        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook]
+        if not saved:  # one attached SAE per window: the new one replaces the saved attachment
+            self.session.set_saes([SAEAttachment(str(info.path), info.hook)], "Attach SAE")
         self.job_label.setText("SAE attached")
         self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
-        self.docks["saeDock"].raise_()
+        self.sae_dock.raise_()
         self.analysis_panel.set_kind("sae_features")  # the panel's SAE features kind reads the attached SAE
         self.analysis_panel.set_field("sae", info.path)
         self.analysis_panel.set_field("hook", info.hook)
         if info.trained_on and info.trained_on != info.hook:
-            self.show_message(f"the SAE was trained on {info.trained_on} and is now reading {info.hook}; its "
+            self.messages.show_message(f"the SAE was trained on {info.trained_on} and is now reading {info.hook}; its "
                               "features may mean little there.", "warning")
-        if not self.project.prompts.clean:
-            self.show_message("SAE attached; type a clean prompt and choose SAE features, Run, to see its "
+        if not self.session.project.prompts.clean:
+            self.messages.show_message("SAE attached; type a clean prompt and choose SAE features, Run, to see its "
                               "features.")
             return
         self.run_analysis()
 
+    def _sae_restored(self, info):
+        self.job_label.setText("SAE attached")
+        self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
+        self.analysis_panel.set_kind("sae_features")
+        self.analysis_panel.set_field("sae", info.path)
+        self.analysis_panel.set_field("hook", info.hook)
+        saved = next((a for a in self.session.saes() if a.hook == info.hook), None)
+        if saved is None:
+            return
+        if saved.dashboards.get("features"):
+            self.sae_view.show_dashboards(saved.dashboards["features"])
+        if saved.edits:
+            request = saved.edits[-1]
+            edit = (request.get("edits") or [{}])[0]
+            pane = self.sae_view
+            pane.feature_spin.setValue(int(edit.get("feature", 0)))
+            pane.mode_combo.setCurrentText(str(edit.get("mode", "ablate")))
+            pane.value_spin.setValue(float(edit.get("value", 0.0)))
+            pane.keep_error_check.setChecked(bool(request.get("keep_error", True)))
+
+    def restore_saes(self):
+        """Reattach the SAE the project saved (after its model is loaded); offer to relocate a missing one."""
+        saes = self.session.saes()
+        if not saes or self.model() is None:
+            return
+        first = saes[0]
+        if self.sae_attached is not None and self.sae_attached.hook == first.hook \
+                and str(self.sae_attached.path) == first.path:
+            return
+        if not Path(first.path).exists():
+            def relocate():
+                path = choose_sae_path(self.parent, self.start_dir())
+                if path:
+                    self.session.update_sae(first.hook, "Relocate SAE", path=str(path))
+                    self.attach_sae(path, first.hook, restore=True)
+            self.messages.show_message(f"the SAE {first.path} saved with this project is missing; choose its new location "
+                              f"with Relocate….", "warning", "Relocate…", relocate)
+            return
+        self.attach_sae(first.path, first.hook, restore=True)
+
     def _sae_failed(self, message: str, details: str = ""):
         self.job_label.setText("SAE not attached")
         self.sae_view.title_label.setText("Attach an SAE to a hook point to see its features here.")
-        self.show_error(message, details)
+        self.messages.show_error(message, details)
 
     # ---- feature edits ----
     def run_intervention(self, request: dict) -> int | None:
         if not self._need_sae():
             return None
-        info, pr = self.sae_attached, self.project.prompts
+        info, pr = self.sae_attached, self.session.project.prompts
+        if any(a.hook == info.hook for a in self.session.saes()):
+            self.session.update_sae(info.hook, "Edit features", edits=[request])
         self.job_label.setText("running the feature edit")
         job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos)
-        return self._submit(job, "sae_edit", finished=self._intervention_done,
+        return self.submit(job, "sae_edit", finished=self._intervention_done,
                             errored=lambda m, d: self._sae_job_failed("feature edit", m, d))
 
     def _intervention_done(self, result):
@@ -116,13 +181,13 @@ class SAEMixin:
 
     def _sae_job_failed(self, what: str, message: str, details: str):
         self.job_label.setText(f"{what} failed")
-        self.show_error(message, details)
+        self.messages.show_error(message, details)
 
     # ---- dashboards ----
     def build_dashboards_dialog(self):
         if not self._need_sae():
             return
-        path, _ = QFileDialog.getOpenFileName(self, "Corpus for the dashboards", self._sae_start_dir(),
+        path, _ = QFileDialog.getOpenFileName(self.parent, "Corpus for the dashboards", self._sae_start_dir(),
                                               CORPUS_FILTERS)
         if path:
             self.build_dashboards(path)
@@ -131,8 +196,9 @@ class SAEMixin:
         if not self._need_sae():
             return None
         info = self.sae_attached
+        self._dashboards_corpus = str(corpus_path)
         self.job_label.setText("building dashboards")
-        return self._submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path)), "sae_dash",
+        return self.submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path)), "sae_dash",
                             progress=lambda d, t, m: self.job_label.setText(m),
                             finished=self._dashboards_done, cancelled=self._dashboards_done,
                             errored=lambda m, d: self._sae_job_failed("dashboards", m, d))
@@ -143,45 +209,53 @@ class SAEMixin:
             return
         self.job_label.setText(f"{len(dashboards)} dashboards")
         self.sae_view.show_dashboards(dashboards)
+        info = self.sae_attached
+        if info is not None and any(a.hook == info.hook for a in self.session.saes()):
+            try:
+                self.session.update_sae(info.hook, "Build dashboards", dashboards={
+                    "corpus": getattr(self, "_dashboards_corpus", ""), "features": [d.to_dict() for d in dashboards]})
+            except ValueError as err:  # a non-finite number cannot go into the project file
+                self.messages.show_message(f"the dashboards are shown but cannot be saved with the project ({err}).",
+                                  "warning")
         self.sae_view.tabs.setCurrentIndex(1)
-        self.docks["saeDock"].show()
-        self.docks["saeDock"].raise_()
+        self.sae_dock.show()
+        self.sae_dock.raise_()
 
     # ---- training ----
     def _hook_names(self) -> list[str]:
         names = []
-        for _node, groups in (self.model_loaded.tree if self.model_loaded else []):
+        for _node, groups in (self.model().tree if self.model() else []):
             for _group, points in groups:
                 names += [name for name, kind, _shape in points if kind != "attn.hook_pattern"]
         return names
 
     def train_sae_dialog(self, hook: str | None = None):
-        if self.model_loaded is None:
-            self.show_error("no model is loaded; load the model whose activations the SAE should learn.")
+        if self.model() is None:
+            self.messages.show_error("no model is loaded; load the model whose activations the SAE should learn.")
             return
         dialog = TrainDialog(self._hook_names(), hook or self.layer_panel.selected_hook(), self._sae_start_dir(),
-                             self)
+                             self.parent)
         if dialog.exec() == QDialog.Accepted:
             self.train_sae(**dialog.settings())
 
     def train_sae(self, hook: str, corpus, out_folder, architecture: str = "topk", width: int = 256,
                   k: int = 16, steps: int = 2000, **config) -> int | None:
         """Train an SAE at `hook` on a local corpus, writing it to out_folder; curves fill in live."""
-        if self.model_loaded is None:
-            self.show_error("no model is loaded; load the model whose activations the SAE should learn.")
+        if self.model() is None:
+            self.messages.show_error("no model is loaded; load the model whose activations the SAE should learn.")
             return None
         if not str(corpus).strip() or not str(out_folder).strip():
-            self.show_error("SAE training needs a corpus file and an output folder; choose both.")
+            self.messages.show_error("SAE training needs a corpus file and an output folder; choose both.")
             return None
         arch = dict(ARCHITECTURES).get(architecture, architecture)
         cfg = dict(architecture=arch, d_sae=int(width), k=min(int(k), int(width)), steps=int(steps), **config)
         view = self.training_view
         view.start(f"training a {architecture} SAE with {width} features at {hook}…")
-        self.docks["trainDock"].show()
-        self.docks["trainDock"].raise_()
+        self.train_dock.show()
+        self.train_dock.raise_()
         self.job_label.setText("training an SAE")
         job = sae_worker_jobs.train(hook, str(corpus), str(out_folder), cfg)
-        return self._submit(job, "sae_train", note=self._train_note,
+        return self.submit(job, "sae_train", note=self._train_note,
                             progress=lambda d, t, m: view.status_label.setText(m),
                             finished=self._train_done, cancelled=self._train_done, errored=self._train_failed)
 
@@ -199,7 +273,7 @@ class SAEMixin:
         self.training_view.finish(text)
         self.job_label.setText("training done" if result.status == "complete" else "training stopped")
         hook = str(result.params.get("hook", ""))
-        self.show_message(text + ".", "info" if result.status == "complete" else "warning", "Attach it",
+        self.messages.show_message(text + ".", "info" if result.status == "complete" else "warning", "Attach it",
                           lambda: self.attach_sae(folder, hook))
 
     def _train_failed(self, message: str, details: str = ""):

@@ -34,13 +34,38 @@ def _freeze_long_lived_objects():
     gc.freeze()
 
 
-def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
+@dataclass
+class ModelDropped:
+    """The previously loaded model was let go (the new model's weights are about to be read)."""
+
+
+WEIGHTS_START = 10  # load_model_job's progress when the files and the configuration have been checked
+
+
+def _drop_old_at_weights(events, state):
+    """Pass the loading job's events on; the old model is let go only when the new one's weights start to load,
+    so a bad path, a fake .gguf or a missing extra leaves the loaded model as it was, and both models never sit
+    in memory together."""
+    from desktop_app.engine.jobs import Progress
+
+    try:
+        event = next(events)
+        while True:
+            if isinstance(event, Progress) and event.done >= WEIGHTS_START and state.lm is not None:
+                state.lm = None
+                _free_memory()
+                yield ModelDropped()
+            yield event
+            event = next(events)
+    except StopIteration as stop:
+        return stop.value
+
+
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool, quantize: str = "none"):
     def job(state, cancel):
         from desktop_app.engine.loading import load_model_job
 
-        state.lm = None  # the old model goes before the new one is read, so both never sit in memory
-        _free_memory()
-        lm = yield from load_model_job(path, dtype, device, trust_remote_code, cancel)
+        lm = yield from _drop_old_at_weights(load_model_job(path, dtype, device, trust_remote_code, cancel, quantize), state)
         state.lm = lm
         _freeze_long_lived_objects()
         tree = [(node, [(group, [(p.name, p.kind, p.shape_text()) for p in points]) for group, points in groups])

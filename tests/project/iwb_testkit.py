@@ -18,7 +18,29 @@ def all_specs():
         AblationSpec("abl", component="blocks.1.attn.hook_z", method="resample", positions="each",
                      metric="logit_diff_recovered", layers=[1], noise=0.5, seed=3),
         SAEFeaturesSpec("sae", sae="/saes/res_0", hook="blocks.0.hook_resid_post", prompt="corrupted", top_k=0),
-        *sae_workflow_specs(),
+    ] + reading_specs() + _concept_specs() + sae_workflow_specs()
+
+
+def reading_specs():
+    """The lens, attention, direct-logit-attribution and token-attribution kinds (registered in project.kinds)."""
+    from desktop_app.project import kinds
+
+    kinds.load()  # first, so that the built-in kinds keep their places (the panel's order is registration order)
+    from desktop_app.project.kinds.attention import AttentionPatternsSpec, AttentionRolloutSpec
+    from desktop_app.project.kinds.direct_logit_attribution import DirectLogitAttributionSpec
+    from desktop_app.project.kinds.logit_lens import LogitLensSpec
+    from desktop_app.project.kinds.token_attribution import TokenAttributionSpec
+    from desktop_app.project.kinds.tuned_lens_training import TunedLensTrainingSpec
+
+    return [
+        LogitLensSpec("lens", lens="tuned", lens_path="/lenses/gpt2", prompt="corrupted", target=" Paris", k=7),
+        AttentionPatternsSpec("att", prompt="Some literal text", layers=[0, 1], heads=[3]),
+        AttentionRolloutSpec("roll", residual=0.25, head_fusion="max", method="flow"),
+        DirectLogitAttributionSpec("dla", prompt="corrupted", granularity="layers"),
+        TokenAttributionSpec("tok", method="lime", target="answer_prob", baseline=" the", steps=7,
+                             integration="riemann_left", samples=99, window=3, seed=5),
+        TunedLensTrainingSpec("tl", corpus="/data/corpus.txt", out="/lenses/out", steps=9, context=16, batch_size=2,
+                              lr=0.01, seed=1),
     ]
 
 
@@ -41,6 +63,20 @@ def sae_workflow_specs():
         SAEMetricsSpec("metrics", sae="/saes/res_0", corpus="/c.jsonl", hook="blocks.0.hook_resid_post",
                        max_texts=7, force_hook=True),
     ]
+
+
+def _concept_specs():
+    from desktop_app.project.kinds.probe import ProbeSpec
+    from desktop_app.project.kinds.steering import SteeringSpec, SteeringVectorSpec
+    from desktop_app.project.kinds.tcav import TCAVSpec
+
+    return [ProbeSpec("probe", dataset="/data/labels.csv", hook="resid_pre", position="mean", test_fraction=0.5,
+                      seed=2, l2=0.5),
+            TCAVSpec("tcav", concept=["a cat", "a dog"], random="/data/corpus.txt", inputs=["x"], target=" Mary",
+                     hook="mlp_out", runs=4, random_size=2, seed=1, alpha=0.01, bonferroni=True),
+            SteeringVectorSpec("sv", positive=["good"], negative=["bad"], method="pca", hook="resid_pre",
+                               position="mean"),
+            SteeringSpec("steer", vector="/cv.gguf", coefficient=-2.0, layers=[1], prompt="corrupted", n_continue=5)]
 
 
 def make_result(name="resid", kind="activation_patching", shape=(3, 4), status="partial", seed=0):

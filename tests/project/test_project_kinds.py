@@ -177,3 +177,31 @@ def test_a_kind_cannot_be_registered_twice_or_with_an_unknown_view(token_ids_kin
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.kind)
 def test_every_builtin_spec_round_trips(spec):
     assert analysis_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_patching_results_carry_the_raw_logit_differences(ioi_gpt2_dir):
+    import torch
+
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.loading import load_model
+    from desktop_app.project.execute import analysis_job
+    from desktop_app.project.specs import ActivationPatchingSpec, Prompts
+
+    lm = load_model(str(ioi_gpt2_dir), dtype="float32", device="cpu")
+    prompts = Prompts("When Mary and John went to the store, John gave a drink to",
+                      "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
+    result = drive(analysis_job(lm, prompts, ActivationPatchingSpec("r", positions="all")))
+    a, w = lm.single_token_id(" Mary", "answer"), lm.single_token_id(" John", "wrong")
+    for what, text in (("clean", prompts.clean), ("corrupted", prompts.corrupted)):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([lm.tokenize(text).ids])).logits[0, -1]
+        assert float(result.extras[f"{what}_logit_diff"]) == pytest.approx(float(logits[a] - logits[w]), abs=1e-5)
+    assert kinds.raw_logit_diffs(result).keys() == {"clean", "corrupted"}
+    assert result.clean_metric == pytest.approx(1.0) and result.corrupted_metric == pytest.approx(0.0)
+
+
+def test_a_broken_kind_module_is_named_and_the_others_keep_working(monkeypatch):
+    monkeypatch.setitem(kinds.LOAD_ERRORS, "imaginary_lens", "ImportError: no module named 'imaginary'")
+    with pytest.raises(SpecError, match="imaginary_lens failed to load .*imaginary"):
+        analysis_from_dict({"name": "x", "kind": "imaginary_lens"})
+    assert analysis_from_dict({"name": "r", "kind": "activation_patching"}).kind == "activation_patching"

@@ -185,6 +185,27 @@ def test_svg_parses_and_keeps_text_as_text(tmp_path):
     assert any("logit_diff_recovered" in t and "3.25" in t for t in texts)
 
 
+def test_subtitle_names_the_model_prompts_and_raw_logit_differences(tmp_path):
+    from desktop_app.project.specs import Prompts
+    from desktop_app.ui.figure_data import figure_context
+
+    r = patching_result()
+    r.extras = {"clean_logit_diff": np.asarray(4.5), "corrupted_logit_diff": np.asarray(-2.25)}
+    context = figure_context({"path": "/models/gpt2-small/", "config_hash": "ab", "quantize": "int8"},
+                             Prompts("When Mary and John went", "When John and Mary went"))
+    assert context == ["model gpt2-small (int8)", "clean “When Mary and John went”",
+                       "corrupted “When John and Mary went”"]
+    text = " ".join(svg_texts(render_figure(r, "svg", tmp_path / "fig.svg", width_px=1400, context=context)))
+    for part in ("model gpt2-small (int8)", "When Mary and John went", "raw logit diff: clean 4.5",
+                 "corrupted −2.25"):
+        assert part in text, part
+    big = pixels(figure_image(r, 1000, font_scale=1.6))
+    small = pixels(figure_image(r, 1000, font_scale=0.8))
+    assert big.shape[0] > small.shape[0]  # larger type takes more height at the same width
+    with pytest.raises(ValueError, match="font scale"):
+        figure_image(r, 1000, font_scale=10)
+
+
 def test_pdf_is_one_page_of_the_figure_size(tmp_path):
     path = render_figure(patching_result(), "pdf", tmp_path / "fig.pdf", width_px=1200, dpi=150)
     data = Path(path).read_bytes()

@@ -64,12 +64,16 @@ def test_sweep_heatmap_shows_the_engine_result(qtbot, window, ioi_gpt2_dir, refe
     assert shown[0, differ[0]] == pytest.approx(1.0, abs=1e-4)
     lo, hi = view.levels()
     assert lo == pytest.approx(-hi) and hi >= np.nanmax(np.abs(shown)) - 1e-6
-    ticks = view.plot.getAxis("bottom")._tickLevels[0]  # thinned to what fits, each at its own column
-    assert ticks and all(pair.clean.display[int(x)].startswith(t.rstrip("…")) for x, t in ticks)
+    # every token labelled with its index, "9: ·John"
+    shown = view.column_labels()
+    assert [j for j, _ in shown] == list(range(pair.n_pos))
+    assert all(t.rstrip("…") and f"{j}: {pair.clean.display[j]}".startswith(t.rstrip("…")) for j, t in shown)
     assert view._col_labels[differ[0]].endswith("John")
     bar = child(window, "progressBar", QProgressBar)
     assert bar.value() == bar.maximum() == expected.values.size
-    assert window.project.entry(window.result_tabs.tabText(0)).result.status == "complete"
+    listed = child(window, "analysisList")
+    assert listed.count() == 1 and listed.currentItem().text().startswith("resid_pre patching — Activation patching")
+    assert window.project.entry(window.analysis_list.names()[0]).result.status == "complete"
     assert window.isWindowModified()
 
 

@@ -18,6 +18,8 @@ def test_demo_opens_loaded_and_runs(qtbot):
         assert child(window, "cleanPromptEdit").text().endswith("John gave a drink to")
         assert child(window, "answerEdit").text() == " Mary"
         assert window.project.model.path.endswith("model")
+        # opening the demo and loading its model is not an edit
+        assert window.project.model.config_hash and not window.project.dirty and not window.isWindowModified()
         with qtbot.waitSignal(window.analysis_ended, timeout=60_000) as ended:
             qtbot.mouseClick(child(window, "runButton"), Qt.LeftButton)
         assert ended.args == ["done"]

@@ -27,6 +27,21 @@ EXAMPLES = {
                  "layers": (0,), "noise": 0.5, "seed": 2, "mean_over": "positions",
                  "reference_prompts": ("a reference", "another one"), "source_prompt": "unused here"},
     "sae_features": {"sae": None, "hook": HOOK, "prompt": "corrupted", "top_k": 5},  # sae: set by the test
+    "logit_lens": {"target": "prediction", "prompt": "corrupted", "k": 3},
+    "attention_patterns": {"prompt": "corrupted", "layers": (1,), "heads": (0, 2)},
+    "attention_rollout": {"residual": 0.3, "head_fusion": "max", "method": "flow"},
+    "direct_logit_attribution": {"granularity": "layers", "prompt": "corrupted"},
+    "token_attribution": {"method": "occlusion", "target": "answer_logit", "baseline": "zero", "window": 2,
+                          "steps": 8, "integration": "riemann_middle", "samples": 16, "seed": 4},
+    "probe": {"dataset": None, "hook": "resid_pre", "position": "mean", "test_fraction": 0.5, "seed": 1},
+    "tcav": {"concept": ("Mary gave a book", "Mary gave a pen"), "random": ("John went home", "Bob went out",
+                                                                           "Anna sat down", "Tom ran away"),
+             "inputs": ("When Mary and John went to the store, John gave a drink to",), "target": " Mary",
+             "runs": 2, "seed": 1},
+    "steering_vector": {"positive": ("Mary went home", "Mary sat down"), "negative": ("John went home",
+                                                                                      "John sat down"),
+                        "method": "pca", "hook": "resid_pre"},
+    "steering": {"vector": None, "coefficient": 2.0, "prompt": "corrupted", "n_continue": 2},  # vector: by the test
     # sae / corpus / out: set by the test
     "sae_training": {"corpus": None, "out": None, "hook": HOOK, "architecture": "batchtopk", "width": 16, "k": 2,
                      "steps": 12, "batch_size": 32, "tokens": 400, "seed": 1},
@@ -94,6 +109,13 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     values = dict(EXAMPLES[kind])
     if "sae" in values:
         values["sae"] = str(_random_sae(tmp_path / "sae"))
+    if kind == "steering":
+        from desktop_app.engine.control_vector import write_control_vector
+        values["vector"] = str(write_control_vector(tmp_path / "cv.gguf", {1: np.ones(64, np.float32)}, "gpt2"))
+    if kind == "probe":
+        (tmp_path / "labels.csv").write_text("text,label\n" + "\n".join(
+            f"{n} went to the {p},{n == 'Mary'}" for n in ("Mary", "John") for p in ("park", "store", "school")))
+        values["dataset"] = str(tmp_path / "labels.csv")
     if "corpus" in values:
         from desktop_app import demo_task
         (tmp_path / "corpus.txt").write_text("\n".join(demo_task.corpus(20, seed=1)))
@@ -123,3 +145,24 @@ def test_each_kind_runs_from_the_panel(qtbot, window, ioi_gpt2_dir, tmp_path, ki
     assert {k: result.params.get(k) for k in ("component", "metric") if k in params} == \
         {k: params[k] for k in ("component", "metric") if k in params and k in result.params}
     assert dataclasses.replace(expected, name="x") == dataclasses.replace(window.spec_from_panel(), name="x")
+
+
+def test_a_result_with_more_than_two_dims_shows_one_slice_chosen_by_name(qtbot, window):
+    """[layer, head, query, key] (attention patterns) is drawn as query x key of the chosen layer and head."""
+    from desktop_app.engine.results import AnalysisResult
+
+    values = np.random.default_rng(0).uniform(0, 1, (2, 3, 4, 4)).astype(np.float32)
+    result = AnalysisResult("att", "activation_patching", {}, ["layer", "head", "query", "key"], values,
+                            {"layer": [0, 1], "query": [f"{i}: t{i}" for i in range(4)],
+                             "key": [f"{i}: t{i}" for i in range(4)]})
+    view = window.result_view
+    view.set_result(result)
+    np.testing.assert_array_equal(view.image_data(), values[0, 0])
+    child(window, "layerSliceCombo", QComboBox).setCurrentIndex(1)
+    child(window, "headSliceCombo", QComboBox).setCurrentIndex(2)
+    np.testing.assert_array_equal(view.image_data(), values[1, 2])
+    assert view.cell_coordinates((3, 1)) == {"query": 3, "key": 1, "layer": 1, "head": 2}
+    assert [t for _, t in view.column_labels()] == [f"{i}: t{i}" for i in range(4)]
+    view.set_result(None)
+    assert window.findChild(QComboBox, "layerSliceCombo") is None or \
+        not window.findChild(QComboBox, "layerSliceCombo").isVisibleTo(window)

@@ -80,8 +80,9 @@ def test_attach_shows_features_and_a_bad_width_is_one_error(qtbot, ready, lm, tm
     reference = _numpy_features(lm, good, IOI.clean)[:, pane._features]
     np.testing.assert_allclose(shown.T[np.isfinite(expected.values)], reference[np.isfinite(expected.values)],
                                atol=1e-4)
-    # also a result tab in the plots area, saved with the project
-    assert window.result_tabs.tabText(window.result_tabs.currentIndex()) == f"sae {HOOK}"
+    # also listed in the Analyses pane and selected, saved with the project
+    listed = child(window, "analysisList")
+    assert listed.currentItem().text().startswith(f"sae {HOOK} — SAE features — complete")
     assert window.current_result().kind == "sae_features"
 
 

@@ -26,7 +26,9 @@ How to add a kind (one engine module + one registration + tests: three files, no
                                   view="heatmap", click="describe"))
 
    `param()` metadata builds the Analysis panel's row (widget, default, range / choices, tooltip) and is
-   checked by `AnalysisSpec.validate`, so most specs need no validate() of their own. `view` picks an existing
+   checked by `AnalysisSpec.validate`, so most specs need no validate() of their own. Give every field a
+   param() with a tip: tests/project/test_project_kinds.py checks each registered kind for it, and
+   tests/ui/test_window_kinds.py builds each kind's panel rows in the real window. `view` picks an existing
    view type of the window (VIEW_TYPES), `click` what a click on a cell shows (CLICK_TYPES), `scale` the
    colour scale. `exports` adds formats to `interp-workbench export --format` (e.g. gguf, json).
 3. `tests/engine/test_my_kind.py`: the engine against an independent reference, and the kind through
@@ -43,12 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from desktop_app.engine.errors import SpecError
 from desktop_app.project import specs as _specs
 from desktop_app.project.specs import AnalysisSpec, Prompts
 
-VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table")
-CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token")
+VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table", "lens_grid", "attention_pattern")
+CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token", "details")
 SCALES = ("diverging", "sequential")
 _BUILTIN_MODULES = ("patching", "tracing", "ablation", "sae_features")  # their order is the panel's order
 
@@ -76,7 +80,10 @@ class AnalysisKind:
     short: str = ""  # the name of new analyses of this kind: "<component> <short>"; default: the label
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
+    # job over a dataset of pairs (prompts a DatasetPrompts), same signature as job; None: one pair only
+    dataset_job: Callable[..., Any] | None = None
     description: str = ""
+    details: Callable[[Any, dict], str] | None = None  # click "details": (result, {dim: index}) -> plain text
 
     def __post_init__(self):
         if not self.kind or not self.kind.replace("_", "").isalnum():
@@ -110,6 +117,7 @@ class AnalysisKind:
 
 
 _KINDS: dict[str, AnalysisKind] = {}
+LOAD_ERRORS: dict[str, str] = {}  # kind module -> why it could not be imported (the other kinds still work)
 _loaded = False
 
 
@@ -136,8 +144,15 @@ def load() -> None:
         return
     _loaded = True
     others = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for name in list(_BUILTIN_MODULES) + [n for n in others if n not in _BUILTIN_MODULES]:
+    for name in _BUILTIN_MODULES:
         importlib.import_module(f"{__name__}.{name}")
+    for name in others:
+        if name in _BUILTIN_MODULES:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except Exception as err:  # noqa: BLE001 - one broken kind module must not take the others down
+            LOAD_ERRORS[name] = f"{type(err).__name__}: {err}"
 
 
 def all_kinds() -> list[AnalysisKind]:
@@ -150,8 +165,9 @@ def get(kind: str) -> AnalysisKind:
     load()
     record = _KINDS.get(kind) if isinstance(kind, str) else None
     if record is None:
+        broken = "".join(f" The kind module {m} failed to load ({e})." for m, e in LOAD_ERRORS.items())
         raise SpecError(f"analysis kind {kind!r} is not known to this version; known kinds are "
-                        f"{', '.join(_KINDS)}. Remove it or update the app.")
+                        f"{', '.join(_KINDS)}. Remove it or update the app.{broken}")
     return record
 
 
@@ -193,6 +209,36 @@ def prompt_pair(lm, prompts: Prompts, need_corrupted: bool = True, need_wrong: b
                         prompts.prepend_bos, need_corrupted=need_corrupted, need_wrong=need_wrong)
 
 
+def with_raw_logit_diffs(lm, pair, job):
+    """Run `job` and add the raw logit differences logit(answer) - logit(wrong) of the clean and corrupted runs
+    to its result (extras `clean_logit_diff`, `corrupted_logit_diff`), so a normalised metric is shown beside
+    the numbers it was normalised by. Two plain forward passes; nothing when the pair has no wrong answer."""
+    result = yield from job
+    if result is None or pair is None or pair.wrong_id == pair.answer_id or result.status == "failed":
+        return result
+    import torch
+
+    from desktop_app.engine.capture import as_ids, forward_logits
+
+    with torch.inference_mode():
+        for what, info in (("clean", pair.clean), ("corrupted", pair.corrupted)):
+            if info is None or not len(info.ids) or (what == "corrupted" and info is pair.clean):
+                continue  # no corrupted prompt was given: the pair holds the clean one twice
+            logits = forward_logits(lm, as_ids(info.ids), last_only=True)[0, -1].float()
+            result.extras[f"{what}_logit_diff"] = np.asarray(float(logits[pair.answer_id] - logits[pair.wrong_id]))
+    return result
+
+
+def raw_logit_diffs(result) -> dict[str, float]:
+    """{"clean": ..., "corrupted": ...}: the raw logit differences a result carries (see with_raw_logit_diffs)."""
+    out = {}
+    for what in ("clean", "corrupted"):
+        arr = result.extras.get(f"{what}_logit_diff") if result.extras else None
+        if arr is not None and np.asarray(arr).size == 1 and np.isfinite(float(np.asarray(arr))):
+            out[what] = float(np.asarray(arr))
+    return out
+
+
 def prompt_text(prompts: Prompts, which: str) -> str:
     """A spec's `prompt` field: "clean", "corrupted" or a literal text."""
     if which == "clean":
@@ -209,4 +255,4 @@ def field_values(spec: AnalysisSpec) -> dict[str, Any]:
 
 __all__ = ["AnalysisKind", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
            "extra_export_formats", "field_values", "find", "get", "load", "prompt_pair", "prompt_text",
-           "register_kind", "scale_of", "value_label"]
+           "raw_logit_diffs", "register_kind", "scale_of", "value_label", "with_raw_logit_diffs"]

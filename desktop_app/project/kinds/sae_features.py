@@ -1,6 +1,7 @@
 """SAE features: the activations [position, feature] of a sparse autoencoder reading one hook point."""
 from __future__ import annotations
 
+from desktop_app.project import dataset_jobs
 from desktop_app.project.kinds import AnalysisKind, prompt_text, register_kind
 from desktop_app.project.specs import SAEFeaturesSpec
 
@@ -20,5 +21,5 @@ def _name(values: dict) -> str:
 register_kind(AnalysisKind(
     kind="sae_features", label="SAE features", short="sae", name_for=_name, spec=SAEFeaturesSpec, job=_job,
     dims="[position, feature]", value_name="feature activation", scale="sequential", view="feature_table",
-    click="select_token",
+    click="select_token", dataset_job=dataset_jobs.sae_features,
     description="Encode one prompt's activations at a hook point with an SAE; the strongest features per token."))

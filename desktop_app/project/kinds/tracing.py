@@ -1,6 +1,7 @@
 """Causal tracing (ROME): restore clean activations into a run with the subject's embeddings noised."""
 from __future__ import annotations
 
+from desktop_app.project import dataset_jobs
 from desktop_app.project.kinds import AnalysisKind, prompt_pair, register_kind
 from desktop_app.project.specs import CausalTracingSpec
 
@@ -17,5 +18,5 @@ def _job(lm, prompts, spec, cancel, batch_size):
 register_kind(AnalysisKind(
     kind="causal_tracing", label="Causal tracing", short="tracing", spec=CausalTracingSpec, job=_job,
     dims="[layer, position]", value_name="answer probability", scale="sequential", view="heatmap",
-    click="predictions",
+    click="predictions", dataset_job=dataset_jobs.causal_tracing,
     description="Noise the subject's embeddings, restore one clean activation, read the answer's probability."))
