@@ -70,7 +70,7 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
     yield Progress(10, 100, f"loading weights ({total_bytes / 2**20:.0f} MiB)")
     model = yield from _streaming_progress(
         lambda progress_events: _from_pretrained(folder, config, torch_dtype, torch_device, device_map,
-                                                 trust_remote_code, extra, cancel, progress_events), cancel)
+                                                 trust_remote_code, extra, cancel, progress_events))
     yield Progress(90, 100, "loading tokenizer")
     tokenizer = _load_tokenizer(folder, trust_remote_code, extra)
     model.eval()
@@ -267,7 +267,7 @@ class _Handoff:
         raise JobCancelled()
 
 
-def _streaming_progress(load, cancel: CancelToken):
+def _streaming_progress(load):
     """Run `load(events)` (from_pretrained with its per-tensor tap) in a helper thread and yield the Progress the
     tap reports while the weights load, instead of after from_pretrained returns. The helper runs in the caller's
     grad mode (the UI worker loads under inference_mode). Its exception, a cancel included, is raised here; if
