@@ -33,14 +33,17 @@ class FileController:
     `show_ref`, `load`, `browse`); `stop_analyses()` (cancel the running analysis and the Run-all queue);
     `show_project(project)` (the panes take a new document: undo actions, prompt fields, the analysis panel,
     an empty result pane, view actions); `update_title()`; `current_result()`; `asks()` (False in scripts and
-    tests: unsaved changes are then discarded without a question)."""
+    tests: unsaved changes are then discarded without a question); `figure_selection()` ({dim: index} of the
+    slice the result pane shows, so a figure of an attention result shows the same layer and head)."""
 
     def __init__(self, session, parent, messages, status: Callable[[str, int], None], model_ctl,
                  stop_analyses: Callable[[], None], show_project: Callable[[Project], None],
-                 update_title: Callable[[], None], current_result: Callable, asks: Callable[[], bool]):
+                 update_title: Callable[[], None], current_result: Callable, asks: Callable[[], bool],
+                 figure_selection: Callable[[], dict] = dict):
         self.session, self.parent, self.messages, self.status = session, parent, messages, status
         self.model_ctl, self.stop_analyses, self.show_project = model_ctl, stop_analyses, show_project
         self.update_title, self.current_result, self.asks = update_title, current_result, asks
+        self.figure_selection = figure_selection
         self.export_dialog = None
         self.recent = RecentProjects()
         self.autosave_timer = QTimer(parent)
@@ -229,7 +232,8 @@ class FileController:
         if result is None:
             return None
         start = str(Path(self.start_dir()) / f"{result.name}.png")
-        dialog = ExportFigureDialog(result, self.figure_context(result), start, self.parent)
+        dialog = ExportFigureDialog(result, self.figure_context(result), start, self.parent,
+                                    selection=self.figure_selection())
         dialog.accepted.connect(lambda: self.status(f"exported {dialog.written}", 5000))
         self.export_dialog = dialog
         dialog.open()
@@ -243,7 +247,7 @@ class FileController:
             return False
         fmt = fmt or Path(path).suffix.lstrip(".").lower()
         try:
-            render_figure(result, fmt, path, context=self.figure_context(result))
+            render_figure(result, fmt, path, context=self.figure_context(result), selection=self.figure_selection())
         except (WorkbenchError, ValueError) as err:
             self.messages.show_error(str(err))
             return False
@@ -303,6 +307,11 @@ class FileController:
         result = self._need_result()
         if result is None:
             return False
-        QGuiApplication.clipboard().setImage(figure_image(result, context=self.figure_context(result)))
+        try:
+            image = figure_image(result, context=self.figure_context(result), selection=self.figure_selection())
+        except (WorkbenchError, ValueError) as err:
+            self.messages.show_error(str(err))
+            return False
+        QGuiApplication.clipboard().setImage(image)
         self.status("figure copied to the clipboard", 5000)
         return True

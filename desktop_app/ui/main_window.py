@@ -86,7 +86,7 @@ class MainWindow(QMainWindow):
         self.file_ctl = FileController(
             self.session, self, messages, lambda text, ms: self.statusBar().showMessage(text, ms), self.model_ctl,
             self._stop_analyses, self._show_project, self._update_title, self.current_result,
-            lambda: self.confirm_dialogs)
+            lambda: self.confirm_dialogs, self.result_view.figure_selection)
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,

@@ -15,6 +15,7 @@ from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
+from desktop_app.engine.errors import WorkbenchError
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
 from desktop_app.ui.colormaps import diverging_lut, lut_for_limits
@@ -211,6 +212,31 @@ class ResultView(QWidget):
             combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
             self._top.insertWidget(self._top.count() - 1, combo)
             self._slice_combos[dim] = combo
+        self._start_at_kind_default()
+
+    def _start_at_kind_default(self):
+        """The selectors start where the kind's figure does (attention rollout: the last layer)."""
+        if not self._slice_combos:
+            return
+        try:
+            sliced = kinds.figure_slice(self.result, None)
+        except WorkbenchError:  # e.g. a dim of length 0: the selectors stay at index 0
+            sliced = None
+        for dim, index in (sliced.chosen.items() if sliced is not None else ()):
+            combo = self._slice_combos.get(dim)
+            if combo is not None and 0 <= index < combo.count():
+                combo.blockSignals(True)
+                combo.setCurrentIndex(index)
+                combo.blockSignals(False)
+
+    def figure_selection(self) -> dict[str, int]:
+        """{dim: index} of the slice on screen, for a figure of the same slice (kinds with a figure_slice hook;
+        others are drawn by the figure's own rule, so nothing is chosen for them)."""
+        r = self.result
+        record = kinds.find(r.kind) if r is not None else None
+        if record is None or record.figure_slice is None:
+            return {}
+        return {dim: max(combo.currentIndex(), 0) for dim, combo in self._slice_combos.items()}
 
     def _shown_array(self):
         """(array 1-D or 2-D, its dims) for the result and the position selector."""

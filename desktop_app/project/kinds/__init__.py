@@ -81,6 +81,9 @@ class AnalysisKind:
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
     description: str = ""
+    # (result, selection {dim: index or label}) -> FigureSlice: the 2-D (or 1-D) array, dims and labels a figure
+    # of a result with more dims shows (kinds._figure.leading_slices); None: the figure sums the extra dims
+    figure_slice: Callable[[Any, dict | None], Any] | None = None
 
     def __post_init__(self):
         if not self.kind or not self.kind.replace("_", "").isalnum():
@@ -250,6 +253,8 @@ def field_values(spec: AnalysisSpec) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "name"}
 
 
-__all__ = ["AnalysisKind", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
+from desktop_app.project.kinds._figure import FigureSlice, figure_slice, leading_slices  # noqa: E402
+
+__all__ = ["AnalysisKind", "FigureSlice", "figure_slice", "leading_slices", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
            "extra_export_formats", "field_values", "find", "get", "load", "prompt_pair", "prompt_text",
            "raw_logit_diffs", "register_kind", "scale_of", "value_label", "with_raw_logit_diffs"]
