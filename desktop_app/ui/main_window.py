@@ -204,6 +204,13 @@ class MainWindow(QMainWindow):
     def copy_figure(self) -> bool:
         return self.file_ctl.copy_figure()
 
+    def _model_name_of(self, result) -> str:
+        """"model NAME" of the model `result` was computed with (the title of the result pane names it)."""
+        if not hasattr(self, "file_ctl"):
+            return ""
+        context = self.file_ctl.figure_context(result)
+        return context[0] if context and context[0].startswith("model ") else ""
+
     def _stop_analyses(self):
         self.runner.cancel_slot("analysis")
         self.analysis_ctl.run_queue = []
@@ -312,6 +319,7 @@ class MainWindow(QMainWindow):
         self.message_bar = MessageBar()
         self.result_view = ResultView()
         self.result_view.setObjectName("heatmapView")
+        self.result_view.model_of = self._model_name_of
         self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
         self.predictions_label = QLabel("Click a heatmap cell to see the top next tokens of the clean, corrupted "
                                         "and patched runs.")

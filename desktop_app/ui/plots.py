@@ -10,6 +10,8 @@ the window is already on screen.
 """
 from __future__ import annotations
 
+import html
+
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtGui import QPalette
@@ -61,6 +63,7 @@ class ResultView(QWidget):
         top.addWidget(self.position_combo)
         self._top = top
         self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
+        self.model_of = None  # result -> "model NAME" for the title (the window sets it), or None
 
         self.stale_label = QLabel("")
         self.stale_label.setObjectName("staleLabel")
@@ -326,7 +329,7 @@ class ResultView(QWidget):
         finite = np.where(np.isfinite(values), values, 0.0)
         if n <= 64:
             self._set_mode("bars")
-            self.bars.setOpts(x=xs, height=finite, width=0.8)
+            self.bars.setOpts(x=xs, height=finite, width=0.8, brushes=self._bar_brushes(finite))
         else:
             self._set_mode("line")
             self.line.setData(xs, values, connect="finite")
@@ -366,9 +369,21 @@ class ResultView(QWidget):
         r = self.result
         return kinds.value_label(r)
 
+    def _bar_brushes(self, heights):
+        """Red bars, and blue ones below zero when the kind's scale is diverging (as in the exported figure)."""
+        import pyqtgraph as pg
+
+        if not hasattr(self, "_brush_pos"):
+            self._brush_pos, self._brush_neg = pg.mkBrush(178, 24, 43), pg.mkBrush(33, 102, 172)
+        diverging = self.result is not None and kinds.scale_of(self.result) == "diverging"
+        return [self._brush_neg if diverging and h < 0 else self._brush_pos for h in heights]
+
     def _title(self) -> str:
         r = self.result
         parts = [f"<b>{r.name}</b> — {r.kind.replace('_', ' ')}"]
+        model = self.model_of(r) if self.model_of is not None else ""
+        if model:
+            parts.append(html.escape(model))
         for key in ("component", "direction", "positions"):
             if r.params.get(key):
                 parts.append(f"{key} {r.params[key]}")
