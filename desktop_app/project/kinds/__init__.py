@@ -255,6 +255,7 @@ def field_values(spec: AnalysisSpec) -> dict[str, Any]:
 
 from desktop_app.project.kinds._figure import FigureSlice, figure_slice, leading_slices  # noqa: E402
 
-__all__ = ["AnalysisKind", "FigureSlice", "figure_slice", "leading_slices", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
+__all__ = ["AnalysisKind", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
            "extra_export_formats", "field_values", "find", "get", "load", "prompt_pair", "prompt_text",
            "raw_logit_diffs", "register_kind", "scale_of", "value_label", "with_raw_logit_diffs"]
+__all__ += ["FigureSlice", "figure_slice", "leading_slices"]
