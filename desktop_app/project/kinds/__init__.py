@@ -77,13 +77,13 @@ class AnalysisKind:
     view: str = "heatmap"
     click: str = "describe"
     exports: tuple[ExportFormat, ...] = ()
+    # (result, selection {dim: index or label}) -> FigureSlice: the 2-D (or 1-D) array, dims and labels a figure
+    # of a result with more dims shows (kinds._figure.leading_slices); None: the figure sums the extra dims
+    figure_slice: Callable[[Any, dict | None], Any] | None = None
     short: str = ""  # the name of new analyses of this kind: "<component> <short>"; default: the label
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
     description: str = ""
-    # (result, selection {dim: index or label}) -> FigureSlice: the 2-D (or 1-D) array, dims and labels a figure
-    # of a result with more dims shows (kinds._figure.leading_slices); None: the figure sums the extra dims
-    figure_slice: Callable[[Any, dict | None], Any] | None = None
 
     def __post_init__(self):
         if not self.kind or not self.kind.replace("_", "").isalnum():
