@@ -287,7 +287,11 @@ def cmd_export(argv) -> int:
     p.add_argument("--width", type=_positive_int, default=1200, help="figure width in pixels (default 1200)")
     p.add_argument("--height", type=_positive_int, default=None, help="figure height in pixels (default: fits)")
     p.add_argument("--dpi", type=_positive_float, default=150.0, help="figure resolution (default 150)")
+    p.add_argument("--layer", help="figure of an attention result: the layer to draw (its number in the model; "
+                                   "default: the first, or the last for a rollout)")
+    p.add_argument("--head", help="figure of attention patterns: the head to draw (default: the first)")
     args = p.parse_args(argv)
+    selection = {dim: value for dim, value in (("layer", args.layer), ("head", args.head)) if value is not None}
 
     known = FIGURE_FORMATS + DATA_FORMATS + tuple(extra)
     if args.format is not None and args.format not in known:
@@ -302,6 +306,9 @@ def cmd_export(argv) -> int:
 
     project = load_project(args.project)
     result = _exportable_result(project, args.analysis)
+    if selection and fmt not in FIGURE_FORMATS:
+        raise CliError(f"--{' and --'.join(selection)} choose what a figure shows; {fmt} holds every cell of "
+                       f"the result, so leave them out or export {', '.join(FIGURE_FORMATS)}.")
     if fmt in extra:
         record = kinds.find(result.kind)
         writer = record.export_format(fmt) if record is not None else None
@@ -326,7 +333,8 @@ def cmd_export(argv) -> int:
     figure.ensure_gui_app()
     entry = project.entry(args.analysis)
     context = figure_context(entry.result_model, project.prompts)
-    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi, context=context)
+    figure.render_figure(result, fmt, out, width_px=args.width, height_px=args.height, dpi=args.dpi, context=context,
+                         selection=selection)
     return EXIT_OK
 
 

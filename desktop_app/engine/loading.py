@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 from desktop_app.engine.errors import JobCancelled, ModelLoadError
@@ -77,14 +79,14 @@ def load_model_job(path, dtype: str = "auto", device: str = "auto", trust_remote
         _refuse_if_too_big(count_weights(config), dtype, device, config_dict, plan, folder / gguf_file, True)
 
     yield Progress(10, 100, f"loading weights ({total_bytes / 2**20:.0f} MiB)")
-    progress_events: list[Progress] = []
     quant_kwargs = from_pretrained_kwargs(plan, torch_dtype, torch_device, device_map, after_load=bool(gguf_file))
-    model = _from_pretrained(folder, config, torch_dtype, torch_device, quant_kwargs.pop("device_map", device_map),
-                             trust_remote_code, extra, cancel, progress_events, quant_kwargs)
+    weights_map = quant_kwargs.pop("device_map", device_map)
+    model = yield from _streaming_progress(
+        lambda progress_events: _from_pretrained(folder, config, torch_dtype, torch_device, weights_map,
+                                                 trust_remote_code, extra, cancel, progress_events, quant_kwargs))
     if gguf_file and plan.choice != "none":
         quantize_in_memory(model, plan.choice, torch_dtype)
     prepare_loaded(model)
-    yield from progress_events[-1:]
     yield Progress(90, 100, "loading tokenizer")
     tokenizer = _load_tokenizer(folder, trust_remote_code, extra)
     model.eval()
@@ -269,6 +271,61 @@ def _resolve_dtype(dtype: str, device, config: dict):
 
 
 # ---- the heavy part -----------------------------------------------------------------------------------
+class _Handoff:
+    """The tap's `events`: each Progress goes to the job's consumer as it happens. The queue holds one event, so
+    the loading thread is never more than one event ahead of what the consumer has seen; `stop` ends a put that
+    waits for a consumer who has gone away."""
+
+    def __init__(self, stop: threading.Event):
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = stop
+
+    def append(self, event) -> None:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(event, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+        raise JobCancelled()
+
+
+def _streaming_progress(load):
+    """Run `load(events)` (from_pretrained with its per-tensor tap) in a helper thread and yield the Progress the
+    tap reports while the weights load, instead of after from_pretrained returns. The helper runs in the caller's
+    grad mode (the UI worker loads under inference_mode). Its exception, a cancel included, is raised here; if
+    the consumer stops (generator closed), the helper is stopped at the tap's next report and waited for, so no
+    second thread keeps filling memory."""
+    import torch
+
+    stop = threading.Event()
+    handoff = _Handoff(stop)
+    outcome: dict = {}
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def helper():
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                outcome["value"] = load(handoff)
+        except BaseException as err:  # noqa: BLE001 - handed to the job's thread and raised there
+            outcome["error"] = err
+
+    thread = threading.Thread(target=helper, name="interp-workbench-load-weights", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not handoff.queue.empty():
+            try:
+                yield handoff.queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+    finally:
+        stop.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @contextlib.contextmanager
 def _weights_progress(cancel: CancelToken, events: list):
     """Reports transformers' per-tensor loading loop as Progress and lets a cancel stop it."""

@@ -51,8 +51,11 @@ class AttentionPatternView(QWidget):
         self.plot.getViewBox().invertY(True)
         self.plot.getViewBox().setMouseEnabled(x=False, y=False)
         self.image = pg.ImageItem(axisOrder="row-major")
-        self.image.setLookupTable(lut_for_limits(0.0, 1.0))
         self.plot.addItem(self.image)
+        self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.ColorMap(np.linspace(0.0, 1.0, 256),
+                                                                                lut_for_limits(0.0, 1.0)),
+                                        interactive=False, width=14, label="attention")
+        self.colorbar.setImageItem(self.image, insert_in=self.plot)
         self.plot.setLabel("left", "query")
         self.plot.setLabel("bottom", "key")
         self.plot.scene().sigMouseMoved.connect(self._hovered)
@@ -81,9 +84,13 @@ class AttentionPatternView(QWidget):
         layers = result.labels.get("layer") or [str(i) for i in range(n_layers)]
         heads = result.labels.get("head") or ([str(i) for i in range(n_heads)] if result.values.ndim == 4 else [""])
         if n_layers * n_heads <= MAX_THUMBNAILS:
+            for h in range(n_heads):  # column and row headers: which head, which layer
+                if heads[h]:
+                    self.thumbs.addLabel(f"head {heads[h]}", row=0, col=h + 1, size="8pt")
             for L in range(n_layers):
+                self.thumbs.addLabel(f"layer {layers[L]}", row=L + 1, col=0, angle=-90, size="8pt")
                 for h in range(n_heads):
-                    vb = self.thumbs.addViewBox(row=L, col=h, lockAspect=True, enableMouse=False)
+                    vb = self.thumbs.addViewBox(row=L + 1, col=h + 1, lockAspect=True, enableMouse=False)
                     vb.invertY(True)
                     thumb = _Thumb(self, (L, h))
                     thumb.setImage(np.nan_to_num(grid[L, h]), autoLevels=False, levels=(0.0, 1.0))

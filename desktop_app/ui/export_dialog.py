@@ -1,4 +1,5 @@
-"""File > Export figure: size, resolution, title, font size and colour limits, with a live preview."""
+"""File > Export figure: size, resolution, title, font size and colour limits, with a live preview; for a kind
+that draws one slice of its result (attention: a layer's head, query x key), which slice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,7 @@ def _named(widget, name, tip):
 
 
 class ExportFigureDialog(QDialog):
-    def __init__(self, result, context: list[str], start_path: str, parent=None):
+    def __init__(self, result, context: list[str], start_path: str, parent=None, selection: dict | None = None):
         super().__init__(parent)
         self.setObjectName("exportFigureDialog")
         self.setWindowTitle("Export figure")
@@ -52,6 +53,7 @@ class ExportFigureDialog(QDialog):
         self.preview.setMinimumSize(PREVIEW_W, PREVIEW_H)
         self.error_label = _named(QLabel(""), "figureErrorLabel", "Why the figure cannot be drawn with these settings")
         self.error_label.setWordWrap(True)
+        self.slice_combos = self._slice_combos(selection)
 
         form = QFormLayout()
         size = QHBoxLayout()
@@ -68,6 +70,8 @@ class ExportFigureDialog(QDialog):
         limits.addWidget(self.vmax_edit)
         form.addRow("Colour limits", limits)
         form.addRow("Format", self.format_combo)
+        for dim, combo in self.slice_combos.items():
+            form.addRow(dim.capitalize(), combo)
         buttons = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
         buttons.setObjectName("exportFigureButtons")
         buttons.accepted.connect(self._save_clicked)
@@ -88,8 +92,31 @@ class ExportFigureDialog(QDialog):
             w.valueChanged.connect(self._timer.start)
         for e in (self.title_edit, self.vmin_edit, self.vmax_edit):
             e.textChanged.connect(self._timer.start)
+        for combo in self.slice_combos.values():
+            combo.currentIndexChanged.connect(self._timer.start)
         self.written: str | None = None
         self.update_preview()
+
+    def _slice_combos(self, selection: dict | None) -> dict[str, QComboBox]:
+        """One combo per dim the kind's figure chooses (attention patterns: layer and head), starting at the
+        slice the result pane shows; none for kinds that draw the whole result."""
+        from desktop_app.project import kinds
+        from desktop_app.project.kinds._figure import dim_labels
+
+        try:
+            sliced = kinds.figure_slice(self.result, selection or None)
+        except WorkbenchError:
+            sliced = kinds.figure_slice(self.result, None)
+        combos = {}
+        for dim, index in (sliced.chosen.items() if sliced is not None else ()):
+            combo = _named(QComboBox(), f"{dim}FigureCombo", f"Which {dim} the figure shows")
+            combo.addItems(dim_labels(self.result, dim))
+            combo.setCurrentIndex(index)
+            combos[dim] = combo
+        return combos
+
+    def selection(self) -> dict[str, int]:
+        return {dim: combo.currentIndex() for dim, combo in self.slice_combos.items()}
 
     def _limit(self, edit: QLineEdit, name: str):
         text = edit.text().strip()
@@ -105,7 +132,7 @@ class ExportFigureDialog(QDialog):
         return dict(width_px=self.width_spin.value(), height_px=self.height_spin.value() or None,
                     dpi=float(self.dpi_spin.value()), title=self.title_edit.text(),
                     vmin=self._limit(self.vmin_edit, "lower"), vmax=self._limit(self.vmax_edit, "upper"),
-                    font_scale=self.font_spin.value() / 100.0, context=self.context)
+                    font_scale=self.font_spin.value() / 100.0, context=self.context, selection=self.selection())
 
     def update_preview(self) -> bool:
         from desktop_app.ui.figure import figure_image

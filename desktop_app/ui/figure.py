@@ -343,11 +343,11 @@ class _Figure:
 
 
 def _build(result: AnalysisResult, width_px, height_px, dpi, title, vmin, vmax, font_scale: float = 1.0,
-           context: list[str] | None = None) -> _Figure:
+           context: list[str] | None = None, selection: dict | None = None) -> _Figure:
     ensure_gui_app()
     if width_px < 200:
         raise ValueError(f"a figure must be at least 200 px wide, not {width_px}")
-    data = prepare_data(result)
+    data = prepare_data(result, selection)
     if data.values.size == 0:
         raise WorkbenchError(f"The analysis {result.name!r} has no values to draw; run it before exporting a figure.")
     if not 0.25 <= float(font_scale) <= 4.0:
@@ -407,10 +407,11 @@ def _paint(p: QPainter, fig: _Figure):
 
 def figure_image(result: AnalysisResult, width_px: int = 1200, height_px: int | None = None, dpi: float = 150,
                  title: str | None = None, vmin: float | None = None, vmax: float | None = None,
-                 font_scale: float = 1.0, context: list[str] | None = None) -> QImage:
+                 font_scale: float = 1.0, context: list[str] | None = None, selection: dict | None = None) -> QImage:
     """The figure as an ARGB32 image (for the clipboard, or to save as PNG), with `dpi` stored in it.
-    context: subtitle parts naming what the result was computed from (figure_context: the model, the prompts)."""
-    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context)
+    context: subtitle parts naming what the result was computed from (figure_context: the model, the prompts).
+    selection: {dim: index or label} of a kind with a figure_slice hook (attention: {"layer": "2", "head": 0})."""
+    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context, selection)
     img = QImage(fig.layout.width, fig.layout.height, QImage.Format_ARGB32)
     img.fill(QColor(255, 255, 255))
     dots_per_metre = round(dpi / 0.0254)
@@ -443,7 +444,8 @@ def _write_failed(path: str) -> ProjectFileError:
 
 def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, height_px: int | None = None,
                   dpi: float = 150, title: str | None = None, vmin: float | None = None,
-                  vmax: float | None = None, font_scale: float = 1.0, context: list[str] | None = None) -> str:
+                  vmax: float | None = None, font_scale: float = 1.0, context: list[str] | None = None,
+                  selection: dict | None = None) -> str:
     """Write the figure of `result` as PNG, SVG or PDF to `path`; returns the path written."""
     fmt = fmt.lower()
     if fmt not in FORMATS:
@@ -455,10 +457,11 @@ def render_figure(result: AnalysisResult, fmt: str, path, width_px: int = 1200, 
     buf = QBuffer()
     buf.open(QIODevice.OpenModeFlag.WriteOnly)
     if fmt == "png":
-        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context).save(buf, "PNG"):
+        if not figure_image(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context,
+                            selection).save(buf, "PNG"):
             raise _write_failed(path)
         return _store(buf, path)
-    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context)
+    fig = _build(result, width_px, height_px, dpi, title, vmin, vmax, font_scale, context, selection)
     w, h = fig.layout.width, fig.layout.height
     if fmt == "svg":
         device = QSvgGenerator()

@@ -39,18 +39,28 @@ def _labels_for(result: AnalysisResult, dim: str, n: int) -> list[str]:
     return [_clean_label(x) for x in given]
 
 
-def prepare_data(result: AnalysisResult) -> FigureData:
-    values = np.asarray(result.values, dtype=np.float64)
-    dims = list(result.dims)
-    notes = []
+def prepare_data(result: AnalysisResult, selection: dict | None = None) -> FigureData:
+    """The 1-D or 2-D array a figure draws. A kind with a figure_slice hook (attention: one layer's one head as
+    query x key) shows the slice `selection` names ({dim: index or label}; else the kind's default); other
+    results sum the dims a figure has no room for, and say so."""
+    sliced = kinds.figure_slice(result, selection)
+    if sliced is not None:
+        values, dims, notes = np.asarray(sliced.values, dtype=np.float64), list(sliced.dims), list(sliced.notes)
+        labels = [[_clean_label(x) for x in given] for given in sliced.labels]
+    else:
+        values, dims, notes = np.asarray(result.values, dtype=np.float64), list(result.dims), []
+        labels = None
     if values.ndim == 0:
-        values, dims = values.reshape(1), ["value"]
+        values, dims, labels = values.reshape(1), ["value"], None
     while values.ndim > 2:
         axis = dims.index("position") if "position" in dims[1:] else values.ndim - 1
         n = values.shape[axis]
         values = values.sum(axis=axis)  # NaN propagates: a partly computed sum is not shown as a sum
         notes.append(f"summed over {dims.pop(axis)} ({n})")
-    labels = [_labels_for(result, d, n) for d, n in zip(dims, values.shape)]
+        if labels is not None:
+            labels.pop(axis)
+    if labels is None:
+        labels = [_labels_for(result, d, n) for d, n in zip(dims, values.shape)]
     return FigureData(values, dims, labels, notes)
 
 

@@ -41,11 +41,19 @@ class LensGridView(QWidget):
         self.grid.setMenuEnabled(False)
         self.grid.hideButtons()
         self.grid.getViewBox().setMouseEnabled(x=False, y=False)
+        self.grid.getViewBox().invertY(True)  # layer 0 at the top, as in the result pane and the figures
         self.image = pg.ImageItem(axisOrder="row-major")
         self.grid.addItem(self.image)
+        self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.ColorMap(np.linspace(0.0, 1.0, 256),
+                                                                                lut_for_limits(0.0, 1.0)),
+                                        interactive=False, width=14, label="target probability")
+        self.colorbar.setImageItem(self.image, insert_in=self.grid)
         self.rank_plot = self.graphics.addPlot(row=1, col=0)
+        self.rank_plot.setMenuEnabled(False)
+        self.rank_plot.hideButtons()
         self.rank_plot.setLabel("bottom", "layer")
-        self.rank_plot.setLabel("left", "1 + rank of the target (1 = top)")
+        self.rank_plot.setLabel("left", "target rank")
+        self.rank_plot.getAxis("left").setToolTip("Rank of the target token at each layer (1 = top), log scale")
         self.rank_plot.setLogMode(y=True)
         self.rank_line = self.rank_plot.plot([], [], symbol="o", symbolSize=5)
         self.graphics.ci.layout.setRowStretchFactor(0, 3)
@@ -125,4 +133,13 @@ class LensGridView(QWidget):
         if ranks is None or pos < 0:
             self.rank_line.setData([], [])
             return
-        self.rank_line.setData(np.arange(ranks.shape[0]), ranks[:, pos].astype(np.float64) + 1.0)
+        ranks_1 = ranks[:, pos].astype(np.float64) + 1.0  # 1 = the top token
+        n_layers = ranks.shape[0]
+        self.rank_line.setData(np.arange(n_layers), ranks_1)
+        layers = r.labels.get("layer") or [str(i) for i in range(n_layers)]
+        self.rank_plot.getAxis("bottom").setTicks([[(i, str(L)) for i, L in enumerate(layers)]])
+        # log axis in decades: ticks 1, 10, 100 ... up to the worst rank, never crowded when the rank is flat
+        decades = max(1, int(np.ceil(np.log10(max(float(np.nanmax(ranks_1)), 1.0) + 1e-9))))
+        self.rank_plot.getAxis("left").setTicks([[(d, f"{10 ** d:g}") for d in range(decades + 1)], []])
+        self.rank_plot.setYRange(-0.1, decades + 0.1, padding=0)
+        self.rank_plot.setXRange(-0.3, n_layers - 0.7, padding=0)

@@ -20,7 +20,7 @@ from desktop_app.project.specs import ModelRef
 from desktop_app.ui import kind_views, worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
 from desktop_app.ui.analysis_list import AnalysisListPanel
-from desktop_app.ui.file_ops import FileOpsMixin
+from desktop_app.ui.file_ops import FileController
 from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
@@ -50,7 +50,7 @@ class _WindowShortcuts(QObject):
         return False
 
 
-class MainWindow(FileOpsMixin, QMainWindow):
+class MainWindow(QMainWindow):
     analysis_ended = Signal(str)  # "done", "cancelled" or "failed", after the result is shown
 
     def __init__(self, settings: QSettings | None = None):
@@ -83,11 +83,14 @@ class MainWindow(FileOpsMixin, QMainWindow):
             self.analysis_ended.emit, lambda result, record: kind_views.show_detail(self, result, record))
         self.layer_panel.patch_here.connect(self.analysis_ctl.patch_here)
         self.layer_panel.tree.itemDoubleClicked.connect(self.analysis_ctl.open_tree_item)
-        self._init_file_ops()
+        self.file_ctl = FileController(
+            self.session, self, messages, lambda text, ms: self.statusBar().showMessage(text, ms), self.model_ctl,
+            self._stop_analyses, self._show_project, self._update_title, self.current_result,
+            lambda: self.confirm_dialogs, self.result_view.figure_selection)
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
-            self.analysis_panel, messages, self.job_label, self.run_analysis, self._start_dir, self)
+            self.analysis_panel, messages, self.job_label, self.run_analysis, self.file_ctl.start_dir, self)
         self._restore_layout()
         self._update_title()
 
@@ -118,6 +121,110 @@ class MainWindow(FileOpsMixin, QMainWindow):
 
     def _sync_prompts_to_edits(self):
         self.prompt_ctl.sync_to_edits()
+
+    # ---- the File menu's controller
+    def set_project(self, project):
+        self.file_ctl.set_project(project)
+
+    def new_project(self):
+        self.file_ctl.new_project()
+
+    def open_project_dialog(self):
+        self.file_ctl.open_project_dialog()
+
+    def open_project(self, path, confirmed: bool = False) -> bool:
+        return self.file_ctl.open_project(path, confirmed)
+
+    def _after_open(self):
+        self.file_ctl.after_open()
+
+    def save(self) -> bool:
+        return self.file_ctl.save()
+
+    def save_as(self) -> bool:
+        return self.file_ctl.save_as()
+
+    def save_to(self, path) -> bool:
+        return self.file_ctl.save_to(path)
+
+    def confirm_discard(self, what: str) -> bool:
+        return self.file_ctl.confirm_discard(what)
+
+    def _start_dir(self) -> str:
+        return self.file_ctl.start_dir()
+
+    def _fill_recent_menu(self):
+        self.file_ctl.fill_recent_menu(self.recent_menu)
+
+    @property
+    def recent(self):
+        return self.file_ctl.recent
+
+    @property
+    def autosave_timer(self):
+        return self.file_ctl.autosave_timer
+
+    def autosave_now(self):
+        self.file_ctl.autosave_now()
+
+    def discard_autosave(self):
+        self.file_ctl.discard_autosave()
+
+    def offer_recovery(self):
+        self.file_ctl.offer_recovery()
+
+    def restore_recovery(self, rec):
+        self.file_ctl.restore_recovery(rec)
+
+    def figure_context(self, result) -> list[str]:
+        return self.file_ctl.figure_context(result)
+
+    @property
+    def export_dialog(self):
+        return self.file_ctl.export_dialog
+
+    def export_figure_dialog(self):
+        return self.file_ctl.export_figure_dialog()
+
+    def export_figure(self, path, fmt: str | None = None) -> bool:
+        return self.file_ctl.export_figure(path, fmt)
+
+    def export_data_dialog(self):
+        self.file_ctl.export_data_dialog()
+
+    def export_data(self, path) -> bool:
+        return self.file_ctl.export_data(path)
+
+    def export_experiment_dialog(self):
+        self.file_ctl.export_experiment_dialog()
+
+    def export_experiment(self, path) -> bool:
+        return self.file_ctl.export_experiment(path)
+
+    def copy_figure(self) -> bool:
+        return self.file_ctl.copy_figure()
+
+    def _model_name_of(self, result) -> str:
+        """"model NAME" of the model `result` was computed with (the title of the result pane names it)."""
+        if not hasattr(self, "file_ctl"):
+            return ""
+        context = self.file_ctl.figure_context(result)
+        return context[0] if context and context[0].startswith("model ") else ""
+
+    def _stop_analyses(self):
+        self.runner.cancel_slot("analysis")
+        self.analysis_ctl.run_queue = []
+
+    def _show_project(self, project):
+        """The panes take a new document (FileController.set_project; it then selects an analysis)."""
+        self.undo_stack.subscribe(self._undo_changed)
+        self._undo_changed(self.undo_stack)
+        self.act_shared_scale.setChecked(bool(project.view("shared_colour_scale", False)))
+        self._sync_prompts_to_edits()
+        if project.analyses:
+            self.analysis_panel.show_spec(project.analyses[0].spec)
+        self.result_view.set_result(None)
+        self.token_timer.start()
 
     # ---- the analysis controller
     def run_analysis(self):
@@ -212,6 +319,7 @@ class MainWindow(FileOpsMixin, QMainWindow):
         self.message_bar = MessageBar()
         self.result_view = ResultView()
         self.result_view.setObjectName("heatmapView")
+        self.result_view.model_of = self._model_name_of
         self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
         self.predictions_label = QLabel("Click a heatmap cell to see the top next tokens of the clean, corrupted "
                                         "and patched runs.")
@@ -457,12 +565,3 @@ class MainWindow(FileOpsMixin, QMainWindow):
             return self.save()
         return True
 
-    def confirm_discard(self, what: str) -> bool:
-        """True if the project may be replaced or closed (saved, not dirty, or the user agrees)."""
-        if not self.project.dirty or not self.confirm_dialogs:
-            return True
-        answer = QMessageBox.question(self, "Unsaved changes", f"Save the changes to this project before you {what}?",
-                                      QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
-        if answer == QMessageBox.Save:
-            return self.save()
-        return answer == QMessageBox.Discard

@@ -10,11 +10,14 @@ the window is already on screen.
 """
 from __future__ import annotations
 
+import html
+
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
+from desktop_app.engine.errors import WorkbenchError
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
 from desktop_app.ui.colormaps import diverging_lut, lut_for_limits
@@ -60,6 +63,7 @@ class ResultView(QWidget):
         top.addWidget(self.position_combo)
         self._top = top
         self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
+        self.model_of = None  # result -> "model NAME" for the title (the window sets it), or None
 
         self.stale_label = QLabel("")
         self.stale_label.setObjectName("staleLabel")
@@ -211,6 +215,31 @@ class ResultView(QWidget):
             combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
             self._top.insertWidget(self._top.count() - 1, combo)
             self._slice_combos[dim] = combo
+        self._start_at_kind_default()
+
+    def _start_at_kind_default(self):
+        """The selectors start where the kind's figure does (attention rollout: the last layer)."""
+        if not self._slice_combos:
+            return
+        try:
+            sliced = kinds.figure_slice(self.result, None)
+        except WorkbenchError:  # e.g. a dim of length 0: the selectors stay at index 0
+            sliced = None
+        for dim, index in (sliced.chosen.items() if sliced is not None else ()):
+            combo = self._slice_combos.get(dim)
+            if combo is not None and 0 <= index < combo.count():
+                combo.blockSignals(True)
+                combo.setCurrentIndex(index)
+                combo.blockSignals(False)
+
+    def figure_selection(self) -> dict[str, int]:
+        """{dim: index} of the slice on screen, for a figure of the same slice (kinds with a figure_slice hook;
+        others are drawn by the figure's own rule, so nothing is chosen for them)."""
+        r = self.result
+        record = kinds.find(r.kind) if r is not None else None
+        if record is None or record.figure_slice is None:
+            return {}
+        return {dim: max(combo.currentIndex(), 0) for dim, combo in self._slice_combos.items()}
 
     def _shown_array(self):
         """(array 1-D or 2-D, its dims) for the result and the position selector."""
@@ -300,7 +329,7 @@ class ResultView(QWidget):
         finite = np.where(np.isfinite(values), values, 0.0)
         if n <= 64:
             self._set_mode("bars")
-            self.bars.setOpts(x=xs, height=finite, width=0.8)
+            self.bars.setOpts(x=xs, height=finite, width=0.8, brushes=self._bar_brushes(finite))
         else:
             self._set_mode("line")
             self.line.setData(xs, values, connect="finite")
@@ -340,9 +369,21 @@ class ResultView(QWidget):
         r = self.result
         return kinds.value_label(r)
 
+    def _bar_brushes(self, heights):
+        """Red bars, and blue ones below zero when the kind's scale is diverging (as in the exported figure)."""
+        import pyqtgraph as pg
+
+        if not hasattr(self, "_brush_pos"):
+            self._brush_pos, self._brush_neg = pg.mkBrush(178, 24, 43), pg.mkBrush(33, 102, 172)
+        diverging = self.result is not None and kinds.scale_of(self.result) == "diverging"
+        return [self._brush_neg if diverging and h < 0 else self._brush_pos for h in heights]
+
     def _title(self) -> str:
         r = self.result
         parts = [f"<b>{r.name}</b> — {r.kind.replace('_', ' ')}"]
+        model = self.model_of(r) if self.model_of is not None else ""
+        if model:
+            parts.append(html.escape(model))
         for key in ("component", "direction", "positions"):
             if r.params.get(key):
                 parts.append(f"{key} {r.params[key]}")

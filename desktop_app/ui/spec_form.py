@@ -65,7 +65,7 @@ class FieldWidget:
         else:  # text, optional_text, path, hook, layers
             w = QLineEdit()
             if kind == "layers":
-                w.setPlaceholderText("all layers (or e.g. 0, 2, 5)")
+                w.setPlaceholderText(f"all {f.name.replace('_', ' ')} (or e.g. 0, 2, 5)")
             elif kind in ("optional_text", "hook"):
                 w.setPlaceholderText("(none)")
         w.setObjectName(camel(f.name) + _SUFFIX.get(kind, "Edit"))

@@ -29,7 +29,13 @@ def strip_html(result) -> str:
     for (r, g, b), label, v in zip(rgb, labels, values):
         text = html.escape(_token(label))
         cells.append(f'<span style="background-color:rgb({r},{g},{b}); color:black">&nbsp;{text}&nbsp;</span>')
-    return (f"<b>{html.escape(result.name)}</b> ({html.escape(method)}):<br>"
+    from desktop_app.project import kinds
+
+    value = html.escape(kinds.value_label(result))
+    scale = (f' <span style="color:#555">— colour: {value}, <span style="background-color:rgb(33,102,172); '
+             f'color:white">&nbsp;−{m:.3g}&nbsp;</span> 0 <span style="background-color:rgb(178,24,43); '
+             f'color:white">&nbsp;+{m:.3g}&nbsp;</span></span>')
+    return (f"<b>{html.escape(result.name)}</b> ({html.escape(method)}){scale}<br>"
             f'<span style="font-size:13pt">' + "&#8202;".join(cells) + "</span>")
 
 
@@ -52,7 +58,7 @@ class TokenStripView(QWidget):
         self.graphics.setBackground(None)
         self.curve_plot = self.graphics.addPlot()
         self.curve_plot.setLabel("bottom", "tokens removed (most attributed first)")
-        self.curve_plot.setLabel("left", "target")
+        self.curve_plot.setLabel("left", "target (logit, probability or logit diff)")
         self.curve_plot.addLegend(offset=(-10, 10))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
@@ -75,6 +81,8 @@ class TokenStripView(QWidget):
             notes.append(f"completeness gap (sum of attributions minus the target's change): {float(delta[0]):.3g}")
         self.note.setText(" · ".join(notes))
         self.curve_plot.clear()
+        target = str((result.params or {}).get("target", "") or "target").replace("_", " ")
+        self.curve_plot.setLabel("left", target)
         for i, r in enumerate(self.shown):
             curve = r.extras.get("deletion_curve")
             if curve is not None:

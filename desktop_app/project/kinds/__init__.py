@@ -77,6 +77,9 @@ class AnalysisKind:
     view: str = "heatmap"
     click: str = "describe"
     exports: tuple[ExportFormat, ...] = ()
+    # (result, selection {dim: index or label}) -> FigureSlice: the 2-D (or 1-D) array, dims and labels a figure
+    # of a result with more dims shows (kinds._figure.leading_slices); None: the figure sums the extra dims
+    figure_slice: Callable[[Any, dict | None], Any] | None = None
     short: str = ""  # the name of new analyses of this kind: "<component> <short>"; default: the label
     name_for: Callable[[dict], str] | None = None  # field values -> the name of a new analysis (instead of short)
     skeleton: Callable[..., Any] | None = None  # (lm, prompts, spec) -> empty result to stream cells into
@@ -253,6 +256,9 @@ def field_values(spec: AnalysisSpec) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "name"}
 
 
+from desktop_app.project.kinds._figure import FigureSlice, figure_slice, leading_slices  # noqa: E402
+
 __all__ = ["AnalysisKind", "CLICK_TYPES", "ExportFormat", "SCALES", "VIEW_TYPES", "all_kinds",
            "extra_export_formats", "field_values", "find", "get", "load", "prompt_pair", "prompt_text",
            "raw_logit_diffs", "register_kind", "scale_of", "value_label", "with_raw_logit_diffs"]
+__all__ += ["FigureSlice", "figure_slice", "leading_slices"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from desktop_app.project.kinds import AnalysisKind, register_kind
+from desktop_app.project.kinds import AnalysisKind, leading_slices, register_kind
 from desktop_app.project.kinds._reading import prompt_field, tokens_of, with_spec_params
 from desktop_app.project.specs import AnalysisSpec, param
 
@@ -44,11 +44,11 @@ def _rollout_job(lm, prompts, spec, cancel, batch_size):
 register_kind(AnalysisKind(
     kind="attention_patterns", label="Attention patterns", short="attention", spec=AttentionPatternsSpec,
     job=_patterns_job, dims="[layer, head, query, key]", value_name="attention", scale="sequential",
-    view="attention_pattern", click="describe",
+    view="attention_pattern", click="describe", figure_slice=leading_slices(),
     description="Where every head attends, query x key, from one forward pass."))
 
 register_kind(AnalysisKind(
     kind="attention_rollout", label="Attention rollout", short="rollout", spec=AttentionRolloutSpec,
     job=_rollout_job, dims="[layer, query, key]", value_name="attention through the layers", scale="sequential",
-    view="attention_pattern", click="describe",
+    view="attention_pattern", click="describe", figure_slice=leading_slices(defaults={"layer": -1}),
     description="How much each position draws on each input token through all layers so far."))
