@@ -39,3 +39,39 @@ def test_token_attribution_target_expression_round_trips_and_runs(gpt2_dir, tmp_
     assert ratio.status == "complete", ratio.message
     assert ratio.params["target"] == "prob(answer) / prob(wrong)" and np.isfinite(ratio.values).all()
     np.testing.assert_array_equal(ld.values, ld2.values)
+
+
+IOI = [dict(clean="When Mary and John went to the store, John gave a drink to",
+            corrupted="When Mary and John went to the store, Mary gave a drink to", answer=" Mary",
+            wrong_answer=" John"),
+       dict(clean="When Alice and Bob went to the park, Bob gave a book to",
+            corrupted="When Alice and Bob went to the park, Alice gave a book to", answer=" Alice",
+            wrong_answer=" Bob")]
+
+
+def test_reading_kinds_run_over_a_dataset_through_the_registry(gpt2_dir, tmp_path):
+    from desktop_app.project import kinds
+    from desktop_app.project.iwb import load_project, save_project
+
+    from iwb_testkit import assert_projects_equal
+
+    analyses = [{"name": "dla", "kind": "direct_logit_attribution"},
+                {"name": "lens", "kind": "logit_lens", "k": 2},
+                {"name": "ta", "kind": "token_attribution", "method": "grad_x_input",
+                 "target": {"expression": "logprob(answer) - logprob(wrong)"}}]
+    exp = parse_experiment(experiment(gpt2_dir, IOI, analyses), tmp_path)
+    assert all(kinds.get(a.kind).dataset_job is not None for a in exp.analyses)
+    project = run_experiment(exp)
+    for entry in project.analyses:
+        r = entry.result
+        assert r.status == "complete", (r.name, r.message)
+        per_pair = r.extras["values_per_pair"]
+        assert per_pair.shape == (2,) + r.values.shape and r.params["pairs"] == 2
+        np.testing.assert_allclose(np.nanmean(per_pair, 0), r.values, atol=1e-5)
+    dla = project.analyses[0].result
+    assert dla.extras["embed_per_pair"].shape == (2, 1)
+    saved = save_project(project, tmp_path / "p.iwb")
+    assert_projects_equal(project, load_project(saved))
+    bad = parse_experiment(experiment(gpt2_dir, IOI, [{**analyses[0], "prompt": "Mary went to"}]), tmp_path)
+    r = run_experiment(bad).analyses[0].result
+    assert r.status == "failed" and "clean or corrupted" in r.message

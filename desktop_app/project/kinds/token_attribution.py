@@ -56,12 +56,23 @@ def _job(lm, prompts, spec, cancel, batch_size):
         cancel=cancel), spec)
 
 
+def _dataset_job(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.dataset_reading import dataset_token_attribution_job
+    from desktop_app.project.dataset_jobs import _data
+
+    return with_spec_params(dataset_token_attribution_job(
+        lm, _data(lm, prompts, need_wrong=spec.needs_wrong()), spec.method, spec.target, spec.prompt, spec.name,
+        batch_size=batch_size, cancel=cancel, baseline=spec.baseline, steps=spec.steps,
+        integration=spec.integration, samples=spec.samples, window=spec.window, seed=spec.seed), spec)
+
+
 def _name(values: dict) -> str:
     return str(values.get("method") or "token attribution").replace("_", " ")
 
 
 register_kind(AnalysisKind(
     kind="token_attribution", label="Token attribution", name_for=_name, spec=TokenAttributionSpec, job=_job,
+    dataset_job=_dataset_job,
     dims="[position]", value_name=lambda p: f"attribution to {p.get('target', 'logit_diff')}", scale="diverging",
     view="token_strip", click="describe",
     description="Attribute the last position's target to the input tokens (gradients, occlusion, SHAP, LIME), "
