@@ -70,3 +70,54 @@ def test_expression_target_refusals(lm_gpt2):
     res = drive(token_attribution_job(lm_gpt2, tokens, a, None, method="saliency",
                                       target={"expression": "2 * logprob(answer)"}))
     assert np.isfinite(res.values).all()
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
+def test_tcav_expression_directional_derivative_equals_finite_differences(lm_llama, kind):
+    from desktop_app.engine.activations_dataset import tokenize_texts
+    from desktop_app.engine.capture import forward_logits, hooks
+    from desktop_app.engine.tcav import expression_target, target_gradients
+
+    lm = lm_llama
+    docs = tokenize_texts(lm, ["Mary went to the park", "John and Alice went to the school"])
+    a, w = lm.single_token_id(" Mary"), lm.single_token_id(" John")
+    text = "prob(answer) / (prob(answer) + prob(wrong)) + 0.5 * logit(' the')"
+    grads = drive(target_gradients(lm, docs, kind, expression_target(lm, {"expression": text}, " Mary", " John"),
+                                   batch_size=2))
+    the = lm.single_token_id(" the")
+
+    def expr(logits):  # the same expression written out by hand, in float64
+        p = torch.softmax(logits.double(), -1)
+        return float(p[a] / (p[a] + p[w]) + 0.5 * logits[the].double())
+
+    u = torch.randn(lm.info.d_model, generator=torch.Generator().manual_seed(1))
+    u = u / u.norm()
+    eps = 1e-2  # float32: curvature error ~eps^2, rounding ~1e-7 / eps
+    for layer in range(lm.info.n_layers):
+        for row, ids in enumerate(docs):
+            def at(sign):
+                def add(act):
+                    act = act.clone()
+                    act[:, -1] += sign * eps * u
+                    return act
+                with torch.no_grad(), hooks(lm, write={f"blocks.{layer}.hook_{kind}": add}):
+                    return expr(forward_logits(lm, torch.tensor([ids]))[0, -1])
+            fd = (at(1) - at(-1)) / (2 * eps)
+            assert float(grads[layer, row] @ u.numpy()) == pytest.approx(fd, rel=1e-3, abs=1e-4)
+
+
+def test_tcav_job_with_an_expression_target(lm_llama):
+    from desktop_app.engine.tcav import tcav_job, target_gradients
+
+    from planted import random_texts
+
+    lm = lm_llama
+    corpus = random_texts(lm, 60, 0)
+    concept, rest, inputs = corpus[:8], corpus[8:50], corpus[50:]
+    kw = dict(runs=2, seed=0, batch_size=8)
+    written = drive(tcav_job(lm, concept, rest, inputs, {"expression": "logit(answer)"}, answer=" Mary", **kw))
+    plain = drive(tcav_job(lm, concept, rest, inputs, " Mary", **kw))
+    np.testing.assert_array_equal(written.extras["concept_scores"], plain.extras["concept_scores"])
+    assert written.params["target"] == "logit(answer)" and int(written.extras["target_id"]) == -1
+    with pytest.raises(SpecError, match="uses wrong"):
+        drive(tcav_job(lm, concept, rest, inputs, "logit(answer) - logit(wrong)", answer=" Mary", **kw))

@@ -75,3 +75,23 @@ def test_reading_kinds_run_over_a_dataset_through_the_registry(gpt2_dir, tmp_pat
     bad = parse_experiment(experiment(gpt2_dir, IOI, [{**analyses[0], "prompt": "Mary went to"}]), tmp_path)
     r = run_experiment(bad).analyses[0].result
     assert r.status == "failed" and "clean or corrupted" in r.message
+
+
+def test_tcav_target_expression_round_trips_and_runs(gpt2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    names = ["Mary", "John", "Alice", "Bob", "Sarah", "James"]
+    places = ["park", "store", "school", "beach"]
+    base = {"name": "t", "kind": "tcav", "concept": [f"{n} gave a book to Mary" for n in names],
+            "random": [f"{n} went to the {p}" for n in names for p in places], "runs": 2}
+    spec = analysis_from_dict({**base, "target": {"expression": "logprob(answer) - logprob(wrong)"}})
+    assert spec.target == "logprob(answer) - logprob(wrong)"
+    assert spec.to_dict()["target"] == {"expression": "logprob(answer) - logprob(wrong)"}
+    assert analysis_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    literal = analysis_from_dict({**base, "target": " Mary"})  # a token stays a token
+    assert literal.to_dict()["target"] == " Mary"
+    with pytest.raises(SpecError, match="column"):
+        analysis_from_dict({**base, "target": {"expression": "logit(answer"}})
+    project = run_experiment(parse_experiment(experiment(gpt2_dir, PROMPTS, [spec.to_dict()]), tmp_path))
+    r = project.analyses[0].result
+    assert r.status == "complete", r.message
+    assert r.params["target"] == "logprob(answer) - logprob(wrong)" and r.values.shape == (2,)
