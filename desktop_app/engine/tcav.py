@@ -3,8 +3,9 @@
 For each layer L and run i, a linear classifier separates the concept's activations from those of a random
 set R_i (last token, `hook` of layer L); its unit normal, pointing toward the concept, is the CAV. The TCAV
 score of a target token over the input texts is the fraction of inputs whose directional derivative
-    S = d logit(target at the last position) / d act_L(last position) . CAV
-is positive. As in the paper, the concept is compared against `runs` random sets drawn (with `seed`) from a
+    S = d target(last position) / d act_L(last position) . CAV
+is positive; the target is the logit of a token or a metric expression of the last position's logits (contract
+6.2, e.g. "logprob(answer) - logprob(wrong)"). As in the paper, the concept is compared against `runs` random sets drawn (with `seed`) from a
 corpus, and the same is done for a random "concept" R_0 against the same sets; a two-sided Student t-test of
 the two score samples gives each layer's p-value (Bonferroni over layers optional).
 
@@ -39,10 +40,12 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True)
 
 
-def target_gradients(lm, docs: list[list[int]], kind: str, target_id: int, batch_size: int = 16,
+def target_gradients(lm, docs: list[list[int]], kind: str, target_id, batch_size: int = 16,
                      cancel: CancelToken | None = None):
-    """Job: float32 numpy [layer, input, width], the gradient of logit(target_id) at each input's last position
-    with respect to `kind` of every layer at that position (one forward and one backward pass per batch)."""
+    """Job: float32 numpy [layer, input, width], the gradient of the target at each input's last position
+    with respect to `kind` of every layer at that position (one forward and one backward pass per batch). The
+    target is logit(target_id), or a function of the last-position logits [rows, vocab] -> [rows] (a metric
+    expression, see `expression_target`)."""
     cancel = cancel or CancelToken()
     require_for_hook(lm, hook_name(0, kind), f"gradients at {kind}", restarts=False)
     names = [hook_name(layer, kind) for layer in range(lm.info.n_layers)]
@@ -61,12 +64,43 @@ def target_gradients(lm, docs: list[list[int]], kind: str, target_id: int, batch
                 logits = forward_logits(lm, ids)
                 last = (lengths - 1).to(logits.device)
                 arange = torch.arange(len(rows), device=logits.device)
-                value = logits[arange, last, int(target_id)].float().sum()
+                last_logits = logits[arange, last]
+                value = (target_id(last_logits) if callable(target_id) else
+                         last_logits[:, int(target_id)].float()).sum()
                 grads = torch.autograd.grad(value, [store[n] for n in names], allow_unused=True)
             for layer, g in enumerate(grads):
                 if g is not None:
                     out[layer, rows] = g[arange, last].detach().float().cpu().numpy()
     return out
+
+
+def expression_target(lm, expression, answer: str | None = None, wrong: str | None = None):
+    """The metric expression (contract 6.2) as a differentiable function of last-position logits [rows, vocab];
+    `answer` / `wrong` in it stand for these single tokens."""
+    from desktop_app.engine.metric_expr import MetricExpression, TokenSets, parse_metric
+
+    expr = parse_metric(expression)
+    if not isinstance(expr, MetricExpression):
+        raise SpecError(f"the TCAV target {expression!r} is not a metric expression.")
+    bound = expr.bind(lm.single_token_id)
+    ids = {}
+    for which, text in (("answer", answer), ("wrong", wrong)):
+        if expr.uses(which):
+            if not text:
+                raise SpecError(f"the TCAV target \"{expr.text}\" uses {which}, but the prompts have no "
+                                f"{'answer' if which == 'answer' else 'wrong answer'}; type one.")
+            ids[which] = lm.single_token_id(text, which)
+
+    def target(last_logits: torch.Tensor) -> torch.Tensor:
+        rows = last_logits.shape[0]
+        sets = {w: TokenSets.of([i] * rows) for w, i in ids.items()}
+        values, zero = bound(last_logits, sets.get("answer"), sets.get("wrong"))
+        if bool(zero.any()):
+            raise SpecError(f"the TCAV target \"{expr.text}\" divides by zero for {int(zero.sum())} inputs; "
+                            "change the expression.")
+        return values
+    target.text = expr.text
+    return target
 
 
 def draw_random_sets(n_corpus: int, size: int, n_sets: int, seed: int) -> list[np.ndarray]:
@@ -89,6 +123,18 @@ def cav(concept_acts: np.ndarray, random_acts: np.ndarray, l2: float) -> np.ndar
     return model.direction()
 
 
+def is_expression(target) -> bool:
+    """A TCAV target is a metric expression when given as one, or as a text that calls logit / logprob / prob;
+    any other text is a literal token."""
+    import re
+
+    from desktop_app.engine.metric_expr import MetricExpression
+
+    if isinstance(target, (dict, MetricExpression)):
+        return True
+    return isinstance(target, str) and bool(re.search(r"\b(logit|logprob|prob)\s*\(", target))
+
+
 def tcav_scores(grads: np.ndarray, direction: np.ndarray) -> float:
     """Fraction of inputs (rows of grads [input, width]) with a positive directional derivative."""
     return float(np.mean(grads @ direction > 0))
@@ -97,15 +143,22 @@ def tcav_scores(grads: np.ndarray, direction: np.ndarray) -> float:
 def tcav_job(lm, concept, random, inputs, target: str, hook: str = "resid_post", runs: int = 10,
              random_size: int | None = None, seed: int = 0, alpha: float = 0.05, bonferroni: bool = False,
              l2: float = 1e-2, batch_size: int = 16, cache_dir=None, cancel: CancelToken | None = None,
-             name: str = "tcav", prepend_bos: bool | None = None):
-    """Job: the `tcav` analysis. concept / random / inputs: text lists or files; target: one token."""
+             name: str = "tcav", prepend_bos: bool | None = None, answer: str | None = None,
+             wrong: str | None = None):
+    """Job: the `tcav` analysis. concept / random / inputs: text lists or files; target: one token, or a metric
+    expression ({"expression": ...}, a MetricExpression, or a text calling logit / logprob / prob) whose
+    `answer` / `wrong` are the given tokens."""
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
     kind = check_layer_kind(lm, hook)
     concept_texts = read_texts(concept, "concept texts")
     corpus = read_texts(random, "random corpus")
     input_texts = read_texts(inputs, "input texts")
-    target_id = lm.single_token_id(target, "target")
+    if is_expression(target):
+        target_fn = expression_target(lm, target, answer, wrong)
+        target, target_id = target_fn.text, -1
+    else:
+        target_fn = target_id = lm.single_token_id(target, "target")
     runs = int(runs)
     if runs < 2:
         raise SpecError(f"runs must be at least 2 for the t-test, not {runs}.")
@@ -122,7 +175,7 @@ def tcav_job(lm, concept, random, inputs, target: str, hook: str = "resid_post",
     random_acts = yield from collect_pooled(lm, [corpus[i] for i in used], kind, "last", batch_size, cache_dir,
                                             cancel, prepend_bos, what="random text")
     docs = tokenize_texts(lm, input_texts, prepend_bos, what="input text")
-    grads = yield from target_gradients(lm, docs, kind, target_id, batch_size, cancel)
+    grads = yield from target_gradients(lm, docs, kind, target_fn, batch_size, cancel)
 
     n_layers = concept_acts.shape[0]
     concept_scores = np.zeros((runs, n_layers), dtype=np.float32)

@@ -4,7 +4,9 @@ Every method works on the token embeddings (the output of the embedding module, 
 embeddings are added after it and kept). "Removing" a token means replacing its embedding by the baseline's:
 the embedding of the pad token (or, when the tokenizer has none, of its unk / eos / bos token, named in the
 result's message), the zero vector, or the embedding of a literal single token. The target is read at the
-last position: logit_diff = logit(answer) - logit(wrong), answer_logit, or answer_prob.
+last position: logit_diff = logit(answer) - logit(wrong), answer_logit, answer_prob, or a metric expression
+(contract 6.2, e.g. {"expression": "prob(answer) / prob(wrong)"}), evaluated on the logits with torch so that it
+is differentiated like the built-ins.
 
 - saliency: the L2 norm over d_model of the target's gradient at each token's embedding.
 - grad_x_input: gradient . embedding.
@@ -36,6 +38,7 @@ from desktop_app.engine.errors import JobCancelled, SpecError
 from desktop_app.engine.hooknames import EMBED
 from desktop_app.engine.jobs import CancelToken, Partial, Progress
 from desktop_app.engine.memory import rows_per_batch
+from desktop_app.engine.metric_expr import BoundMetric, MetricExpression, TokenSets, parse_metric
 from desktop_app.engine.model import TokenInfo
 from desktop_app.engine.results import AnalysisResult, empty_values
 
@@ -45,6 +48,28 @@ INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middl
 MAX_EXACT_SHAP = 12
 LIME_KERNEL_WIDTH = 25.0
 LIME_RIDGE_ALPHA = 1.0
+
+
+def target_metric(lm, target):
+    """None for a built-in target name; else the target as a metric expression (contract 6.2: a text, a
+    {"expression": ...} object or a MetricExpression) bound to the model's vocabulary."""
+    if isinstance(target, str) and target in TARGETS:
+        return None
+    if isinstance(target, BoundMetric):
+        return target
+    expr = parse_metric(target)
+    if not isinstance(expr, MetricExpression):
+        raise SpecError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or write "
+                        "{\"expression\": \"logit(answer) - logit(wrong)\"}.")
+    return expr.bind(lm.single_token_id)
+
+
+def target_label(target) -> str:
+    """The target as a result's params record it: the built-in name or the expression's text."""
+    if isinstance(target, BoundMetric):
+        return target.expr.text
+    expr = parse_metric(target) if not (isinstance(target, str) and target in TARGETS) else target
+    return expr.text if isinstance(expr, MetricExpression) else str(expr)
 
 
 def integration_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,14 +99,18 @@ class EmbeddingTarget:
 
     def __init__(self, lm, ids: list[int], target: str, answer_id: int, wrong_id: int | None,
                  cancel: CancelToken, batch_size: int | None = None):
-        if target not in TARGETS:
-            raise SpecError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}.")
-        if answer_id is None:
+        self.bound = target_metric(lm, target)
+        if self.bound is not None:  # an expression: answer / wrong as TokenSets (one row), None where not given
+            answer_id = None if answer_id is None else TokenSets.of([answer_id])
+            wrong_id = None if wrong_id is None else TokenSets.of([wrong_id])
+        elif answer_id is None:
             raise SpecError("token attribution needs an answer token; type one.")
-        if target == "logit_diff" and (wrong_id is None or wrong_id == answer_id):
+        elif target == "logit_diff" and (wrong_id is None or wrong_id == answer_id):
             raise SpecError("the logit_diff target needs a wrong answer different from the answer; type one or "
                             "choose answer_logit.")
-        self.lm, self.target, self.a, self.w, self.cancel = lm, target, int(answer_id), wrong_id, cancel
+        else:
+            answer_id = int(answer_id)
+        self.lm, self.target, self.a, self.w, self.cancel = lm, target, answer_id, wrong_id, cancel
         self.ids = torch.tensor([ids], device=lm.input_device)
         self.rows = batch_size or max(1, rows_per_batch(lm, len(ids)))
         with torch.inference_mode(False), torch.no_grad():
@@ -92,6 +121,15 @@ class EmbeddingTarget:
             return self.lm.adapter.embed(torch.tensor([[int(token_id)]], device=self.ids.device))[0, 0].detach().clone()
 
     def _metric(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bound is not None:
+            rows = logits.shape[0]
+            answer = None if self.a is None else TokenSets(self.a.ids.expand(rows, -1), self.a.mask.expand(rows, -1))
+            wrong = None if self.w is None else TokenSets(self.w.ids.expand(rows, -1), self.w.mask.expand(rows, -1))
+            values, zero = self.bound(logits, answer, wrong)
+            if bool(zero.any()):
+                raise SpecError(f"the target \"{self.bound.expr.text}\" divides by zero for {int(zero.sum())} of "
+                                f"{rows} inputs, so its attributions are undefined; change the expression.")
+            return values
         logits = logits.float()
         if self.target == "logit_diff":
             return logits[:, self.a] - logits[:, self.w]
@@ -170,7 +208,7 @@ def token_attribution_job(lm, tokens: TokenInfo, answer_id: int, wrong_id: int |
     values = empty_values((n,))
     result = AnalysisResult(
         name=name, kind="token_attribution",
-        params=dict(method=method, prompt=prompt_label, target=target, baseline=baseline, steps=int(steps),
+        params=dict(method=method, prompt=prompt_label, target=target_label(target), baseline=baseline, steps=int(steps),
                     integration=integration, samples=int(samples), window=int(window), seed=int(seed)),
         dims=["position"], values=values, labels={"position": tokens.labels()},
         tokens_clean=np.array(tokens.ids, dtype=np.int64), message=note)

@@ -29,3 +29,40 @@ def with_spec_params(job, spec):
     if result is not None:
         result.params = {**result.params, **field_values(spec)}
     return result
+
+
+def looks_like_expression(text: str) -> bool:
+    """Whether a target text is a metric expression (it calls logit / logprob / prob) rather than a token."""
+    import re
+
+    return bool(re.search(r"\b(logit|logprob|prob)\s*\(", text))
+
+
+def normalise_target(spec, where: str, builtins: tuple[str, ...], literal_tokens: bool) -> None:
+    """A `target` field that may be a metric expression (contract 6.2): {"expression": text} becomes the text,
+    whose syntax is checked here. Other texts are built-in names, or literal tokens where literal_tokens."""
+    from desktop_app.engine.errors import SpecError
+
+    value = spec.target
+    if isinstance(value, dict):
+        if set(value) != {"expression"} or not isinstance(value["expression"], str):
+            raise SpecError(f"{where}: field 'target' must be one of {', '.join(builtins)} or an object "
+                            "{\"expression\": \"logit(answer) - logit(wrong)\"}.")
+        value = value["expression"]
+        object.__setattr__(spec, "target", value)
+    if not isinstance(value, str) or value in builtins or (literal_tokens and not looks_like_expression(value)):
+        return
+    from desktop_app.engine.metric_expr import MetricExpression
+
+    try:
+        MetricExpression(value)
+    except SpecError as err:
+        raise SpecError(f"{where}: field 'target': {err}") from None
+
+
+def target_to_json(d: dict, builtins: tuple[str, ...], literal_tokens: bool) -> dict:
+    """to_dict's target written as {"expression": text} when it is an expression."""
+    value = d.get("target")
+    if isinstance(value, str) and value not in builtins and (not literal_tokens or looks_like_expression(value)):
+        d["target"] = {"expression": value}
+    return d

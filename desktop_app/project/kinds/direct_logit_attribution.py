@@ -24,9 +24,18 @@ def _job(lm, prompts, spec, cancel, batch_size):
         prompt_label=spec.prompt, cancel=cancel), spec)
 
 
+def _dataset_job(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.dataset_reading import dataset_dla_job
+    from desktop_app.project.dataset_jobs import _data
+
+    return with_spec_params(dataset_dla_job(lm, _data(lm, prompts, need_wrong=True), spec.granularity, spec.prompt,
+                                            spec.name, cancel), spec)
+
+
 register_kind(AnalysisKind(
     kind="direct_logit_attribution", label="Direct logit attribution", short="dla", spec=DirectLogitAttributionSpec,
-    job=_job, dims="[layer, head] (heads) or [layer, sublayer] (layers)", value_name="direct logit difference",
+    job=_job, dataset_job=_dataset_job, dims="[layer, head] (heads) or [layer, sublayer] (layers)",
+    value_name="direct logit difference",
     scale="diverging", view="heatmap", click="describe",
     description="What each head or sublayer writes straight into logit(answer) - logit(wrong), through the "
                 "final norm's scale."))

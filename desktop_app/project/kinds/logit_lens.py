@@ -36,7 +36,17 @@ def _job(lm, prompts, spec, cancel, batch_size):
                                            prompt_label=spec.prompt, cancel=cancel), spec)
 
 
+def _dataset_job(lm, prompts, spec, cancel, batch_size):
+    from desktop_app.engine.dataset_reading import dataset_logit_lens_job
+    from desktop_app.project.dataset_jobs import _data
+
+    return with_spec_params(dataset_logit_lens_job(
+        lm, _data(lm, prompts, need_wrong=False), target=spec.target, lens=spec.lens,
+        lens_path=spec.lens_path or None, k=spec.k, prompt=spec.prompt, name=spec.name, cancel=cancel), spec)
+
+
 register_kind(AnalysisKind(
     kind="logit_lens", label="Logit lens", short="lens", spec=LogitLensSpec, job=_job, dims="[layer, position]",
+    dataset_job=_dataset_job,
     value_name="target probability", scale="sequential", view="lens_grid", click="describe",
     description="Read every layer's residual stream through the final norm and unembedding (or a tuned lens)."))

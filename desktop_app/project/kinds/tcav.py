@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.project.kinds import AnalysisKind, register_kind
+from desktop_app.project.kinds._reading import looks_like_expression, normalise_target, target_to_json
 from desktop_app.project.kinds.probe import HOOK_TIP, LAYER_HOOKS, with_spec_params
 from desktop_app.project.specs import AnalysisSpec, param
 
@@ -26,7 +27,8 @@ class TCAVSpec(AnalysisSpec):
     inputs: tuple[str, ...] = param((), widget="text_list",
                                     tip="Texts whose prediction is explained (empty: the clean prompt)" + _FILE_TIP)
     target: str = param("answer", widget="choice", choices=("answer",), editable=True,
-                        tip="The token whose logit is explained: answer (the prompts' answer) or a literal token")
+                        tip="What is explained: answer (the logit of the prompts' answer), a literal token, or a "
+                            "metric expression such as logprob(answer) - logprob(wrong)")
     hook: str = param("resid_post", widget="choice", choices=LAYER_HOOKS, tip=HOOK_TIP)
     runs: int = param(10, widget="int", minimum=2, maximum=500, tip="Random sets the concept is compared against")
     random_size: int = param(0, widget="int", minimum=0, maximum=100_000,
@@ -38,7 +40,11 @@ class TCAVSpec(AnalysisSpec):
 
     def validate(self, where: str) -> None:
         as_text_list(self, ("concept", "random", "inputs"))
+        normalise_target(self, where, ("answer",), literal_tokens=True)
         super().validate(where)
+
+    def to_dict(self):
+        return target_to_json(super().to_dict(), ("answer",), literal_tokens=True)
 
 
 def tcav_details(result, coords: dict) -> str:
@@ -66,13 +72,15 @@ def _job(lm, prompts, spec, cancel, batch_size):
     from desktop_app.engine.text_data import texts_or_file
 
     target = prompts.answer if spec.target == "answer" else spec.target
+    expression = looks_like_expression(spec.target)
     if not target:
         raise SpecError("TCAV's target is the answer but the prompts have no answer; type one or give a token.")
     inputs = texts_or_file(spec.inputs, "input texts") if spec.inputs else [prompts.clean]
     job = tcav_job(lm, texts_or_file(spec.concept, "concept texts"), texts_or_file(spec.random, "random corpus"),
                    inputs, target, hook=spec.hook, runs=spec.runs, random_size=spec.random_size or None,
                    seed=spec.seed, alpha=spec.alpha, bonferroni=spec.bonferroni, batch_size=batch_size or 16,
-                   cache_dir=default_cache_dir(), cancel=cancel, name=spec.name, prepend_bos=prompts.prepend_bos)
+                   cache_dir=default_cache_dir(), cancel=cancel, name=spec.name, prepend_bos=prompts.prepend_bos,
+                   answer=prompts.answer if expression else None, wrong=prompts.wrong_answer if expression else None)
     return with_spec_params(job, spec)
 
 
