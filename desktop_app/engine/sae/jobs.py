@@ -239,13 +239,15 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     total = 2 + 2 * max(0, int(n_continue))
     yield Progress(0, total, "next-token distributions")
     with torch.inference_mode():
-        before = forward_logits(lm, ids)[0, -1].float().cpu()
+        before_all = forward_logits(lm, ids)[0].float().cpu()
         with hooks(lm, write={hook: write}, cancel=cancel):
-            after = forward_logits(lm, ids)[0, -1].float().cpu()
+            after_all = forward_logits(lm, ids)[0].float().cpu()
+        before, after = before_all[-1], after_all[-1]
         p_before, p_after = torch.softmax(before, -1), torch.softmax(after, -1)
         kl = float((p_before * (torch.log_softmax(before, -1) - torch.log_softmax(after, -1))).sum())
         k = min(int(top_n), p_before.shape[0])
         top = [torch.topk(p, k) for p in (p_before, p_after)]
+        per_position = _per_position_edit(lm, before_all, after_all, k)
         yield Progress(2, total, "greedy continuation before the edit")
         cont_before = _greedy(lm, ids, n_continue, None, hook, cancel)
         yield Progress(2 + int(n_continue), total, "greedy continuation after the edit")
@@ -267,7 +269,22 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
         extras={"top_token_ids": top_ids, "top_tokens": top_strings, "kl": np.array(kl, dtype=np.float32),
                 "continuation": np.array([decode(cont_before), decode(cont_after)], dtype=str),
                 "continuation_before_ids": np.array(cont_before, dtype=np.int64),
-                "continuation_after_ids": np.array(cont_after, dtype=np.int64)})
+                "continuation_after_ids": np.array(cont_after, dtype=np.int64), **per_position})
+
+
+def _per_position_edit(lm, before: torch.Tensor, after: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """From logits [position, vocab] before / after an edit: at each position the k most probable tokens after
+    the edit (`position_top_ids`, `position_top_tokens`), their probabilities before and after
+    (`position_probs_before`, `position_probs_after`) and KL(before || after) (`position_kl`)."""
+    lp_before, lp_after = torch.log_softmax(before, -1), torch.log_softmax(after, -1)
+    kl = (lp_before.exp() * (lp_before - lp_after)).sum(-1)
+    p_after, top_ids = torch.topk(lp_after.exp(), k, dim=-1)
+    p_before = lp_before.exp().gather(-1, top_ids)
+    strings = [lm.tokens_of_ids(row).display for row in top_ids.tolist()]
+    return {"position_top_ids": top_ids.numpy().astype(np.int64), "position_top_tokens": np.array(strings, dtype=str),
+            "position_probs_before": p_before.numpy().astype(np.float32),
+            "position_probs_after": p_after.numpy().astype(np.float32),
+            "position_kl": kl.numpy().astype(np.float32)}
 
 
 # ---- feature patching --------------------------------------------------------------------------------------
