@@ -74,11 +74,15 @@ class SAEController:
         if path:
             self.attach_sae(path, hook)
 
-    def attach_sae(self, path, hook: str, restore: bool = False) -> int | None:
-        """Load the SAE at `path` for `hook` in the runner, check its width, then show its features on the
-        clean prompt (an `sae_features` analysis, shown in the SAE pane and in the Analyses list).
+    def attach_sae(self, path, hook: str, restore: bool = False, force_hook: bool | None = None) -> int | None:
+        """Load the SAE at `path` for `hook` in the runner, check it through engine/hook_trust.py (an SAE whose
+        file names another hook or model is refused in one sentence naming both, unless force_hook: by default
+        the pane's forceHookCheck) and its width, then show its features on the clean prompt (an `sae_features`
+        analysis, shown in the SAE pane and in the Analyses list).
         restore: the project's saved attachment, reopened: its dashboards and feature edit come back, nothing
         is run and the document does not change."""
+        if force_hook is None:
+            force_hook = self.sae_view.force_hook_check.isChecked()
         self._restoring_sae = restore
         if self.model() is None:
             self.messages.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
@@ -91,7 +95,8 @@ class SAEController:
             dock.show()
             # the feature heatmap needs the room (after the dock is laid out, or Qt ignores it)
             QTimer.singleShot(0, lambda: self.resize_docks([dock], [400], Qt.Horizontal))
-        return self.submit(sae_worker_jobs.attach_sae(str(path), hook), "sae", finished=self._sae_attached,
+        return self.submit(sae_worker_jobs.attach_sae(str(path), hook, bool(force_hook)), "sae",
+                           finished=self._sae_attached,
                             errored=self._sae_failed)
 
     def _sae_attached(self, info: sae_worker_jobs.SAEAttached):
@@ -100,18 +105,20 @@ class SAEController:
             self._restoring_sae = False
             self._sae_restored(info)
             return
-        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook]
+        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook
+                 and a.force_hook == info.force_hook]
         if not saved:  # one attached SAE per window: the new one replaces the saved attachment
-            self.session.set_saes([SAEAttachment(str(info.path), info.hook)], "Attach SAE")
+            self.session.set_saes([SAEAttachment(str(info.path), info.hook, force_hook=info.force_hook)], "Attach SAE")
         self.job_label.setText("SAE attached")
         self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
         self.sae_dock.raise_()
         self.analysis_panel.set_kind("sae_features")  # the panel's SAE features kind reads the attached SAE
         self.analysis_panel.set_field("sae", info.path)
         self.analysis_panel.set_field("hook", info.hook)
-        if info.trained_on and info.trained_on != info.hook:
-            self.messages.show_message(f"the SAE was trained on {info.trained_on} and is now reading {info.hook}; its "
-                              "features may mean little there.", "warning")
+        self.analysis_panel.set_field("force_hook", info.force_hook)
+        if info.force_hook and info.trained_on and info.trained_on != info.hook:
+            self.messages.show_message(f"the SAE trained on {info.trained_on} is forced to read {info.hook} "
+                                       "(force_hook is recorded with its results).", "warning")
         if not self.session.project.prompts.clean:
             self.messages.show_message("SAE attached; type a clean prompt and choose SAE features, Run, to see its "
                               "features.")
@@ -124,6 +131,8 @@ class SAEController:
         self.analysis_panel.set_kind("sae_features")
         self.analysis_panel.set_field("sae", info.path)
         self.analysis_panel.set_field("hook", info.hook)
+        self.analysis_panel.set_field("force_hook", info.force_hook)
+        self.sae_view.force_hook_check.setChecked(info.force_hook)
         saved = next((a for a in self.session.saes() if a.hook == info.hook), None)
         if saved is None:
             return
@@ -152,11 +161,11 @@ class SAEController:
                 path = choose_sae_path(self.parent, self.start_dir())
                 if path:
                     self.session.update_sae(first.hook, "Relocate SAE", path=str(path))
-                    self.attach_sae(path, first.hook, restore=True)
+                    self.attach_sae(path, first.hook, restore=True, force_hook=first.force_hook)
             self.messages.show_message(f"the SAE {first.path} saved with this project is missing; choose its new location "
                               f"with Relocate….", "warning", "Relocate…", relocate)
             return
-        self.attach_sae(first.path, first.hook, restore=True)
+        self.attach_sae(first.path, first.hook, restore=True, force_hook=first.force_hook)
 
     def _sae_failed(self, message: str, details: str = ""):
         self.job_label.setText("SAE not attached")
@@ -171,7 +180,8 @@ class SAEController:
         if any(a.hook == info.hook for a in self.session.saes()):
             self.session.update_sae(info.hook, "Edit features", edits=[request])
         self.job_label.setText("running the feature edit")
-        job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos)
+        job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos,
+                                           force_hook=info.force_hook)
         return self.submit(job, "sae_edit", finished=self._intervention_done,
                             errored=lambda m, d: self._sae_job_failed("feature edit", m, d))
 
@@ -198,7 +208,8 @@ class SAEController:
         info = self.sae_attached
         self._dashboards_corpus = str(corpus_path)
         self.job_label.setText("building dashboards")
-        return self.submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path)), "sae_dash",
+        return self.submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path), info.force_hook),
+                           "sae_dash",
                             progress=lambda d, t, m: self.job_label.setText(m),
                             finished=self._dashboards_done, cancelled=self._dashboards_done,
                             errored=lambda m, d: self._sae_job_failed("dashboards", m, d))

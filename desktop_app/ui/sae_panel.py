@@ -74,12 +74,16 @@ class SAEFeatureView(QWidget):
         hl.addLayout(row)
         hl.addWidget(self.table, 2)
 
+        self.force_hook_check = _named(
+            QCheckBox("force hook"), "forceHookCheck",
+            "Attach the SAE even where its file names another hook or model (normally refused); recorded as force_hook")
         self.tabs = _named(QTabWidget(), "saeTabs")
         self.tabs.addTab(heat, "Features")
         self.tabs.addTab(self._build_browser(), "Dashboards")
         self.tabs.addTab(self._build_edits(), "Edit")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.force_hook_check)
         layout.addWidget(self.tabs)
 
     # ---- construction ------------------------------------------------------------------------------------

@@ -177,3 +177,23 @@ def test_clicked_cell_shows_clean_corrupted_and_patched_predictions(qtbot, ready
     qtbot.waitUntil(lambda: window.predictions is not None, timeout=30_000)
     _same(window.predictions.rows["patched"], corrupted)
     assert "position 0" in window.predictions.title
+
+
+def test_an_sae_of_another_hook_is_refused_unless_forced(qtbot, ready, tmp_path):
+    window = ready
+    other = "blocks.0.hook_resid_post"
+    folder = _random_sae(tmp_path / "other_hook", hook=other)
+    window.attach_sae(folder, HOOK)
+    qtbot.waitUntil(lambda: window.message_bar.level == "error", timeout=30_000)
+    text = window.message_bar.text()
+    assert f"trained on {other} but is applied to {HOOK}" in text and "\n" not in text
+    assert window.sae_attached is None and not window.session.saes()
+
+    check = child(window.sae_view, "forceHookCheck")
+    check.setChecked(True)
+    _attach(qtbot, window, folder)
+    assert window.sae_attached is not None and window.sae_attached.force_hook
+    saved = window.session.saes()
+    assert len(saved) == 1 and saved[0].force_hook and saved[0].to_dict()["force_hook"] is True
+    result = window.current_result()
+    assert result.kind == "sae_features" and result.params.get("force_hook") is True

@@ -64,7 +64,7 @@ def _as_sae(sae_or_path, hook: str | None = None) -> SAE:
     return sae_or_path if isinstance(sae_or_path, SAE) else cached_load_sae(sae_or_path, hook)
 
 
-def _trusted(lm, sae: SAE, hook: str | None, force_hook: bool) -> tuple[SAE, str]:
+def trusted_sae(lm, sae: SAE, hook: str | None, force_hook: bool) -> tuple[SAE, str]:
     """(the SAE to use, the hook): with force_hook, a shallow copy (weights shared) whose config names the hook
     it is applied at and no model, so that the engine's own checks further in accept it."""
     hook = fitted_hook(lm, sae, hook, force_hook)
@@ -113,7 +113,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
         raise SAEError(f"top_k must be 0 (all features) or a positive number, not {top_k}.")
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE features at {hook}", restarts=False)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
@@ -155,7 +155,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
     if not texts:
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE metrics at {hook}", restarts=False)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
@@ -231,7 +231,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     t0 = time.perf_counter()
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE interventions at {hook}", restarts=False)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
@@ -309,7 +309,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     if positions not in ("all", "each"):
         raise SAEError(f"positions must be 'all' or 'each', not {positions!r}.")
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     layer, kind = parse_hook_name(hook)
     require_for_hook(lm, hook, f"SAE feature patching at {hook}")
     yield Progress(0, 1, "recording the clean and corrupted runs")

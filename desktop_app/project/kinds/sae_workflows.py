@@ -3,7 +3,7 @@
 Each job factory calls the engine job of engine/sae with the spec's fields and, where the engine's result is
 shaped for the window's panes, reshapes it for the project: training curves become values [step] (the loss)
 with every curve in extras; dashboards become values [feature] (densities) with the dashboards as JSON in
-extras. Paths (sae, corpus, out) are used as given: relative ones are relative to the working directory.
+extras. Paths (sae, corpus, out) in an experiment file are relative to it (project/experiment.py).
 """
 from __future__ import annotations
 
