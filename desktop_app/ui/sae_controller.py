@@ -11,10 +11,13 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog
 
+from desktop_app.engine.errors import WorkbenchError
 from desktop_app.project.session import SAEAttachment
 from desktop_app.ui import sae_worker_jobs
-from desktop_app.ui.training_view import ARCHITECTURES, TrainDialog
+from desktop_app.ui.training_view import TrainDialog
 
+_PANE_ARCHITECTURES = {"relu": "relu_l1"}  # the training dialog's names -> sae_training's `architecture`
+_TRAIN_FIELDS = {"l1_coefficient": "l1", "l0_coefficient": "l0"}  # engine TrainConfig names -> spec fields
 SAE_FILTERS = "SAE weights (*.safetensors params.npz *.npz);;All files (*)"
 CORPUS_FILTERS = "Text corpora (*.txt *.jsonl)"
 
@@ -34,21 +37,25 @@ class SAEController:
     """Dependencies: the session; `submit` / `cancel_slot` of the runner; `model()` (the loaded
     worker_jobs.ModelLoaded or None); the SAE pane, the training view and their docks (`resize_docks` gives a
     dock room); the Layers and Analysis panels; `messages` (show_error, show_message, clear); the job label;
-    `run_analysis()` (the Analysis panel's Run); `start_dir()` for file dialogs; the dialogs' parent."""
+    `run_analysis()` (the Analysis panel's Run); `start_dir()` for file dialogs; the dialogs' parent;
+    `run_spec(spec, finished=, note=, ended=)` (AnalysisController.run_spec): training, dashboards and metrics
+    are analyses of the kinds sae_training / sae_dashboards / sae_metrics, added to the project (undoably) and
+    run through the registry, so the project holds them and an exported experiment repeats them."""
 
     def __init__(self, session, submit, cancel_slot, model, sae_view, training_view, sae_dock, train_dock,
-                 resize_docks, layer_panel, analysis_panel, messages, job_label, run_analysis, start_dir, parent):
+                 resize_docks, layer_panel, analysis_panel, messages, job_label, run_analysis, start_dir, parent,
+                 run_spec=None):
         self.session, self.submit, self.cancel_slot, self.model = session, submit, cancel_slot, model
         self.sae_view, self.training_view, self.sae_dock, self.train_dock = sae_view, training_view, sae_dock, train_dock
         self.resize_docks, self.layer_panel, self.analysis_panel = resize_docks, layer_panel, analysis_panel
         self.messages, self.job_label, self.run_analysis = messages, job_label, run_analysis
-        self.start_dir, self.parent = start_dir, parent
+        self.start_dir, self.parent, self.run_spec = start_dir, parent, run_spec
         self.sae_attached: sae_worker_jobs.SAEAttached | None = None
         self._restoring_sae = False
         self.sae_view.interventionRequested.connect(self.run_intervention)
         self.layer_panel.attach_sae.connect(self.attach_sae_dialog)
         self.layer_panel.train_sae.connect(self.train_sae_dialog)
-        self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("sae_train"))
+        self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("analysis"))
 
     def _sae_start_dir(self) -> str:
         if self.sae_attached is not None:
@@ -203,16 +210,41 @@ class SAEController:
             self.build_dashboards(path)
 
     def build_dashboards(self, corpus_path) -> int | None:
+        """An sae_dashboards analysis of the attached SAE over `corpus_path` (every feature, densest first)."""
         if not self._need_sae():
             return None
+        from desktop_app.engine.sae.dashboards import FeatureDashboard
+        from desktop_app.project.kinds import get
+
         info = self.sae_attached
         self._dashboards_corpus = str(corpus_path)
-        self.job_label.setText("building dashboards")
-        return self.submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path), info.force_hook),
-                           "sae_dash",
-                            progress=lambda d, t, m: self.job_label.setText(m),
-                            finished=self._dashboards_done, cancelled=self._dashboards_done,
-                            errored=lambda m, d: self._sae_job_failed("dashboards", m, d))
+        spec = get("sae_dashboards").spec(name=f"sae dashboards {info.hook}", sae=str(info.path),
+                                          corpus=str(corpus_path), hook=info.hook, top_n=int(info.d_sae),
+                                          force_hook=info.force_hook)
+
+        def shown(result):
+            from desktop_app.project.kinds._sae_exports import dashboards_of
+            self._dashboards_done([FeatureDashboard.from_dict(d) for d in dashboards_of(result)])
+        return self.run_spec(spec, finished=shown)
+
+    def build_metrics(self, corpus_path, max_texts: int = 200) -> int | None:
+        """An sae_metrics analysis of the attached SAE over `corpus_path` (L0, explained variance, CE, KL)."""
+        if not self._need_sae():
+            return None
+        from desktop_app.project.kinds import get
+
+        info = self.sae_attached
+        spec = get("sae_metrics").spec(name=f"sae metrics {info.hook}", sae=str(info.path), corpus=str(corpus_path),
+                                       hook=info.hook, max_texts=int(max_texts), force_hook=info.force_hook)
+        return self.run_spec(spec)
+
+    def build_metrics_dialog(self):
+        if not self._need_sae():
+            return
+        path, _ = QFileDialog.getOpenFileName(self.parent, "Corpus for the SAE metrics", self._sae_start_dir(),
+                                              CORPUS_FILTERS)
+        if path:
+            self.build_metrics(path)
 
     def _dashboards_done(self, dashboards):
         if not dashboards:
@@ -258,17 +290,32 @@ class SAEController:
         if not str(corpus).strip() or not str(out_folder).strip():
             self.messages.show_error("SAE training needs a corpus file and an output folder; choose both.")
             return None
-        arch = dict(ARCHITECTURES).get(architecture, architecture)
-        cfg = dict(architecture=arch, d_sae=int(width), k=min(int(k), int(width)), steps=int(steps), **config)
+        from desktop_app.project.kinds import get
+
+        fields = {_TRAIN_FIELDS.get(key, key): value for key, value in config.items() if key != "log_every"}
+        try:
+            spec = get("sae_training").spec(
+                name=f"sae training {hook}", hook=hook, corpus=str(corpus), out=str(out_folder),
+                architecture=_PANE_ARCHITECTURES.get(architecture, architecture), width=int(width),
+                k=min(int(k), int(width)), steps=int(steps), **fields)
+        except (TypeError, ValueError, WorkbenchError) as err:  # a bad setting: one sentence
+            self.messages.show_error(str(err))
+            return None
         view = self.training_view
         view.start(f"training a {architecture} SAE with {width} features at {hook}…")
         self.train_dock.show()
         self.train_dock.raise_()
         self.job_label.setText("training an SAE")
-        job = sae_worker_jobs.train(hook, str(corpus), str(out_folder), cfg)
-        return self.submit(job, "sae_train", note=self._train_note,
-                            progress=lambda d, t, m: view.status_label.setText(m),
-                            finished=self._train_done, cancelled=self._train_done, errored=self._train_failed)
+
+        def ended(state):
+            if state == "cancelled":
+                self.training_view.finish("training was cancelled; the curves so far are kept with the analysis.")
+            elif state == "failed":
+                self.training_view.finish("training failed; see the message bar.")
+        job = self.run_spec(spec, finished=self._train_done, note=self._train_note, ended=ended)
+        if job is None:
+            view.finish("training did not start.")
+        return job
 
     def _train_note(self, event):
         if hasattr(event, "explained_variance"):
@@ -286,7 +333,3 @@ class SAEController:
         hook = str(result.params.get("hook", ""))
         self.messages.show_message(text + ".", "info" if result.status == "complete" else "warning", "Attach it",
                           lambda: self.attach_sae(folder, hook))
-
-    def _train_failed(self, message: str, details: str = ""):
-        self.training_view.finish("training failed: " + message)
-        self._sae_job_failed("training", message, details)

@@ -62,27 +62,3 @@ def intervention(path: str, hook: str, text: str, request: dict, prepend_bos=Non
                                                 n_continue=n_continue, cancel=cancel, hook=hook,
                                                 prepend_bos=prepend_bos, force_hook=force_hook))
     return job
-
-
-def dashboards(path: str, hook: str, corpus_path: str, force_hook: bool = False):
-    def job(state, cancel):
-        from desktop_app.engine.sae.dashboards import build_dashboards_job
-
-        lm = _need_model(state)
-        sae = _loaded(lm, path, hook, force_hook)
-        return (yield from build_dashboards_job(lm, sae, corpus_path, cancel=cancel, hook=hook,
-                                                force_hook=force_hook))
-    return job
-
-
-def train(hook: str, corpus_path: str, out_folder: str, config: dict):
-    """sae_training_job with gradients on: the runner runs jobs in inference mode, training needs autograd."""
-    def job(state, cancel):
-        import torch
-
-        from desktop_app.engine.sae.jobs import sae_training_job
-
-        lm = _need_model(state)
-        with torch.inference_mode(False), torch.enable_grad():
-            return (yield from sae_training_job(lm, hook, corpus_path, config, out_folder, cancel=cancel))
-    return job

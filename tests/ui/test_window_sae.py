@@ -135,6 +135,55 @@ def test_dashboards_and_training(qtbot, ready, tmp_path):
     assert "saved" in window.message_bar.text()
 
 
+def test_the_sae_pane_creates_analyses_of_the_kinds_that_an_exported_experiment_repeats(qtbot, ready, tmp_path):
+    """Dashboards, metrics and training from the SAE pane are analyses of the registry's kinds in the project
+    (undoable), and File > Export experiment writes them so that `interp-workbench run` repeats them."""
+    import json
+
+    from desktop_app.cli import main
+    from desktop_app.project.iwb import load_project
+
+    window = ready
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([IOI.clean, IOI.corrupted, "When Mary and John went to the shop, John gave a book to"]
+                                * 3), encoding="utf-8")
+    folder = _random_sae(tmp_path / "sae", d_sae=16)
+    _attach(qtbot, window, folder)
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        window.build_dashboards(corpus)
+    assert len(window.sae_view.dashboards) == 16  # the pane still shows them
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        window.build_metrics(corpus, max_texts=4)
+    with qtbot.waitSignal(window.analysis_ended, timeout=120_000):
+        window.train_sae(HOOK, corpus, tmp_path / "trained", architecture="topk", width=8, k=2, steps=20,
+                         batch_size=32)
+    assert (tmp_path / "trained" / "cfg.json").is_file()
+    assert len(window.training_view.steps) >= 2
+    kinds = {e.spec.kind: e for e in window.project.analyses}
+    for kind in ("sae_dashboards", "sae_metrics", "sae_training"):
+        assert kind in kinds and kinds[kind].result.status == "complete", kind
+    assert kinds["sae_dashboards"].result.labels["feature"] == [str(d.feature) for d in window.sae_view.dashboards]
+    assert kinds["sae_training"].spec.hook == HOOK and kinds["sae_metrics"].spec.sae == str(folder)
+
+    names = window.project.names()
+    window.session.undo.undo()  # the training analysis was one undoable add
+    assert "sae training " + HOOK not in window.project.names() and len(window.project.names()) == len(names) - 1
+    window.session.undo.redo()
+    assert window.project.names() == names
+
+    exp = tmp_path / "exported" / "exp.json"
+    exp.parent.mkdir()
+    assert window.export_experiment(exp)
+    written = json.loads(exp.read_text())["analyses"]
+    assert {"sae_dashboards", "sae_metrics", "sae_training"} <= {a["kind"] for a in written}
+    assert main(["run", str(exp), "--out", str(tmp_path / "again.iwb"), "-q"]) == 0
+    again = load_project(tmp_path / "again.iwb")
+    ours = window.project.entry(f"sae metrics {HOOK}").result
+    theirs = again.entry(f"sae metrics {HOOK}").result
+    np.testing.assert_allclose(theirs.values, ours.values, rtol=1e-5, atol=1e-6)
+    assert again.entry(f"sae dashboards {HOOK}").result.labels == kinds["sae_dashboards"].result.labels
+
+
 def _run_sweep(qtbot, window):
     with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
         child(window, "runButton").click()
