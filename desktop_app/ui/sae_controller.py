@@ -184,15 +184,28 @@ class SAEController:
         if not self._need_sae():
             return None
         info, pr = self.sae_attached, self.session.project.prompts
+        from desktop_app.project.kinds import get
+
+        if not pr.clean:
+            self.messages.show_error("type a clean prompt first; the feature edit runs on it.")
+            return None
+        try:
+            spec = get("sae_edit").spec(
+                name=f"sae edit {info.hook}", sae=str(info.path), hook=info.hook, prompt="clean",
+                edits=[{"feature": e["feature"], "op": e.get("mode", e.get("op", "ablate")), "value": e.get("value", 0.0),
+                        "positions": e.get("positions")} for e in request.get("edits", [])],
+                keep_error=bool(request.get("keep_error", True)), n_continue=10, force_hook=info.force_hook)
+        except WorkbenchError as err:
+            self.messages.show_error(str(err))
+            return None
         if any(a.hook == info.hook for a in self.session.saes()):
             self.session.update_sae(info.hook, "Edit features", edits=[request])
         self.job_label.setText("running the feature edit")
-        job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos,
-                                           force_hook=info.force_hook)
-        return self.submit(job, "sae_edit", finished=self._intervention_done,
-                            errored=lambda m, d: self._sae_job_failed("feature edit", m, d))
+        return self.run_spec(spec, finished=self._intervention_done)
 
     def _intervention_done(self, result):
+        if result.status != "complete":
+            return  # the analysis controller has said why
         self.job_label.setText("feature edit done")
         self.sae_view.show_intervention(result)
 

@@ -44,21 +44,3 @@ def attach_sae(path: str, hook: str, force_hook: bool = False):
                            architecture=str(sae.cfg.architecture), trained_on=str(sae.cfg.hook_name or ""),
                            force_hook=bool(force_hook))
     return job
-
-
-def intervention(path: str, hook: str, text: str, request: dict, prepend_bos=None, n_continue: int = 10,
-                 force_hook: bool = False):
-    """request: the pane's {"edits": [...], "keep_error": bool}."""
-    def job(state, cancel):
-        from desktop_app.engine.errors import PromptError
-        from desktop_app.engine.sae.jobs import sae_intervention_job
-
-        lm = _need_model(state)
-        if not text:
-            raise PromptError("type a clean prompt first; the feature edit runs on it.")
-        sae = _loaded(lm, path, hook, force_hook)
-        return (yield from sae_intervention_job(lm, sae, text, request.get("edits", []),
-                                                keep_error=bool(request.get("keep_error", True)),
-                                                n_continue=n_continue, cancel=cancel, hook=hook,
-                                                prepend_bos=prepend_bos, force_hook=force_hook))
-    return job

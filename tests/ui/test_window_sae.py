@@ -109,6 +109,11 @@ def test_feature_edit_updates_the_pane(qtbot, ready, lm, tmp_path):
         assert f"{expected.values[which, 0]:.3f}" in text
     assert f"{float(expected.extras['kl']):.4g}" in text
     assert pane.tabs.currentIndex() == 2
+    # an sae_edit analysis of the project (the registry's kind), which an exported experiment repeats
+    entry = window.project.entry(f"sae edit {HOOK}")
+    assert entry.spec.kind == "sae_edit" and entry.result.dims == ["position", "vocab_top_k"]
+    assert entry.spec.edit_list() == [{"feature": feature, "op": "clamp", "value": 25.0, "positions": None}]
+    np.testing.assert_allclose(entry.result.extras["last_probs"], expected.values, atol=1e-6)
 
 
 def test_dashboards_and_training(qtbot, ready, tmp_path):
