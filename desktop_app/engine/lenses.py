@@ -40,13 +40,13 @@ def target_ids_for(lm, target: str, answer_id: int | None, final_logits: torch.T
     return torch.full((n_pos,), lm.single_token_id(target, "lens target"), dtype=torch.long)
 
 
-def _lens_transform(lm, lens: str, lens_path):
+def _lens_transform(lm, lens: str, lens_path, force_hook: bool = False):
     if lens == "logit":
         return lambda layer, resid: resid
     if lens == "tuned":
         from desktop_app.engine.tuned_lens import load_tuned_lens
 
-        tuned = load_tuned_lens(lens_path, lm)
+        tuned = load_tuned_lens(lens_path, lm, force_hook=force_hook)
         return tuned.transform_resid_post
     if lens == "jacobian":
         raise SpecError("the Jacobian lens is not supported yet (its file format is not documented here); "
@@ -56,10 +56,10 @@ def _lens_transform(lm, lens: str, lens_path):
 
 def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int | None = None,
                    lens: str = "logit", lens_path=None, k: int = 5, name: str = "logit_lens",
-                   prompt_label: str = "clean", cancel: CancelToken | None = None):
+                   prompt_label: str = "clean", cancel: CancelToken | None = None, force_hook: bool = False):
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
-    transform = _lens_transform(lm, lens, lens_path)
+    transform = _lens_transform(lm, lens, lens_path, force_hook)
     n_layers, n_pos = lm.info.n_layers, len(tokens.ids)
     k = int(k)
     if not 1 <= k <= lm.info.vocab_size:

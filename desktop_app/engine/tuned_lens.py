@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.errors import SpecError
+from desktop_app.engine.hook_trust import check_model
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Progress
 from desktop_app.engine.results import AnalysisResult
@@ -47,7 +48,9 @@ class TunedLens:
         return resid + resid @ w.T + b
 
 
-def load_tuned_lens(path, lm) -> TunedLens:
+def load_tuned_lens(path, lm, force_hook: bool = False) -> TunedLens:
+    """The tuned lens in `path` for `lm`; refused (one sentence naming both models) when its config names
+    another base model, unless force_hook."""
     folder = Path(str(path or "")).expanduser()
     if not (folder / CONFIG).is_file() or not (folder / PARAMS).is_file():
         raise SpecError(f"{folder} is not a tuned-lens folder (it needs {CONFIG} and {PARAMS}); choose the folder "
@@ -63,6 +66,8 @@ def load_tuned_lens(path, lm) -> TunedLens:
         raise SpecError(f"the tuned lens in {folder} is for d_model {config.get('d_model')} and "
                         f"{config.get('num_hidden_layers')} layers, but the loaded model has d_model {d} and {n} layers; "
                         "choose the lens trained for this model.")
+    stated = config.get("base_model_name_or_path")
+    check_model("tuned lens", folder, stated if isinstance(stated, str) else None, lm, force_hook=force_hook)
     if (folder / PARAMS).stat().st_size > MAX_PARAMS_BYTES:
         raise SpecError(f"{folder / PARAMS} is larger than {MAX_PARAMS_BYTES >> 30} GiB; it is not a tuned lens.")
     try:

@@ -1,6 +1,7 @@
 """The experiment file (JSON, contract section 2): model, prompts and a list of analyses to run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.bounded_io import BoundedReadError, loads_json, read_regular_bytes
-from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts, analysis_from_dict
+from desktop_app.project.specs import ANALYSIS_KINDS, AnalysisSpec, ModelRef, Prompts, analysis_from_dict
 
 EXPERIMENT_VERSION = 1
 EXPERIMENT_MAX_BYTES = 64 * 2**20
@@ -45,7 +46,8 @@ class Experiment:
             except ValueError:  # another drive on Windows: keep it absolute
                 pass
         return {"version": self.version, "model": model, "prompts": self.prompts.to_dict(),
-                "analyses": [a.to_dict() for a in self.analyses]}
+                "analyses": [a.to_dict() if relative_to is None else relative_spec_paths(a.to_dict(), relative_to)
+                             for a in self.analyses]}
 
     def to_json(self, relative_to: str | os.PathLike | None = None) -> str:
         """JSON text; with relative_to (the folder the file will live in) the model path is written relative."""
@@ -91,8 +93,69 @@ def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, sourc
     analyses = data["analyses"]
     if not isinstance(analyses, list):
         raise SpecError(f"{source}: field 'analyses' must be a list of analyses.")
+    if base_dir is not None:
+        analyses = [resolve_spec_paths(a, base_dir) for a in analyses]
     return Experiment(model=model, prompts=prompts, analyses=[analysis_from_dict(a) for a in analyses],
                       version=version)
+
+
+def _path_fields(kind) -> list[dataclasses.Field]:
+    from desktop_app.project import kinds
+
+    kinds.load()
+    cls = ANALYSIS_KINDS.get(kind) if isinstance(kind, str) else None
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("path")] if cls is not None else []
+
+
+def _moved_path(value: str, move) -> str:
+    p = os.path.expanduser(value)
+    return value if not value.strip() else move(p)
+
+
+def _map_spec_paths(d, move, names_file) -> Any:
+    """A copy of an analysis's JSON form with `move` applied to every field marked path=True: a path field's
+    text; a text list given as one string (a file); a text list of one entry that `names_file`."""
+    if not isinstance(d, dict):
+        return d
+    out = dict(d)
+    for f in _path_fields(d.get("kind")):
+        value = out.get(f.name)
+        if isinstance(value, str):
+            out[f.name] = _moved_path(value, move)
+        elif f.metadata["widget"] == "text_list" and isinstance(value, (list, tuple)) and len(value) == 1 \
+                and isinstance(value[0], str) and names_file(value[0]):
+            out[f.name] = [_moved_path(value[0], move)]
+    return out
+
+
+def _names_text_file(base_dir):
+    from desktop_app.engine.text_data import TEXT_FILE_SUFFIXES
+
+    def names_file(entry: str) -> bool:
+        p = Path(os.path.expanduser(entry.strip()))
+        return p.suffix.lower() in TEXT_FILE_SUFFIXES and (p if p.is_absolute() else Path(base_dir) / p).is_file()
+    return names_file
+
+
+def resolve_spec_paths(d, base_dir) -> Any:
+    """Relative file paths of an analysis in an experiment file, resolved against the file's folder."""
+    base = os.path.abspath(base_dir)
+
+    def move(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+    return _map_spec_paths(d, move, _names_text_file(base))
+
+
+def relative_spec_paths(d, folder) -> Any:
+    """An analysis's absolute file paths written relative to `folder` (the experiment file's folder)."""
+    def move(p: str) -> str:
+        if not os.path.isabs(p):
+            return p
+        try:
+            return os.path.relpath(p, folder)
+        except ValueError:  # another drive on Windows: keep it absolute
+            return p
+    return _map_spec_paths(d, move, _names_text_file(folder))
 
 
 def load_experiment(path: str | os.PathLike) -> Experiment:

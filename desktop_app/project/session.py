@@ -28,15 +28,18 @@ class SAEAttachment:
     hook: str
     dashboards: dict = field(default_factory=dict)  # corpus path, features, their top contexts (JSON-able)
     edits: list = field(default_factory=list)  # feature edits: {feature, op, value, positions}
+    force_hook: bool = False  # attached although its file names another hook or model (the user forced it)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "hook": self.hook, "dashboards": self.dashboards, "edits": self.edits}
+        d = {"path": self.path, "hook": self.hook, "dashboards": self.dashboards, "edits": self.edits}
+        return {**d, "force_hook": True} if self.force_hook else d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEAttachment":
         if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not isinstance(d.get("hook"), str):
             raise ValueError("an SAE attachment needs a path and a hook")
-        return cls(d["path"], d["hook"], dict(d.get("dashboards") or {}), list(d.get("edits") or []))
+        return cls(d["path"], d["hook"], dict(d.get("dashboards") or {}), list(d.get("edits") or []),
+                   d.get("force_hook") is True)
 
 
 class Session:

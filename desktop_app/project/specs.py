@@ -111,17 +111,21 @@ WIDGETS = ("choice", "text", "optional_text", "int", "float", "bool", "layers", 
 
 
 def param(default=dataclasses.MISSING, *, widget: str, label: str = "", tip: str = "", choices=(),
-          minimum=None, maximum=None, editable: bool = False, empty_ok: bool = False, step=None):
+          minimum=None, maximum=None, editable: bool = False, empty_ok: bool = False, step=None,
+          path: bool | None = None):
     """A spec field with the metadata that builds its row in the Analysis panel and checks its value.
 
     widget: choice (a combo of `choices`; `editable` also takes other text, checked by the spec),
     text / optional_text (None when empty) / path, int / float (`minimum`, `maximum`, `step`), bool,
     layers (layer numbers, None = every layer), text_list (one text per line), hook (a hook point name or None).
-    AnalysisSpec.validate checks every such field, so a new kind usually needs no validate() of its own."""
+    AnalysisSpec.validate checks every such field, so a new kind usually needs no validate() of its own.
+    path: the field names a file or folder (default: widget "path"; a text_list may name one file), which an
+    experiment file gives relative to itself (project/experiment.py resolves it)."""
     if widget not in WIDGETS:
         raise ValueError(f"unknown widget {widget!r}; use one of {', '.join(WIDGETS)}")
     meta = {"widget": widget, "label": label, "tip": tip, "choices": tuple(choices), "minimum": minimum,
-            "maximum": maximum, "editable": editable, "empty_ok": empty_ok, "step": step}
+            "maximum": maximum, "editable": editable, "empty_ok": empty_ok, "step": step,
+            "path": widget == "path" if path is None else bool(path)}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

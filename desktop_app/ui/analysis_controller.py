@@ -111,6 +111,25 @@ class AnalysisController:
             self.session.push(AddAnalysis(self.project, spec))
         self._start_run(spec)
 
+    def run_spec(self, spec, finished=None, note=None, ended=None) -> int | None:
+        """Add `spec` to the project (an undoable add, or an undoable spec edit of the analysis of that name) and
+        run it through the registry, as the Analysis panel's Run does; other panes (the SAE pane) create their
+        analyses with this. finished(result) / note(event) / ended(state: done, cancelled, failed) are called
+        besides the usual handling."""
+        if self.model() is None:
+            self.messages.show_error("no model is loaded; choose a model folder and click Load.")
+            return None
+        if self.run_job is not None:
+            self.messages.show_message(f"{self.session.running} is running; wait for it or cancel it first.", "warning")
+            return None
+        if spec.name in self.project.names():
+            if self.project.entry(spec.name).spec != spec:
+                self.session.push(ReplaceSpec(self.project, spec.name, spec))
+        else:
+            self.session.push(AddAnalysis(self.project, spec))
+        self.analysis_panel.show_spec(spec)
+        return self._start_run(spec, finished, note, ended)
+
     def run_named(self, name: str):
         """Run the project's analysis `name` as its spec says (the list's Run, Re-run of a stale result)."""
         if self.model() is None:
@@ -141,7 +160,8 @@ class AnalysisController:
                 self.run_named(name)
                 return
 
-    def _start_run(self, spec):
+    def _start_run(self, spec, finished=None, note=None, ended=None):
+        self._also_finished, self._also_note, self._also_ended = finished, note, ended
         self.messages.clear()
         a = self.analysis_panel
         self.run_name, self.run_t0, self.streaming = spec.name, time.perf_counter(), None
@@ -156,6 +176,7 @@ class AnalysisController:
         self.run_job = self.submit(job, "analysis", progress=self._run_progress, partial=self._run_partial,
                                      note=self._run_note, finished=self._run_finished, errored=self._run_errored,
                                      cancelled=self._run_cancelled)
+        return self.run_job
 
     def keep_partial_run(self):
         """Store the cells the running analysis has finished (status partial) and stop it (closing the window)."""
@@ -175,6 +196,8 @@ class AnalysisController:
             self.job_label.setText("cancelling")
 
     def _run_note(self, event):
+        if getattr(self, "_also_note", None) is not None:
+            self._also_note(event)
         if isinstance(event, worker_jobs.Skeleton):
             self.streaming = event.result
             self._show_result(event.result)
@@ -196,6 +219,9 @@ class AnalysisController:
             a.rate_label.setText(message)
 
     def _run_ended(self, state: str):
+        also, self._also_ended = getattr(self, "_also_ended", None), None
+        if also is not None:
+            also(state)
         self.run_job = None
         self.session.set_running(None)
         self.analysis_panel.set_running(False)
@@ -209,6 +235,9 @@ class AnalysisController:
     def _run_finished(self, result: AnalysisResult):
         self._run_ended("done")
         self._store_result(result)
+        also, self._also_finished = getattr(self, "_also_finished", None), None
+        if also is not None:
+            also(result)
         a = self.analysis_panel
         a.progress.setValue(a.progress.maximum())
         a.rate_label.setText(f"{result.values.size} cells in {result.elapsed_s:.2f} s")

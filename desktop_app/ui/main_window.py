@@ -90,7 +90,8 @@ class MainWindow(QMainWindow):
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
-            self.analysis_panel, messages, self.job_label, self.run_analysis, self.file_ctl.start_dir, self)
+            self.analysis_panel, messages, self.job_label, self.run_analysis, self.file_ctl.start_dir, self,
+            run_spec=self.analysis_ctl.run_spec)
         self._restore_layout()
         self._update_title()
 
@@ -293,6 +294,9 @@ class MainWindow(QMainWindow):
     def build_dashboards_dialog(self):
         self.sae_ctl.build_dashboards_dialog()
 
+    def build_metrics(self, corpus_path, max_texts: int = 200):
+        return self.sae_ctl.build_metrics(corpus_path, max_texts)
+
     def train_sae(self, hook: str, corpus, out_folder, **settings):
         return self.sae_ctl.train_sae(hook, corpus, out_folder, **settings)
 
@@ -458,7 +462,10 @@ class MainWindow(QMainWindow):
         self.act_train_sae = self._action("&Train SAE…", lambda: self.train_sae_dialog(), None,
                                           "Train an SAE on a hook point's activations over a corpus",
                                           "actionTrainSae")
-        for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae):
+        self.act_sae_metrics = self._action("SAE &metrics…", lambda: self.sae_ctl.build_metrics_dialog(), None,
+                                            "L0, explained variance, CE recovered and KL of the attached SAE over a "
+                                            "corpus", "actionSaeMetrics")
+        for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae, self.act_sae_metrics):
             s.addAction(act)
         v = mb.addMenu("&View")
         for dock in self.docks.values():

@@ -11,10 +11,13 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QDialog, QFileDialog
 
+from desktop_app.engine.errors import WorkbenchError
 from desktop_app.project.session import SAEAttachment
 from desktop_app.ui import sae_worker_jobs
-from desktop_app.ui.training_view import ARCHITECTURES, TrainDialog
+from desktop_app.ui.training_view import TrainDialog
 
+_PANE_ARCHITECTURES = {"relu": "relu_l1"}  # the training dialog's names -> sae_training's `architecture`
+_TRAIN_FIELDS = {"l1_coefficient": "l1", "l0_coefficient": "l0"}  # engine TrainConfig names -> spec fields
 SAE_FILTERS = "SAE weights (*.safetensors params.npz *.npz);;All files (*)"
 CORPUS_FILTERS = "Text corpora (*.txt *.jsonl)"
 
@@ -34,21 +37,25 @@ class SAEController:
     """Dependencies: the session; `submit` / `cancel_slot` of the runner; `model()` (the loaded
     worker_jobs.ModelLoaded or None); the SAE pane, the training view and their docks (`resize_docks` gives a
     dock room); the Layers and Analysis panels; `messages` (show_error, show_message, clear); the job label;
-    `run_analysis()` (the Analysis panel's Run); `start_dir()` for file dialogs; the dialogs' parent."""
+    `run_analysis()` (the Analysis panel's Run); `start_dir()` for file dialogs; the dialogs' parent;
+    `run_spec(spec, finished=, note=, ended=)` (AnalysisController.run_spec): training, dashboards and metrics
+    are analyses of the kinds sae_training / sae_dashboards / sae_metrics, added to the project (undoably) and
+    run through the registry, so the project holds them and an exported experiment repeats them."""
 
     def __init__(self, session, submit, cancel_slot, model, sae_view, training_view, sae_dock, train_dock,
-                 resize_docks, layer_panel, analysis_panel, messages, job_label, run_analysis, start_dir, parent):
+                 resize_docks, layer_panel, analysis_panel, messages, job_label, run_analysis, start_dir, parent,
+                 run_spec=None):
         self.session, self.submit, self.cancel_slot, self.model = session, submit, cancel_slot, model
         self.sae_view, self.training_view, self.sae_dock, self.train_dock = sae_view, training_view, sae_dock, train_dock
         self.resize_docks, self.layer_panel, self.analysis_panel = resize_docks, layer_panel, analysis_panel
         self.messages, self.job_label, self.run_analysis = messages, job_label, run_analysis
-        self.start_dir, self.parent = start_dir, parent
+        self.start_dir, self.parent, self.run_spec = start_dir, parent, run_spec
         self.sae_attached: sae_worker_jobs.SAEAttached | None = None
         self._restoring_sae = False
         self.sae_view.interventionRequested.connect(self.run_intervention)
         self.layer_panel.attach_sae.connect(self.attach_sae_dialog)
         self.layer_panel.train_sae.connect(self.train_sae_dialog)
-        self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("sae_train"))
+        self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("analysis"))
 
     def _sae_start_dir(self) -> str:
         if self.sae_attached is not None:
@@ -74,11 +81,15 @@ class SAEController:
         if path:
             self.attach_sae(path, hook)
 
-    def attach_sae(self, path, hook: str, restore: bool = False) -> int | None:
-        """Load the SAE at `path` for `hook` in the runner, check its width, then show its features on the
-        clean prompt (an `sae_features` analysis, shown in the SAE pane and in the Analyses list).
+    def attach_sae(self, path, hook: str, restore: bool = False, force_hook: bool | None = None) -> int | None:
+        """Load the SAE at `path` for `hook` in the runner, check it through engine/hook_trust.py (an SAE whose
+        file names another hook or model is refused in one sentence naming both, unless force_hook: by default
+        the pane's forceHookCheck) and its width, then show its features on the clean prompt (an `sae_features`
+        analysis, shown in the SAE pane and in the Analyses list).
         restore: the project's saved attachment, reopened: its dashboards and feature edit come back, nothing
         is run and the document does not change."""
+        if force_hook is None:
+            force_hook = self.sae_view.force_hook_check.isChecked()
         self._restoring_sae = restore
         if self.model() is None:
             self.messages.show_error("no model is loaded; load a model before attaching an SAE to one of its hook points.")
@@ -91,7 +102,8 @@ class SAEController:
             dock.show()
             # the feature heatmap needs the room (after the dock is laid out, or Qt ignores it)
             QTimer.singleShot(0, lambda: self.resize_docks([dock], [400], Qt.Horizontal))
-        return self.submit(sae_worker_jobs.attach_sae(str(path), hook), "sae", finished=self._sae_attached,
+        return self.submit(sae_worker_jobs.attach_sae(str(path), hook, bool(force_hook)), "sae",
+                           finished=self._sae_attached,
                             errored=self._sae_failed)
 
     def _sae_attached(self, info: sae_worker_jobs.SAEAttached):
@@ -100,18 +112,20 @@ class SAEController:
             self._restoring_sae = False
             self._sae_restored(info)
             return
-        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook]
+        saved = [a for a in self.session.saes() if a.path == str(info.path) and a.hook == info.hook
+                 and a.force_hook == info.force_hook]
         if not saved:  # one attached SAE per window: the new one replaces the saved attachment
-            self.session.set_saes([SAEAttachment(str(info.path), info.hook)], "Attach SAE")
+            self.session.set_saes([SAEAttachment(str(info.path), info.hook, force_hook=info.force_hook)], "Attach SAE")
         self.job_label.setText("SAE attached")
         self.sae_view.title_label.setText(f"{Path(info.path).name}: {info.summary()}")
         self.sae_dock.raise_()
         self.analysis_panel.set_kind("sae_features")  # the panel's SAE features kind reads the attached SAE
         self.analysis_panel.set_field("sae", info.path)
         self.analysis_panel.set_field("hook", info.hook)
-        if info.trained_on and info.trained_on != info.hook:
-            self.messages.show_message(f"the SAE was trained on {info.trained_on} and is now reading {info.hook}; its "
-                              "features may mean little there.", "warning")
+        self.analysis_panel.set_field("force_hook", info.force_hook)
+        if info.force_hook and info.trained_on and info.trained_on != info.hook:
+            self.messages.show_message(f"the SAE trained on {info.trained_on} is forced to read {info.hook} "
+                                       "(force_hook is recorded with its results).", "warning")
         if not self.session.project.prompts.clean:
             self.messages.show_message("SAE attached; type a clean prompt and choose SAE features, Run, to see its "
                               "features.")
@@ -124,6 +138,8 @@ class SAEController:
         self.analysis_panel.set_kind("sae_features")
         self.analysis_panel.set_field("sae", info.path)
         self.analysis_panel.set_field("hook", info.hook)
+        self.analysis_panel.set_field("force_hook", info.force_hook)
+        self.sae_view.force_hook_check.setChecked(info.force_hook)
         saved = next((a for a in self.session.saes() if a.hook == info.hook), None)
         if saved is None:
             return
@@ -152,11 +168,11 @@ class SAEController:
                 path = choose_sae_path(self.parent, self.start_dir())
                 if path:
                     self.session.update_sae(first.hook, "Relocate SAE", path=str(path))
-                    self.attach_sae(path, first.hook, restore=True)
+                    self.attach_sae(path, first.hook, restore=True, force_hook=first.force_hook)
             self.messages.show_message(f"the SAE {first.path} saved with this project is missing; choose its new location "
                               f"with Relocate….", "warning", "Relocate…", relocate)
             return
-        self.attach_sae(first.path, first.hook, restore=True)
+        self.attach_sae(first.path, first.hook, restore=True, force_hook=first.force_hook)
 
     def _sae_failed(self, message: str, details: str = ""):
         self.job_label.setText("SAE not attached")
@@ -168,14 +184,28 @@ class SAEController:
         if not self._need_sae():
             return None
         info, pr = self.sae_attached, self.session.project.prompts
+        from desktop_app.project.kinds import get
+
+        if not pr.clean:
+            self.messages.show_error("type a clean prompt first; the feature edit runs on it.")
+            return None
+        try:
+            spec = get("sae_edit").spec(
+                name=f"sae edit {info.hook}", sae=str(info.path), hook=info.hook, prompt="clean",
+                edits=[{"feature": e["feature"], "op": e.get("mode", e.get("op", "ablate")), "value": e.get("value", 0.0),
+                        "positions": e.get("positions")} for e in request.get("edits", [])],
+                keep_error=bool(request.get("keep_error", True)), n_continue=10, force_hook=info.force_hook)
+        except WorkbenchError as err:
+            self.messages.show_error(str(err))
+            return None
         if any(a.hook == info.hook for a in self.session.saes()):
             self.session.update_sae(info.hook, "Edit features", edits=[request])
         self.job_label.setText("running the feature edit")
-        job = sae_worker_jobs.intervention(info.path, info.hook, pr.clean, request, pr.prepend_bos)
-        return self.submit(job, "sae_edit", finished=self._intervention_done,
-                            errored=lambda m, d: self._sae_job_failed("feature edit", m, d))
+        return self.run_spec(spec, finished=self._intervention_done)
 
     def _intervention_done(self, result):
+        if result.status != "complete":
+            return  # the analysis controller has said why
         self.job_label.setText("feature edit done")
         self.sae_view.show_intervention(result)
 
@@ -193,15 +223,41 @@ class SAEController:
             self.build_dashboards(path)
 
     def build_dashboards(self, corpus_path) -> int | None:
+        """An sae_dashboards analysis of the attached SAE over `corpus_path` (every feature, densest first)."""
         if not self._need_sae():
             return None
+        from desktop_app.engine.sae.dashboards import FeatureDashboard
+        from desktop_app.project.kinds import get
+
         info = self.sae_attached
         self._dashboards_corpus = str(corpus_path)
-        self.job_label.setText("building dashboards")
-        return self.submit(sae_worker_jobs.dashboards(info.path, info.hook, str(corpus_path)), "sae_dash",
-                            progress=lambda d, t, m: self.job_label.setText(m),
-                            finished=self._dashboards_done, cancelled=self._dashboards_done,
-                            errored=lambda m, d: self._sae_job_failed("dashboards", m, d))
+        spec = get("sae_dashboards").spec(name=f"sae dashboards {info.hook}", sae=str(info.path),
+                                          corpus=str(corpus_path), hook=info.hook, top_n=int(info.d_sae),
+                                          force_hook=info.force_hook)
+
+        def shown(result):
+            from desktop_app.project.kinds._sae_exports import dashboards_of
+            self._dashboards_done([FeatureDashboard.from_dict(d) for d in dashboards_of(result)])
+        return self.run_spec(spec, finished=shown)
+
+    def build_metrics(self, corpus_path, max_texts: int = 200) -> int | None:
+        """An sae_metrics analysis of the attached SAE over `corpus_path` (L0, explained variance, CE, KL)."""
+        if not self._need_sae():
+            return None
+        from desktop_app.project.kinds import get
+
+        info = self.sae_attached
+        spec = get("sae_metrics").spec(name=f"sae metrics {info.hook}", sae=str(info.path), corpus=str(corpus_path),
+                                       hook=info.hook, max_texts=int(max_texts), force_hook=info.force_hook)
+        return self.run_spec(spec)
+
+    def build_metrics_dialog(self):
+        if not self._need_sae():
+            return
+        path, _ = QFileDialog.getOpenFileName(self.parent, "Corpus for the SAE metrics", self._sae_start_dir(),
+                                              CORPUS_FILTERS)
+        if path:
+            self.build_metrics(path)
 
     def _dashboards_done(self, dashboards):
         if not dashboards:
@@ -247,17 +303,32 @@ class SAEController:
         if not str(corpus).strip() or not str(out_folder).strip():
             self.messages.show_error("SAE training needs a corpus file and an output folder; choose both.")
             return None
-        arch = dict(ARCHITECTURES).get(architecture, architecture)
-        cfg = dict(architecture=arch, d_sae=int(width), k=min(int(k), int(width)), steps=int(steps), **config)
+        from desktop_app.project.kinds import get
+
+        fields = {_TRAIN_FIELDS.get(key, key): value for key, value in config.items() if key != "log_every"}
+        try:
+            spec = get("sae_training").spec(
+                name=f"sae training {hook}", hook=hook, corpus=str(corpus), out=str(out_folder),
+                architecture=_PANE_ARCHITECTURES.get(architecture, architecture), width=int(width),
+                k=min(int(k), int(width)), steps=int(steps), **fields)
+        except (TypeError, ValueError, WorkbenchError) as err:  # a bad setting: one sentence
+            self.messages.show_error(str(err))
+            return None
         view = self.training_view
         view.start(f"training a {architecture} SAE with {width} features at {hook}…")
         self.train_dock.show()
         self.train_dock.raise_()
         self.job_label.setText("training an SAE")
-        job = sae_worker_jobs.train(hook, str(corpus), str(out_folder), cfg)
-        return self.submit(job, "sae_train", note=self._train_note,
-                            progress=lambda d, t, m: view.status_label.setText(m),
-                            finished=self._train_done, cancelled=self._train_done, errored=self._train_failed)
+
+        def ended(state):
+            if state == "cancelled":
+                self.training_view.finish("training was cancelled; the curves so far are kept with the analysis.")
+            elif state == "failed":
+                self.training_view.finish("training failed; see the message bar.")
+        job = self.run_spec(spec, finished=self._train_done, note=self._train_note, ended=ended)
+        if job is None:
+            view.finish("training did not start.")
+        return job
 
     def _train_note(self, event):
         if hasattr(event, "explained_variance"):
@@ -275,7 +346,3 @@ class SAEController:
         hook = str(result.params.get("hook", ""))
         self.messages.show_message(text + ".", "info" if result.status == "complete" else "warning", "Attach it",
                           lambda: self.attach_sae(folder, hook))
-
-    def _train_failed(self, message: str, details: str = ""):
-        self.training_view.finish("training failed: " + message)
-        self._sae_job_failed("training", message, details)

@@ -74,12 +74,16 @@ class SAEFeatureView(QWidget):
         hl.addLayout(row)
         hl.addWidget(self.table, 2)
 
+        self.force_hook_check = _named(
+            QCheckBox("force hook"), "forceHookCheck",
+            "Attach the SAE even where its file names another hook or model (normally refused); recorded as force_hook")
         self.tabs = _named(QTabWidget(), "saeTabs")
         self.tabs.addTab(heat, "Features")
         self.tabs.addTab(self._build_browser(), "Dashboards")
         self.tabs.addTab(self._build_edits(), "Edit")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.force_hook_check)
         layout.addWidget(self.tabs)
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -318,16 +322,18 @@ class SAEFeatureView(QWidget):
         self.interventionRequested.emit(self.edit_request())
 
     def show_intervention(self, result) -> None:
-        """Show an `sae_intervention` result: top tokens with probabilities and the continuations."""
+        """Show an `sae_intervention` result, or the last position of an `sae_edit` one: top tokens with
+        probabilities before / after and the continuations."""
         ex = result.extras
-        toks = np.asarray(ex.get("top_tokens", np.zeros((2, 0), dtype=str)))
-        probs = np.asarray(result.values, dtype=np.float64)
+        last = result.kind == "sae_edit"  # [position, vocab_top_k]; its last_* extras are the [which, rank] view
+        toks = np.asarray(ex.get("last_top_tokens" if last else "top_tokens", np.zeros((2, 0), dtype=str)))
+        probs = np.asarray(ex["last_probs"] if last else result.values, dtype=np.float64)
         cont = [str(s) for s in np.asarray(ex.get("continuation", np.array(["", ""]))).reshape(-1)]
         rows = []
         for r in range(probs.shape[1] if probs.ndim == 2 else 0):
             cells = [f"<td>{html.escape(str(toks[w, r]))}</td><td>{probs[w, r]:.3f}</td>" for w in range(2)]
             rows.append(f"<tr><td>{r + 1}</td>{''.join(cells)}</tr>")
-        kl = float(np.asarray(ex.get("kl", np.nan)))
+        kl = float(np.asarray(ex.get("kl", np.nan)).reshape(-1)[-1])
         text = ("<table cellspacing=4><tr><th>#</th><th colspan=2>before</th><th colspan=2>after</th></tr>"
                 + "".join(rows) + f"</table><p>KL(before ‖ after) = {kl:.4g}</p>")
         if len(cont) == 2:

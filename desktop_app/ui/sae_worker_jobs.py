@@ -19,77 +19,28 @@ class SAEAttached:
     d_sae: int
     architecture: str
     trained_on: str  # the hook the SAE's file names ("" when none)
+    force_hook: bool = False  # applied although its file names another hook or model (the user forced it)
 
     def summary(self) -> str:
         return f"{self.architecture} SAE, {self.d_sae} features, reading {self.hook}"
 
 
-def _loaded(lm, path: str, hook: str):
-    """The SAE at `path` checked against `hook` of the loaded model (one-sentence SAEError otherwise)."""
-    from desktop_app.engine.sae.formats import check_fits
-    from desktop_app.engine.sae.jobs import cached_load_sae
+def _loaded(lm, path: str, hook: str, force_hook: bool = False):
+    """The SAE at `path` checked against `hook` of the loaded model through engine/hook_trust.py: an SAE whose
+    file names another hook or model is refused in one sentence naming both, unless force_hook; the width is
+    checked too (SAEError / SpecError)."""
+    from desktop_app.engine.sae.jobs import cached_load_sae, trusted_sae
 
     lm.hook_point(hook)  # an unknown hook point -> SpecError
     sae = cached_load_sae(path, hook)
-    check_fits(sae, hook, lm.hook_point(hook).shape)
+    trusted_sae(lm, sae, hook, force_hook)
     return sae
 
 
-def _reading(sae, hook: str):
-    """`sae` reading `hook` (a shallow copy when its file names another hook; the weights are shared)."""
-    if sae.cfg.hook_name == hook:
-        return sae
-    import copy
-    import dataclasses
-
-    other = copy.copy(sae)
-    other.cfg = dataclasses.replace(sae.cfg, hook_name=hook)
-    return other
-
-
-def attach_sae(path: str, hook: str):
+def attach_sae(path: str, hook: str, force_hook: bool = False):
     def job(state, cancel):
-        sae = _loaded(_need_model(state), path, hook)
+        sae = _loaded(_need_model(state), path, hook, force_hook)
         return SAEAttached(path=str(path), hook=hook, d_in=int(sae.d_in), d_sae=int(sae.d_sae),
-                           architecture=str(sae.cfg.architecture), trained_on=str(sae.cfg.hook_name or ""))
-    return job
-
-
-def intervention(path: str, hook: str, text: str, request: dict, prepend_bos=None, n_continue: int = 10):
-    """request: the pane's {"edits": [...], "keep_error": bool}."""
-    def job(state, cancel):
-        from desktop_app.engine.errors import PromptError
-        from desktop_app.engine.sae.jobs import sae_intervention_job
-
-        lm = _need_model(state)
-        if not text:
-            raise PromptError("type a clean prompt first; the feature edit runs on it.")
-        sae = _loaded(lm, path, hook)
-        return (yield from sae_intervention_job(lm, sae, text, request.get("edits", []),
-                                                keep_error=bool(request.get("keep_error", True)),
-                                                n_continue=n_continue, cancel=cancel, hook=hook,
-                                                prepend_bos=prepend_bos))
-    return job
-
-
-def dashboards(path: str, hook: str, corpus_path: str):
-    def job(state, cancel):
-        from desktop_app.engine.sae.dashboards import build_dashboards_job
-
-        lm = _need_model(state)
-        sae = _reading(_loaded(lm, path, hook), hook)
-        return (yield from build_dashboards_job(lm, sae, corpus_path, cancel=cancel))
-    return job
-
-
-def train(hook: str, corpus_path: str, out_folder: str, config: dict):
-    """sae_training_job with gradients on: the runner runs jobs in inference mode, training needs autograd."""
-    def job(state, cancel):
-        import torch
-
-        from desktop_app.engine.sae.jobs import sae_training_job
-
-        lm = _need_model(state)
-        with torch.inference_mode(False), torch.enable_grad():
-            return (yield from sae_training_job(lm, hook, corpus_path, config, out_folder, cancel=cancel))
+                           architecture=str(sae.cfg.architecture), trained_on=str(sae.cfg.hook_name or ""),
+                           force_hook=bool(force_hook))
     return job

@@ -81,7 +81,7 @@ def test_cancel_keeps_finished_layers(lm_gpt2):
 def _random_lens(lm, seed=0):
     g = torch.Generator().manual_seed(seed)
     n, d = lm.info.n_layers, lm.info.d_model
-    config = dict(base_model_name_or_path="x", d_model=d, num_hidden_layers=n, bias=True, lens_type="linear_tuned_lens")
+    config = dict(base_model_name_or_path=str(lm.path), d_model=d, num_hidden_layers=n, bias=True, lens_type="linear_tuned_lens")
     return TunedLens(0.1 * torch.randn(n, d, d, generator=g), 0.1 * torch.randn(n, d, generator=g), config)
 
 

@@ -113,17 +113,82 @@ def test_dashboards_kind_equals_the_engine_job_and_exports(setup, tmp_path):
         assert f"<h2>Feature {d['feature']}</h2>" in page
 
 
-def test_edit_kind_equals_the_engine_job(setup):
+def _edited_logits_by_hand(lm, sae_dir, edits, ids):
+    """Reference: a forward pre-hook on GPT-2 block 1 (its input is blocks.1.hook_resid_pre) that encodes with
+    the SAE, edits the features, decodes and adds the SAE's error term back; plain HF forward passes."""
+    sae = load_sae(sae_dir)
+
+    def pre(_m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        f = sae.encode(x).clone()
+        x_hat = sae.decode(sae.encode(x))
+        for e in edits:
+            pos = slice(None) if e["positions"] is None else list(e["positions"])
+            if e["op"] == "ablate":
+                f[:, pos, e["feature"]] = 0.0
+            elif e["op"] == "clamp":
+                f[:, pos, e["feature"]] = e["value"]
+            else:
+                f[:, pos, e["feature"]] += e["value"]
+        y = sae.decode(f) + (x - x_hat)
+        return ((y,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+
+    with torch.no_grad():
+        before = lm.model(ids).logits[0].float()
+        handle = lm.model.transformer.h[1].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            after = lm.model(ids).logits[0].float()
+        finally:
+            handle.remove()
+    return before, after
+
+
+def test_edit_kind_follows_the_contract_and_equals_an_independent_hook(setup):
     r = result(setup, "edit")
+    lm = setup["lm"]
+    ids = torch.tensor([lm.tokenize(PROMPT).ids])
+    n = ids.shape[1]
+    assert r.kind == "sae_edit" and r.dims == ["position", "vocab_top_k"] and r.values.shape == (n, 5)
+    shown = lm.tokenize(PROMPT).display
+    assert r.labels["position"] == [f"{i}: {t}" for i, t in enumerate(shown)]
+    assert r.labels["vocab_top_k"] == ["1", "2", "3", "4", "5"]
+    before, after = _edited_logits_by_hand(lm, setup["sae_dir"], setup["edits"], ids)
+    p_before, p_after = before.softmax(-1), after.softmax(-1)
+    ref_p, ref_ids = p_after.topk(5, dim=-1)
+    np.testing.assert_array_equal(r.extras["top_token_ids"], ref_ids.numpy())
+    np.testing.assert_allclose(r.values, ref_p.numpy(), atol=1e-5)
+    np.testing.assert_allclose(r.extras["probs_after"], ref_p.numpy(), atol=1e-5)
+    np.testing.assert_allclose(r.extras["probs_before"], p_before.gather(-1, ref_ids).numpy(), atol=1e-5)
+    kl = (p_before * (before.log_softmax(-1) - after.log_softmax(-1))).sum(-1)
+    np.testing.assert_allclose(r.extras["kl"], kl.numpy(), atol=1e-5)
+    assert float(np.abs(r.extras["kl"]).max()) > 1e-4  # the edit changed something
+    # greedy continuations equal the engine job's (the engine's data is kept)
     edits = [{"feature": e["feature"], "mode": e["op"], "value": e["value"], "positions": e["positions"]}
              for e in setup["edits"]]
-    ref = drive(sae_intervention_job(setup["lm"], setup["sae_dir"], PROMPT, edits, n_continue=3, top_n=5))
-    assert r.kind == "sae_edit" and r.dims == ref.dims
-    np.testing.assert_array_equal(r.values, ref.values)
-    for key in ("top_token_ids", "kl", "continuation"):
-        np.testing.assert_array_equal(r.extras[key], ref.extras[key])
+    ref = drive(sae_intervention_job(lm, setup["sae_dir"], PROMPT, edits, n_continue=3, top_n=5))
+    np.testing.assert_array_equal(r.extras["continuation"], ref.extras["continuation"])
+    np.testing.assert_array_equal(r.extras["last_probs"], ref.values)
+    np.testing.assert_allclose(r.extras["kl"][-1], float(ref.extras["kl"]), atol=1e-6)
     spec = setup["project"].entry("edit").spec
     assert spec.to_dict()["edits"] == setup["edits"]  # written back as objects
+
+
+def test_edit_exports_json_and_shows_details(setup, tmp_path):
+    from desktop_app.cli import main
+    from desktop_app.project import kinds
+
+    r = result(setup, "edit")
+    assert main(["export", str(setup["iwb"]), "--analysis", "edit", "--format", "json",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert [p["position"] for p in doc["positions"]] == r.labels["position"]
+    last = doc["positions"][-1]
+    assert [t["token_id"] for t in last["top"]] == r.extras["top_token_ids"][-1].tolist()
+    np.testing.assert_allclose([t["before"] for t in last["top"]], r.extras["probs_before"][-1], atol=1e-7)
+    np.testing.assert_allclose([t["after"] for t in last["top"]], r.values[-1], atol=1e-7)
+    assert doc["continuation_after"] == str(r.extras["continuation"][1])
+    text = kinds.get("sae_edit").details(r, {"position": 2, "vocab_top_k": 0})
+    assert r.labels["position"][2] in text and f"{float(r.values[2, 0]):.4g}" in text
 
 
 def test_metrics_kind_equals_the_engine_job(setup):

@@ -109,6 +109,11 @@ def test_feature_edit_updates_the_pane(qtbot, ready, lm, tmp_path):
         assert f"{expected.values[which, 0]:.3f}" in text
     assert f"{float(expected.extras['kl']):.4g}" in text
     assert pane.tabs.currentIndex() == 2
+    # an sae_edit analysis of the project (the registry's kind), which an exported experiment repeats
+    entry = window.project.entry(f"sae edit {HOOK}")
+    assert entry.spec.kind == "sae_edit" and entry.result.dims == ["position", "vocab_top_k"]
+    assert entry.spec.edit_list() == [{"feature": feature, "op": "clamp", "value": 25.0, "positions": None}]
+    np.testing.assert_allclose(entry.result.extras["last_probs"], expected.values, atol=1e-6)
 
 
 def test_dashboards_and_training(qtbot, ready, tmp_path):
@@ -133,6 +138,55 @@ def test_dashboards_and_training(qtbot, ready, tmp_path):
     assert (out / "cfg.json").is_file(), view.status_label.text()
     assert view.curves["explained_variance"].getData()[1].size == len(view.steps)
     assert "saved" in window.message_bar.text()
+
+
+def test_the_sae_pane_creates_analyses_of_the_kinds_that_an_exported_experiment_repeats(qtbot, ready, tmp_path):
+    """Dashboards, metrics and training from the SAE pane are analyses of the registry's kinds in the project
+    (undoable), and File > Export experiment writes them so that `interp-workbench run` repeats them."""
+    import json
+
+    from desktop_app.cli import main
+    from desktop_app.project.iwb import load_project
+
+    window = ready
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([IOI.clean, IOI.corrupted, "When Mary and John went to the shop, John gave a book to"]
+                                * 3), encoding="utf-8")
+    folder = _random_sae(tmp_path / "sae", d_sae=16)
+    _attach(qtbot, window, folder)
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        window.build_dashboards(corpus)
+    assert len(window.sae_view.dashboards) == 16  # the pane still shows them
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000):
+        window.build_metrics(corpus, max_texts=4)
+    with qtbot.waitSignal(window.analysis_ended, timeout=120_000):
+        window.train_sae(HOOK, corpus, tmp_path / "trained", architecture="topk", width=8, k=2, steps=20,
+                         batch_size=32)
+    assert (tmp_path / "trained" / "cfg.json").is_file()
+    assert len(window.training_view.steps) >= 2
+    kinds = {e.spec.kind: e for e in window.project.analyses}
+    for kind in ("sae_dashboards", "sae_metrics", "sae_training"):
+        assert kind in kinds and kinds[kind].result.status == "complete", kind
+    assert kinds["sae_dashboards"].result.labels["feature"] == [str(d.feature) for d in window.sae_view.dashboards]
+    assert kinds["sae_training"].spec.hook == HOOK and kinds["sae_metrics"].spec.sae == str(folder)
+
+    names = window.project.names()
+    window.session.undo.undo()  # the training analysis was one undoable add
+    assert "sae training " + HOOK not in window.project.names() and len(window.project.names()) == len(names) - 1
+    window.session.undo.redo()
+    assert window.project.names() == names
+
+    exp = tmp_path / "exported" / "exp.json"
+    exp.parent.mkdir()
+    assert window.export_experiment(exp)
+    written = json.loads(exp.read_text())["analyses"]
+    assert {"sae_dashboards", "sae_metrics", "sae_training"} <= {a["kind"] for a in written}
+    assert main(["run", str(exp), "--out", str(tmp_path / "again.iwb"), "-q"]) == 0
+    again = load_project(tmp_path / "again.iwb")
+    ours = window.project.entry(f"sae metrics {HOOK}").result
+    theirs = again.entry(f"sae metrics {HOOK}").result
+    np.testing.assert_allclose(theirs.values, ours.values, rtol=1e-5, atol=1e-6)
+    assert again.entry(f"sae dashboards {HOOK}").result.labels == kinds["sae_dashboards"].result.labels
 
 
 def _run_sweep(qtbot, window):
@@ -177,3 +231,23 @@ def test_clicked_cell_shows_clean_corrupted_and_patched_predictions(qtbot, ready
     qtbot.waitUntil(lambda: window.predictions is not None, timeout=30_000)
     _same(window.predictions.rows["patched"], corrupted)
     assert "position 0" in window.predictions.title
+
+
+def test_an_sae_of_another_hook_is_refused_unless_forced(qtbot, ready, tmp_path):
+    window = ready
+    other = "blocks.0.hook_resid_post"
+    folder = _random_sae(tmp_path / "other_hook", hook=other)
+    window.attach_sae(folder, HOOK)
+    qtbot.waitUntil(lambda: window.message_bar.level == "error", timeout=30_000)
+    text = window.message_bar.text()
+    assert f"trained on {other} but is applied to {HOOK}" in text and "\n" not in text
+    assert window.sae_attached is None and not window.session.saes()
+
+    check = child(window.sae_view, "forceHookCheck")
+    check.setChecked(True)
+    _attach(qtbot, window, folder)
+    assert window.sae_attached is not None and window.sae_attached.force_hook
+    saved = window.session.saes()
+    assert len(saved) == 1 and saved[0].force_hook and saved[0].to_dict()["force_hook"] is True
+    result = window.current_result()
+    assert result.kind == "sae_features" and result.params.get("force_hook") is True

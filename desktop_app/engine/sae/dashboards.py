@@ -133,11 +133,11 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
     from desktop_app.engine.capture import run_with_cache
     from desktop_app.engine.errors import JobCancelled
     from desktop_app.engine.sae import corpus as corpus_mod
-    from desktop_app.engine.sae.jobs import _as_sae, _trusted
+    from desktop_app.engine.sae.jobs import _as_sae, trusted_sae
 
     cancel = cancel or CancelToken()
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     features = list(range(sae.d_sae)) if features is None else [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < sae.d_sae]
     if bad:

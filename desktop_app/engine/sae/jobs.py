@@ -64,7 +64,7 @@ def _as_sae(sae_or_path, hook: str | None = None) -> SAE:
     return sae_or_path if isinstance(sae_or_path, SAE) else cached_load_sae(sae_or_path, hook)
 
 
-def _trusted(lm, sae: SAE, hook: str | None, force_hook: bool) -> tuple[SAE, str]:
+def trusted_sae(lm, sae: SAE, hook: str | None, force_hook: bool) -> tuple[SAE, str]:
     """(the SAE to use, the hook): with force_hook, a shallow copy (weights shared) whose config names the hook
     it is applied at and no model, so that the engine's own checks further in accept it."""
     hook = fitted_hook(lm, sae, hook, force_hook)
@@ -113,7 +113,7 @@ def sae_features_job(lm, text_or_ids=None, sae_path=None, hook: str | None = Non
         raise SAEError(f"top_k must be 0 (all features) or a positive number, not {top_k}.")
     tokens = _tokens(lm, source, prepend_bos)
     sae = _as_sae(sae_path, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE features at {hook}", restarts=False)
     yield Progress(0, 2, f"running the model to {hook}")
     _, cache = run_with_cache(lm, [tokens.ids], [hook], cancel=cancel)
@@ -155,7 +155,7 @@ def sae_metrics_job(lm, sae, texts, cancel: CancelToken | None = None, hook: str
     if not texts:
         raise SAEError("The SAE metrics need at least one text; give a prompt or a corpus.")
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE metrics at {hook}", restarts=False)
     sums = dict.fromkeys(("l0", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_spliced"), 0.0)
     xs, x_hats = [], []
@@ -231,7 +231,7 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     t0 = time.perf_counter()
     edits = _as_edits(edits)
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     require_for_hook(lm, hook, f"SAE interventions at {hook}", restarts=False)
     tokens = _tokens(lm, text, prepend_bos)
     ids = as_ids(tokens.ids)
@@ -239,13 +239,15 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
     total = 2 + 2 * max(0, int(n_continue))
     yield Progress(0, total, "next-token distributions")
     with torch.inference_mode():
-        before = forward_logits(lm, ids)[0, -1].float().cpu()
+        before_all = forward_logits(lm, ids)[0].float().cpu()
         with hooks(lm, write={hook: write}, cancel=cancel):
-            after = forward_logits(lm, ids)[0, -1].float().cpu()
+            after_all = forward_logits(lm, ids)[0].float().cpu()
+        before, after = before_all[-1], after_all[-1]
         p_before, p_after = torch.softmax(before, -1), torch.softmax(after, -1)
         kl = float((p_before * (torch.log_softmax(before, -1) - torch.log_softmax(after, -1))).sum())
         k = min(int(top_n), p_before.shape[0])
         top = [torch.topk(p, k) for p in (p_before, p_after)]
+        per_position = _per_position_edit(lm, before_all, after_all, k)
         yield Progress(2, total, "greedy continuation before the edit")
         cont_before = _greedy(lm, ids, n_continue, None, hook, cancel)
         yield Progress(2 + int(n_continue), total, "greedy continuation after the edit")
@@ -267,7 +269,22 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
         extras={"top_token_ids": top_ids, "top_tokens": top_strings, "kl": np.array(kl, dtype=np.float32),
                 "continuation": np.array([decode(cont_before), decode(cont_after)], dtype=str),
                 "continuation_before_ids": np.array(cont_before, dtype=np.int64),
-                "continuation_after_ids": np.array(cont_after, dtype=np.int64)})
+                "continuation_after_ids": np.array(cont_after, dtype=np.int64), **per_position})
+
+
+def _per_position_edit(lm, before: torch.Tensor, after: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """From logits [position, vocab] before / after an edit: at each position the k most probable tokens after
+    the edit (`position_top_ids`, `position_top_tokens`), their probabilities before and after
+    (`position_probs_before`, `position_probs_after`) and KL(before || after) (`position_kl`)."""
+    lp_before, lp_after = torch.log_softmax(before, -1), torch.log_softmax(after, -1)
+    kl = (lp_before.exp() * (lp_before - lp_after)).sum(-1)
+    p_after, top_ids = torch.topk(lp_after.exp(), k, dim=-1)
+    p_before = lp_before.exp().gather(-1, top_ids)
+    strings = [lm.tokens_of_ids(row).display for row in top_ids.tolist()]
+    return {"position_top_ids": top_ids.numpy().astype(np.int64), "position_top_tokens": np.array(strings, dtype=str),
+            "position_probs_before": p_before.numpy().astype(np.float32),
+            "position_probs_after": p_after.numpy().astype(np.float32),
+            "position_kl": kl.numpy().astype(np.float32)}
 
 
 # ---- feature patching --------------------------------------------------------------------------------------
@@ -292,7 +309,7 @@ def sae_feature_patching_job(lm, pair, sae, cancel: CancelToken | None = None, b
     if positions not in ("all", "each"):
         raise SAEError(f"positions must be 'all' or 'each', not {positions!r}.")
     sae = _as_sae(sae, hook)
-    sae, hook = _trusted(lm, sae, hook, force_hook)
+    sae, hook = trusted_sae(lm, sae, hook, force_hook)
     layer, kind = parse_hook_name(hook)
     require_for_hook(lm, hook, f"SAE feature patching at {hook}")
     yield Progress(0, 1, "recording the clean and corrupted runs")

@@ -96,3 +96,23 @@ def dashboards_html_text(result) -> str:
 def write_dashboards_html(result, path: Path) -> Path:
     text = dashboards_html_text(result).encode("utf-8")
     return atomic_write(path, lambda fh: fh.write(text), what="HTML file")
+
+
+def edit_json_text(result) -> str:
+    """An sae_edit result as JSON: per position the top tokens with before / after probabilities and the KL."""
+    ex = result.extras
+    ids, toks = np.asarray(ex["top_token_ids"]), np.asarray(ex["top_tokens"])
+    before, after, kl = np.asarray(ex["probs_before"]), np.asarray(ex["probs_after"]), np.asarray(ex["kl"])
+    positions = [{"position": label, "kl": float(kl[i]),
+                  "top": [{"token_id": int(ids[i, r]), "token": str(toks[i, r]), "before": float(before[i, r]),
+                           "after": float(after[i, r])} for r in range(ids.shape[1])]}
+                 for i, label in enumerate(result.labels["position"])]
+    cont = [str(c) for c in np.asarray(ex.get("continuation", ["", ""])).tolist()]
+    doc = {"name": result.name, "kind": result.kind, "params": result.params, "positions": positions,
+           "continuation_before": cont[0], "continuation_after": cont[-1]}
+    return json.dumps(doc, indent=1, ensure_ascii=False, default=str) + "\n"
+
+
+def write_edit_json(result, path: Path) -> Path:
+    text = edit_json_text(result).encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(text), what="JSON file")

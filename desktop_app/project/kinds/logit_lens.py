@@ -19,6 +19,8 @@ class LogitLensSpec(AnalysisSpec):
     target: str = param("answer", widget="choice", choices=("answer", "prediction"), editable=True,
                         tip="answer, prediction (the model's own next token at each position) or a literal token")
     k: int = param(5, widget="int", minimum=1, maximum=100, tip="How many top tokens to keep per cell (hover)")
+    force_hook: bool = param(False, widget="bool",
+                             tip="Use the tuned lens even where its config names another model (normally refused)")
 
     def validate(self, where):
         super().validate(where)
@@ -33,7 +35,8 @@ def _job(lm, prompts, spec, cancel, batch_size):
     answer = answer_ids(lm, prompts, need_wrong=False)[0] if spec.target == "answer" else None
     return with_spec_params(logit_lens_job(lm, tokens, target=spec.target, answer_id=answer, lens=spec.lens,
                                            lens_path=spec.lens_path or None, k=spec.k, name=spec.name,
-                                           prompt_label=spec.prompt, cancel=cancel), spec)
+                                           prompt_label=spec.prompt, cancel=cancel,
+                                           force_hook=spec.force_hook), spec)
 
 
 def _dataset_job(lm, prompts, spec, cancel, batch_size):

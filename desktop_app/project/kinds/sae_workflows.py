@@ -3,7 +3,7 @@
 Each job factory calls the engine job of engine/sae with the spec's fields and, where the engine's result is
 shaped for the window's panes, reshapes it for the project: training curves become values [step] (the loss)
 with every curve in extras; dashboards become values [feature] (densities) with the dashboards as JSON in
-extras. Paths (sae, corpus, out) are used as given: relative ones are relative to the working directory.
+extras. Paths (sae, corpus, out) in an experiment file are relative to it (project/experiment.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.project.kinds import AnalysisKind, ExportFormat, prompt_text, register_kind
@@ -210,10 +212,42 @@ def _edit_job(lm, prompts, spec, cancel, batch_size):
             lm, spec.sae, prompt_text(prompts, spec.prompt), edits, keep_error=spec.keep_error,
             n_continue=spec.n_continue, cancel=cancel, hook=spec.hook, name=spec.name, top_n=spec.top_n,
             prepend_bos=prompts.prepend_bos, force_hook=spec.force_hook)
-        result.kind = "sae_edit"
-        result.params["prompt"] = spec.prompt
-        return result
+        shown = lm.tokens_of_ids([int(i) for i in result.tokens_clean]).display
+        return edit_result(result, [f"{i}: {t}" for i, t in enumerate(shown)], spec.prompt)
     return job()
+
+
+def edit_result(result, position_labels: list[str], prompt: str):
+    """The engine's intervention result as the contract's sae_edit result: values [position, vocab_top_k] = the
+    after-edit probabilities of each position's k most probable after-edit tokens; extras `probs_before` /
+    `probs_after` [position, vocab_top_k], `top_token_ids` / `top_tokens` [position, vocab_top_k], `kl`
+    [position] = KL(before || after), the continuations; the engine's last-position view as `last_*`."""
+    ex = result.extras
+    k = ex["position_probs_after"].shape[1]
+    extras = {"probs_before": ex["position_probs_before"], "probs_after": ex["position_probs_after"],
+              "top_token_ids": ex["position_top_ids"], "top_tokens": ex["position_top_tokens"],
+              "kl": ex["position_kl"], "continuation": ex["continuation"],
+              "continuation_before_ids": ex["continuation_before_ids"],
+              "continuation_after_ids": ex["continuation_after_ids"],
+              "last_probs": np.asarray(result.values, dtype=np.float32), "last_top_token_ids": ex["top_token_ids"],
+              "last_top_tokens": ex["top_tokens"]}
+    return dataclasses.replace(
+        result, kind="sae_edit", dims=["position", "vocab_top_k"], values=ex["position_probs_after"].copy(),
+        labels={"position": list(position_labels), "vocab_top_k": [str(r + 1) for r in range(k)]},
+        params={**result.params, "prompt": prompt}, extras=extras)
+
+
+def edit_details(result, where: dict) -> str:
+    """A click on (position, rank): the token, its probability before -> after, the position's KL."""
+    i, r = int(where.get("position", 0)), int(where.get("vocab_top_k", 0))
+    ex = result.extras
+    token = str(np.asarray(ex["top_tokens"])[i, r])
+    before, after = float(np.asarray(ex["probs_before"])[i, r]), float(np.asarray(ex["probs_after"])[i, r])
+    cont = [str(c) for c in np.asarray(ex.get("continuation", ["", ""])).tolist()]
+    return (f"{result.labels['position'][i]}, rank {r + 1} after the edit: {token!r}\n"
+            f"probability before {before:.4g} -> after {after:.4g}\n"
+            f"KL(before || after) at this position: {float(np.asarray(ex['kl'])[i]):.4g}\n"
+            f"continuation before: {cont[0]!r}\ncontinuation after: {cont[-1]!r}")
 
 
 # ---- sae_metrics -----------------------------------------------------------------------------------------
@@ -260,8 +294,10 @@ register_kind(AnalysisKind(
 
 register_kind(AnalysisKind(
     kind="sae_edit", label="SAE feature edit", short="sae edit", spec=SAEEditSpec, job=_edit_job,
-    dims="[which, rank]: before / after the edit", value_name="next-token probability", scale="sequential",
-    view="heatmap", click="describe",
+    dims="[position, vocab_top_k]", value_name="next-token probability after the edit", scale="sequential",
+    view="heatmap", click="details", details=edit_details,
+    exports=(ExportFormat("json", ex.write_edit_json,
+                          "per position: top tokens with probabilities before / after, KL, and the continuations"),),
     description="Ablate, clamp or steer SAE features and compare next-token probabilities and continuations."))
 
 register_kind(AnalysisKind(

@@ -14,8 +14,8 @@ _LIST_TIP = " (one per line, or the path of one .txt / .jsonl / .csv file)"
 
 @dataclass(frozen=True)
 class SteeringVectorSpec(AnalysisSpec):
-    positive: tuple[str, ...] = param((), widget="text_list", tip="Texts showing the behaviour" + _LIST_TIP)
-    negative: tuple[str, ...] = param((), widget="text_list", tip="Texts showing its opposite" + _LIST_TIP)
+    positive: tuple[str, ...] = param((), widget="text_list", path=True, tip="Texts showing the behaviour" + _LIST_TIP)
+    negative: tuple[str, ...] = param((), widget="text_list", path=True, tip="Texts showing its opposite" + _LIST_TIP)
     pairs: str = param("", widget="path", empty_ok=True,
                        tip="Instead of the lists: a .csv / .jsonl of contrastive pairs (columns positive,negative)")
     method: str = param("mean_diff", widget="choice", choices=("mean_diff", "pca"),

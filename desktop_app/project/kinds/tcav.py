@@ -22,9 +22,9 @@ def as_text_list(spec, names) -> None:
 
 @dataclass(frozen=True)
 class TCAVSpec(AnalysisSpec):
-    concept: tuple[str, ...] = param(widget="text_list", tip="Examples of the concept" + _FILE_TIP)
-    random: tuple[str, ...] = param(widget="text_list", tip="A corpus the random sets are drawn from" + _FILE_TIP)
-    inputs: tuple[str, ...] = param((), widget="text_list",
+    concept: tuple[str, ...] = param(widget="text_list", path=True, tip="Examples of the concept" + _FILE_TIP)
+    random: tuple[str, ...] = param(widget="text_list", path=True, tip="A corpus the random sets are drawn from" + _FILE_TIP)
+    inputs: tuple[str, ...] = param((), widget="text_list", path=True,
                                     tip="Texts whose prediction is explained (empty: the clean prompt)" + _FILE_TIP)
     target: str = param("answer", widget="choice", choices=("answer",), editable=True,
                         tip="What is explained: answer (the logit of the prompts' answer), a literal token, or a "

@@ -124,3 +124,23 @@ def test_gemma_scope_and_bare_safetensors_state_their_assumptions(tmp_path):
     npz = tmp_path / "params.npz"
     np.savez(npz, **{k: v.numpy() for k, v in sae.state_dict().items()})
     assert "apply_b_dec_to_input false" in load_sae(npz, hook_name="blocks.0.hook_resid_post").cfg.assumptions[0]
+
+
+def test_a_tuned_lens_of_another_model_is_refused_unless_forced(lm, tmp_path):
+    import json as _json
+
+    from desktop_app.engine.tuned_lens import TunedLens, load_tuned_lens, save_tuned_lens
+
+    n, d = lm.info.n_layers, lm.info.d_model
+    config = dict(base_model_name_or_path="EleutherAI/pythia-160m", d_model=d, num_hidden_layers=n, bias=True,
+                  lens_type="linear_tuned_lens")
+    lens = TunedLens(weights=torch.zeros(n, d, d), biases=torch.zeros(n, d), config=config)
+    folder = save_tuned_lens(lens, tmp_path / "lens")
+    with pytest.raises(SAEError) as err:
+        load_tuned_lens(folder, lm)
+    message = str(err.value)
+    assert "pythia-160m" in message and lm.path.rstrip("/").split("/")[-1] in message and "force_hook" in message
+    assert load_tuned_lens(folder, lm, force_hook=True).n_layers == n
+    config["base_model_name_or_path"] = str(lm.path)  # the model it was trained on: accepted
+    (folder / "config.json").write_text(_json.dumps(config))
+    assert load_tuned_lens(folder, lm).n_layers == n
