@@ -22,6 +22,7 @@ from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
 from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.file_ops import FileOpsMixin
 from desktop_app.ui.dataset_table import DatasetController, DatasetPanel
+from desktop_app.ui.pair_views import PairBarsView
 from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
@@ -90,6 +91,7 @@ class MainWindow(FileOpsMixin, QMainWindow):
         self.layer_panel.tree.itemDoubleClicked.connect(self.analysis_ctl.open_tree_item)
         self._init_file_ops()
         self._init_metric_field()
+        self.result_view.cell_clicked.connect(self._pair_bars_for_cell)
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
@@ -121,6 +123,17 @@ class MainWindow(FileOpsMixin, QMainWindow):
 
     def request_tokens(self):
         self.prompt_ctl.request_tokens()
+
+    def _pair_bars_for_cell(self, cell, _value=None):
+        """A clicked cell of a result over a dataset: every pair's clean / corrupted / patched metric there."""
+        view = self.result_view
+        per_pair = view.per_pair()
+        if per_pair is None:
+            return
+        patched = [view.shown_of(per_pair[i])[tuple(cell)] for i in range(per_pair.shape[0])]
+        where = view.describe(cell).split(":")[0]
+        self.pair_bars.show_cell(view.result, where, patched)
+        self.docks["pairBarsDock"].show()
 
     def _init_metric_field(self):
         """Completion and the parse error of the metric expression field (ui.metric_field)."""
@@ -292,6 +305,7 @@ class MainWindow(FileOpsMixin, QMainWindow):
         self.sae_view = SAEFeatureView()
         self.sae_view.setToolTip("SAE features of the attached hook point on the clean prompt")
         self.training_view = TrainingView()
+        self.pair_bars = PairBarsView()
         self.docks = {}
         for name, title, widget, area in (
                 ("modelDock", "Model", self.model_panel, Qt.LeftDockWidgetArea),
@@ -300,7 +314,8 @@ class MainWindow(FileOpsMixin, QMainWindow):
                 ("analysisDock", "Analysis", self.analysis_panel, Qt.RightDockWidgetArea),
                 ("analysisListDock", "Analyses", self.analysis_list, Qt.LeftDockWidgetArea),
                 ("saeDock", "SAE features", self.sae_view, Qt.RightDockWidgetArea),
-                ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea)):
+                ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea),
+                ("pairBarsDock", "Per pair", self.pair_bars, Qt.BottomDockWidgetArea)):
             dock = QDockWidget(title, self)
             dock.setObjectName(name)
             dock.setWidget(widget)
@@ -308,6 +323,7 @@ class MainWindow(FileOpsMixin, QMainWindow):
             self.docks[name] = dock
         self.docks["saeDock"].hide()
         self.docks["trainDock"].hide()
+        self.docks["pairBarsDock"].hide()
         self.tabifyDockWidget(self.docks["analysisDock"], self.docks["saeDock"])
         self.resizeDocks([self.docks["promptsDock"]], [190], Qt.Vertical)
         self.resizeDocks([self.docks["modelDock"], self.docks["analysisDock"]], [300, 300], Qt.Horizontal)
