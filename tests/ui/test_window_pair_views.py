@@ -81,3 +81,29 @@ def test_a_clicked_cell_shows_each_pairs_clean_corrupted_and_patched_metric(qtbo
     np.testing.assert_array_equal(bars.values["clean"], dataset_result.extras["clean_metric"])
     np.testing.assert_array_equal(bars.values["corrupted"], dataset_result.extras["corrupted_metric"])
     assert len(bars._items) == 3
+
+
+def test_a_named_dataset_whose_first_pair_differs_in_length_runs_in_the_window(qtbot, window, ioi_gpt2_dir):
+    from desktop_app.engine import templates
+
+    load_model(qtbot, window, ioi_gpt2_dir)
+    pairs = list(templates.ioi_pairs(3, seed=1, order="ABBA", templates=(templates.IOI_TEMPLATES[0],),
+                                     names=["Mary", "John", "Alice", "Bob", "Zyxwqvutsr"]).pairs)
+    lengths = [(p.clean, p.corrupted) for p in pairs]
+    window.session.push(SetPairs(window.project, pairs, "set"))
+    qtbot.waitUntil(lambda: window.dataset_ctl.checks is not None, timeout=20_000)
+    checks = window.dataset_ctl.checks
+    assert any(len(c.tokens["clean"]) != len(c.tokens["corrupted"]) for c in checks), lengths  # the case tested
+    assert all(not c.problems for c in checks)  # named positions align them: no flag
+    combo = child(window, "analysisKindCombo", QComboBox)
+    combo.setCurrentIndex(combo.findData("activation_patching"))
+    child(window, "componentCombo", QComboBox).setCurrentText("resid_pre")
+    child(window, "positionsCombo", QComboBox).setCurrentText("named")
+    child(window, "metricCombo", QComboBox).setCurrentText("logit_diff")
+    with qtbot.waitSignal(window.analysis_ended, timeout=60_000) as ended:
+        qtbot.mouseClick(child(window, "runButton"), Qt.LeftButton)
+    assert ended.args[0] == "done", window.message_bar.text()
+    result = window.current_result()
+    assert list(result.labels["position"]) == ["IO", "S1", "S2", "END"]
+    child(window, "pairCombo", QComboBox).setCurrentIndex(2)
+    np.testing.assert_array_equal(child(window, "heatmapView").image_data(), result.extras["values_per_pair"][1])
