@@ -155,6 +155,7 @@ class DatasetController:
         self._filling = True
         try:
             t.setRowCount(len(pairs))
+            t.setVerticalHeaderLabels([str(i) for i in range(len(pairs))])  # pair i, as the pair picker names it
             for row, pair in enumerate(pairs):
                 for col, field in enumerate(FIELDS):
                     value = getattr(pair, field)

@@ -133,7 +133,10 @@ class MainWindow(FileOpsMixin, QMainWindow):
         patched = [view.shown_of(per_pair[i])[tuple(cell)] for i in range(per_pair.shape[0])]
         where = view.describe(cell).split(":")[0]
         self.pair_bars.show_cell(view.result, where, patched)
-        self.docks["pairBarsDock"].show()
+        dock = self.docks["pairBarsDock"]
+        if not dock.isVisible():
+            dock.show()
+            self.resizeDocks([dock], [240], Qt.Vertical)
 
     def _init_metric_field(self):
         """Completion and the parse error of the metric expression field (ui.metric_field)."""

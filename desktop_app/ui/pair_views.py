@@ -31,6 +31,10 @@ class PairBarsView(QWidget):
             import pyqtgraph as pg
 
             self.plot = pg.PlotWidget()
+            self.plot.setBackground(None)  # the system palette, as the heatmap pane
+            self.plot.setMinimumHeight(160)
+            self.plot.setMenuEnabled(False)
+            self.plot.getAxis("left").enableAutoSIPrefix(False)
             self.plot.showGrid(y=True, alpha=0.3)
             self.plot.setLabel("bottom", "pair")
             self.legend = self.plot.addLegend(offset=(-10, 10))
@@ -56,7 +60,6 @@ class PairBarsView(QWidget):
             item = pg.BarGraphItem(x=x + (k - 1) * _WIDTH, height=heights, width=_WIDTH, brush=pg.mkBrush(*colour),
                                    name=what)
             self.plot.addItem(item)
-            self.legend.addItem(item, what)
             self._items.append(item)
         ticks = [(i, str(i)) for i in range(n)] if n <= 40 else [(i, str(i)) for i in range(0, n, max(1, n // 20))]
         self.plot.getAxis("bottom").setTicks([ticks])
