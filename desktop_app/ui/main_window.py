@@ -11,7 +11,7 @@ from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
                                QPlainTextEdit, QScrollArea,
-                               QSplitter, QVBoxLayout, QWidget)
+                               QHBoxLayout, QSplitter, QVBoxLayout, QWidget)
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import recent as recent_mod
@@ -20,8 +20,10 @@ from desktop_app.project.specs import ModelRef
 from desktop_app.ui import kind_views, worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
 from desktop_app.ui.analysis_list import AnalysisListPanel
+from desktop_app.ui.dataset_table import DatasetController, DatasetPanel
 from desktop_app.ui.file_ops import FileController
 from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
+from desktop_app.ui.pair_views import PairBarsView
 from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
 from desktop_app.ui.plots import ResultView
 from desktop_app.ui.runner import Runner
@@ -69,10 +71,14 @@ class MainWindow(QMainWindow):
         self.model_ctl = ModelController(
             self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
             StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
-            on_loaded=[self.request_tokens, self.restore_saes], on_unloaded=[self.prompts_panel.clear_chips],
+            on_loaded=[self.request_tokens, self.restore_saes, lambda: self.dataset_ctl.refresh()],
+            on_unloaded=[self.prompts_panel.clear_chips, lambda: self.dataset_ctl.refresh()],
             dialog_parent=self)
         self.prompt_ctl = PromptsController(self.session, self.prompts_panel, self._submit,
                                             lambda: self.model_ctl.loaded is not None, self)
+        self.dataset_ctl = DatasetController(self.session, self.dataset_panel, self._submit,
+                                             lambda: self.model_ctl.loaded is not None, messages,
+                                             self.open_template_dialog, self)
         self._build_actions()
         self._shortcuts_win = _WindowShortcuts(self)
         QApplication.instance().installEventFilter(self._shortcuts_win)
@@ -87,6 +93,8 @@ class MainWindow(QMainWindow):
             self.session, self, messages, lambda text, ms: self.statusBar().showMessage(text, ms), self.model_ctl,
             self._stop_analyses, self._show_project, self._update_title, self.current_result,
             lambda: self.confirm_dialogs, self.result_view.figure_selection)
+        self._init_metric_field()
+        self.result_view.cell_clicked.connect(self._pair_bars_for_cell)
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
@@ -119,6 +127,49 @@ class MainWindow(QMainWindow):
 
     def request_tokens(self):
         self.prompt_ctl.request_tokens()
+
+    def _pair_bars_for_cell(self, cell, _value=None):
+        """A clicked cell of a result over a dataset: every pair's clean / corrupted / patched metric there."""
+        view = self.result_view
+        per_pair = view.per_pair()
+        if per_pair is None:
+            return
+        patched = [view.shown_of(per_pair[i])[tuple(cell)] for i in range(per_pair.shape[0])]
+        where = view.describe(cell).split(":")[0]
+        self.pair_bars.show_cell(view.result, where, patched)
+        dock = self.docks["pairBarsDock"]
+        if not dock.isVisible():
+            dock.show()
+            self.resizeDocks([dock], [240], Qt.Vertical)
+
+    def _init_metric_field(self):
+        """Completion and the parse error of the metric expression field (ui.metric_field)."""
+        from desktop_app.ui.metric_field import MetricFieldAssist
+
+        field = self.analysis_panel.fields.get(("metric", "choice"))
+        self.metric_assist = None
+        if field is None:
+            return
+        label = QLabel("")
+        label.setObjectName("metricErrorLabel")
+        label.setStyleSheet("color: #b00020")
+        label.setWordWrap(True)
+        form = self.analysis_panel._form
+        row, _role = form.getWidgetPosition(field.widget)
+        form.insertRow(row + 1, "", label)
+        self.metric_assist = MetricFieldAssist(field.widget, label, self._submit, lambda: self.project.prompts)
+
+    def open_template_dialog(self):
+        """The template generator (`templateDialog`); Generate replaces the dataset as one undoable edit."""
+        from desktop_app.project.dataset_edit import replace_all
+        from desktop_app.ui.template_dialog import TemplateDialog
+
+        dialog = TemplateDialog(self)
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self.session.push(replace_all(
+            self.project, dialog.generated, f"Generate {len(dialog.generated)} {dialog.family()} pairs")))
+        dialog.open()
+        return dialog
 
     def _sync_prompts_to_edits(self):
         self.prompt_ctl.sync_to_edits()
@@ -354,6 +405,12 @@ class MainWindow(QMainWindow):
 
         self.model_panel = ModelPanel()
         self.prompts_panel = PromptsPanel()
+        self.dataset_panel = DatasetPanel()
+        prompts_box = QWidget()
+        prompts_row = QHBoxLayout(prompts_box)
+        prompts_row.setContentsMargins(0, 0, 0, 0)
+        prompts_row.addWidget(self.prompts_panel, 2)
+        prompts_row.addWidget(self.dataset_panel, 3)
         self.layer_panel = LayerTreePanel()
         self.analysis_panel = AnalysisPanel()
         self.analysis_list = AnalysisListPanel()
@@ -363,15 +420,17 @@ class MainWindow(QMainWindow):
         self.sae_view = SAEFeatureView()
         self.sae_view.setToolTip("SAE features of the attached hook point on the clean prompt")
         self.training_view = TrainingView()
+        self.pair_bars = PairBarsView()
         self.docks = {}
         for name, title, widget, area in (
                 ("modelDock", "Model", self.model_panel, Qt.LeftDockWidgetArea),
                 ("layerDock", "Layers", self.layer_panel, Qt.LeftDockWidgetArea),
-                ("promptsDock", "Prompts", self.prompts_panel, Qt.TopDockWidgetArea),
+                ("promptsDock", "Prompts", prompts_box, Qt.TopDockWidgetArea),
                 ("analysisDock", "Analysis", self.analysis_panel, Qt.RightDockWidgetArea),
                 ("analysisListDock", "Analyses", self.analysis_list, Qt.LeftDockWidgetArea),
                 ("saeDock", "SAE features", self.sae_view, Qt.RightDockWidgetArea),
-                ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea)):
+                ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea),
+                ("pairBarsDock", "Per pair", self.pair_bars, Qt.BottomDockWidgetArea)):
             dock = QDockWidget(title, self)
             dock.setObjectName(name)
             dock.setWidget(widget)
@@ -379,6 +438,7 @@ class MainWindow(QMainWindow):
             self.docks[name] = dock
         self.docks["saeDock"].hide()
         self.docks["trainDock"].hide()
+        self.docks["pairBarsDock"].hide()
         self.tabifyDockWidget(self.docks["analysisDock"], self.docks["saeDock"])
         self.resizeDocks([self.docks["promptsDock"]], [190], Qt.Vertical)
         self.resizeDocks([self.docks["modelDock"], self.docks["analysisDock"]], [300, 300], Qt.Horizontal)
@@ -520,6 +580,9 @@ class MainWindow(QMainWindow):
     def _on_project_event(self, project, event, detail):
         if event == "prompts":
             self._sync_prompts_to_edits()
+            self.dataset_ctl.refresh()
+            if getattr(self, "metric_assist", None) is not None:
+                self.metric_assist.refresh_words()
             self.token_timer.start()
         elif event in ("model", "spec", "analyses") and self.session.selected is not None:
             self._show_selected()

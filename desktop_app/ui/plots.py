@@ -59,7 +59,13 @@ class ResultView(QWidget):
         self.position_combo.setToolTip("Head results per position: show the sum over positions or one position")
         self.position_combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
         self.position_combo.hide()
+        self.pair_combo = QComboBox()  # a result over a dataset: the mean over pairs, or one pair's own values
+        self.pair_combo.setObjectName("pairCombo")
+        self.pair_combo.setToolTip("A result over a dataset of pairs: show the mean over pairs or one pair")
+        self.pair_combo.currentIndexChanged.connect(lambda _i: self._refresh(full=True))
+        self.pair_combo.hide()
         top.addWidget(self.title_label, 1)
+        top.addWidget(self.pair_combo)
         top.addWidget(self.position_combo)
         self._top = top
         self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
@@ -148,6 +154,7 @@ class ResultView(QWidget):
                                  if self._stale else "")
         self.stale_label.setVisible(bool(self._stale))
         self.result = result
+        self._setup_pair_combo()
         self._setup_position_combo()
         self._refresh(full=True)
 
@@ -176,6 +183,49 @@ class ResultView(QWidget):
     def levels(self) -> tuple[float, float]:
         self._ensure_graphics()
         return tuple(self.colorbar.levels())
+
+    # ---- pairs of a dataset result ----
+    def per_pair(self) -> np.ndarray | None:
+        """extras values_per_pair [pair, ...dims] of the result when it matches its values, else None."""
+        r = self.result
+        v = r.extras.get("values_per_pair") if r is not None else None
+        if v is None or np.ndim(v) != r.values.ndim + 1 or tuple(np.shape(v)[1:]) != tuple(r.values.shape):
+            return None
+        return np.asarray(v)
+
+    def pair_index(self) -> int | None:
+        """The pair shown, or None for the mean over pairs."""
+        i = self.pair_combo.currentIndex()
+        return i - 1 if i > 0 and self.per_pair() is not None else None
+
+    def set_pair(self, pair: int | None) -> None:
+        self.pair_combo.setCurrentIndex(0 if pair is None else pair + 1)
+
+    def _setup_pair_combo(self):
+        per_pair = self.per_pair()
+        keep = self.pair_combo.currentIndex()
+        self.pair_combo.blockSignals(True)
+        self.pair_combo.clear()
+        if per_pair is not None:
+            self.pair_combo.addItem("mean")
+            self.pair_combo.addItems([f"pair {i}" for i in range(per_pair.shape[0])])
+            self.pair_combo.setCurrentIndex(keep if 0 <= keep < self.pair_combo.count() else 0)
+        self.pair_combo.setVisible(per_pair is not None)
+        self.pair_combo.blockSignals(False)
+
+    def _source_values(self) -> np.ndarray:
+        pair = self.pair_index()
+        return self.per_pair()[pair] if pair is not None else self.result.values
+
+    def sem_at(self, cell) -> float | None:
+        """The standard error of the mean at a shown cell (None when not a mean over pairs, or the shown value
+        is a sum over positions, whose error is not the sum of the errors)."""
+        r = self.result
+        sem = r.extras.get("sem") if r is not None else None
+        if sem is None or self.pair_index() is not None or np.shape(sem) != r.values.shape:
+            return None
+        shown, _dims, summed = self._slice(np.asarray(sem, dtype=np.float32))
+        return None if summed else float(shown[cell])
 
     # ---- drawing ----
     def _setup_position_combo(self):
@@ -242,9 +292,17 @@ class ResultView(QWidget):
         return {dim: max(combo.currentIndex(), 0) for dim, combo in self._slice_combos.items()}
 
     def _shown_array(self):
-        """(array 1-D or 2-D, its dims) for the result and the position selector."""
-        r = self.result
-        values, dims = np.asarray(r.values, dtype=np.float32), list(r.dims)
+        """(array 1-D or 2-D, its dims) for the result and the pair and position selectors."""
+        values, dims, _summed = self._slice(np.asarray(self._source_values(), dtype=np.float32))
+        return values, dims
+
+    def shown_of(self, array) -> np.ndarray:
+        """`array` (shaped like the result's values, e.g. one pair's) sliced and summed as the view shows it."""
+        return self._slice(np.asarray(array, dtype=np.float32))[0]
+
+    def _slice(self, values):
+        summed = False
+        dims = list(self.result.dims)
         for dim, combo in self._slice_combos.items():
             axis = dims.index(dim)
             values = np.take(values, max(combo.currentIndex(), 0), axis=axis)
@@ -256,8 +314,9 @@ class ResultView(QWidget):
                 values = np.take(values, choice - 1, axis=axis)
             else:
                 values = values.sum(axis=axis)  # NaN propagates: a partial sum is not shown as a sum
+                summed = True
             dims.pop(axis)
-        return values, dims
+        return values, dims, summed
 
     def _labels(self, dim: str, n: int) -> list[str]:
         given = self.result.labels.get(dim) if self.result else None
@@ -387,8 +446,13 @@ class ResultView(QWidget):
         for key in ("component", "direction", "positions"):
             if r.params.get(key):
                 parts.append(f"{key} {r.params[key]}")
-        refs = [f"{n} {_fmt(v)}" for n, v in (("clean", r.clean_metric), ("corrupted", r.corrupted_metric))
-                if np.isfinite(v)]
+        metrics = (("clean", r.clean_metric), ("corrupted", r.corrupted_metric))
+        pair = self.pair_index()
+        if pair is not None:
+            parts.append(f"pair {pair} of {self.per_pair().shape[0]}")
+            metrics = tuple((n, float(np.asarray(r.extras[f"{n}_metric"]).reshape(-1)[pair]))
+                            for n in ("clean", "corrupted") if np.size(r.extras.get(f"{n}_metric", ())) > pair)
+        refs = [f"{n} {_fmt(v)}" for n, v in metrics if np.isfinite(v)]
         if refs:
             parts.append(f"{self._value_name()}: " + ", ".join(refs))
         raw = kinds.raw_logit_diffs(r)
@@ -435,6 +499,12 @@ class ResultView(QWidget):
             where = f"{self._dims[0]} {self._row_labels[cell[0]]}, {self._dims[1]} {self._col_labels[cell[1]]}"
         else:
             where = f"{self._dims[0] if self._dims else 'index'} {self._row_labels[cell[0]]}"
+        pair = self.pair_index()
+        if pair is not None:
+            return f"{where}: {self._value_name()} of pair {pair} = {_fmt(v)}"
+        sem = self.sem_at(cell)
+        if sem is not None:
+            return f"{where}: mean {self._value_name()} = {_fmt(v)} ± {_fmt(sem)} (standard error)"
         return f"{where}: {self._value_name()} = {_fmt(v)}"
 
     def _on_mouse_moved(self, scene_pos):

@@ -151,7 +151,10 @@ def run_analysis(prompts, spec, batch_size: int | None = None):
     """Run one analysis spec (project.specs) on the loaded model with `prompts` (project.specs.Prompts)."""
     def job(state, cancel):
         lm = _need_model(state)
-        skeleton = _skeleton(lm, prompts, spec)
+        from desktop_app.project.dataset_prompts import is_dataset
+
+        # over a dataset the result's shape is not the first pair's (named positions; pairs of other lengths)
+        skeleton = None if is_dataset(prompts) else _skeleton(lm, prompts, spec)
         if skeleton is not None:
             yield Skeleton(skeleton)
         from desktop_app.project.execute import analysis_job

@@ -1,0 +1,69 @@
+"""The metric field: completion of the word being typed and a one-line parse error while typing."""
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QComboBox, QLabel
+
+from desktop_app.engine.datasets import PairText
+from desktop_app.engine.errors import SpecError
+from desktop_app.project.dataset_edit import SetPairs
+
+from ui_helpers import child
+
+
+def _metric_combo(window):
+    combo = child(window, "analysisKindCombo", QComboBox)
+    combo.setCurrentIndex(combo.findData("activation_patching"))
+    return child(window, "metricCombo", QComboBox)
+
+
+def _type(qtbot, combo, text):
+    combo.lineEdit().setFocus()
+    combo.lineEdit().clear()
+    qtbot.keyClicks(combo.lineEdit(), text)
+
+
+def test_a_bad_expression_shows_the_parser_sentence_and_a_good_one_clears_it(qtbot, window):
+    combo = _metric_combo(window)
+    label = child(window, "metricErrorLabel", QLabel)
+    text = "logit(answer) - * logit(wrong)"
+    _type(qtbot, combo, text)
+    try:
+        from desktop_app.engine.metric_expr import MetricExpression
+        MetricExpression(text)
+        raise AssertionError("the reference parser accepted a bad expression")
+    except SpecError as err:
+        expected = str(err)
+    qtbot.waitUntil(lambda: window.metric_assist.parsed_text == text, timeout=10_000)
+    assert label.text() == expected and "column" in expected and label.isVisible()
+    _type(qtbot, combo, "logprob(answer) - logprob(wrong)")
+    qtbot.waitUntil(lambda: window.metric_assist.parsed_text == "logprob(answer) - logprob(wrong)", timeout=10_000)
+    assert label.text() == "" and not label.isVisible()
+
+
+def test_completion_offers_the_words_and_the_dataset_tokens(qtbot, window):
+    window.session.push(SetPairs(window.project, [PairText("a b c", "a b d", " Mary", " John")], "set"))
+    combo = _metric_combo(window)
+    assist = window.metric_assist
+    _type(qtbot, combo, "logit(answer) - lo")
+    assert assist.prefix() == "lo"
+    popup = assist.completer.popup()
+    assert popup.isVisible()
+    shown = [assist.completer.completionModel().index(i, 0).data() for i in range(assist.completer.completionCount())]
+    assert shown == ["logit(", "logprob("]
+    assist.insert_completion("logprob(")
+    assert combo.currentText() == "logit(answer) - logprob("
+    _type(qtbot, combo, "prob(' M")
+    shown = [assist.completer.completionModel().index(i, 0).data() for i in range(assist.completer.completionCount())]
+    assert shown == ["' Mary'"]
+    assist.insert_completion("' Mary'")
+    assert combo.currentText() == "prob(' Mary'"
+    _type(qtbot, combo, "prob(wr")
+    assist.insert_completion(assist.completer.currentCompletion())
+    assert combo.currentText() == "prob(wrong"
+
+
+def test_builtin_names_are_offered_only_as_the_whole_metric(qtbot, window):
+    combo = _metric_combo(window)
+    assist = window.metric_assist
+    _type(qtbot, combo, "logit")
+    shown = [assist.completer.completionModel().index(i, 0).data() for i in range(assist.completer.completionCount())]
+    assert shown == ["logit_diff", "logit_diff_recovered", "logit("]
