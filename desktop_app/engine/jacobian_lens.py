@@ -12,10 +12,13 @@ positions p >= skip_first; over prompts: the mean of the per-prompt averages (a 
 on separate corpora merge by weighting with n_prompts). One forward and one backward pass per chunk of
 dim_batch dimensions: ceil(d_model / dim_batch) per prompt.
 
-File (a torch file, read with weights_only=True): {"jacobians": {layer: float32 [d_model, d_model]},
-"d_model", "n_layers", "n_prompts", "skip_first_n_positions", "model", "format"}. J[i, j] = d h_final_i / d h_j
-(applied as J @ h). The reader also accepts a dict of per-layer [d, d] tensors under integer keys ("5"),
-"layer_5" / "layer5" keys, or a stacked [n, d, d] tensor under "jacobians"; anything else is refused.
+File (a torch file, read with weights_only=True): {"J": {layer: [d_model, d_model]}, "n_prompts", "d_model"}
+as the J-lens release's files (neuronpedia/jacobian-lens `*_jacobian_lens_n1000.pt`) hold them, as public
+scripts that load those files read them (`torch.load(...)["J"]`, layers = sorted keys; float16 matrices there;
+the source layers exclude the last one, whose J is the identity). Ours adds "n_layers", "skip_first_n_positions",
+"model", "format" and stores float32. J[i, j] = d h_final_i / d h_j (applied as J @ h). The reader also accepts
+"jacobians" instead of "J", a stacked [n, d, d] tensor there, or a dict of per-layer [d, d] tensors under
+integer keys ("5") or "layer_5" / "layer5" keys; anything else is refused.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from desktop_app.engine.results import AnalysisResult
 FORMAT = "interp-workbench jacobian lens v1"
 SKIP_FIRST_N_POSITIONS = 16
 MAX_FILE_BYTES = 16 * 2**30
+MATRIX_KEYS = ("J", "jacobians")
 _LAYER_KEY = re.compile(r"^(?:layer[_.]?|blocks\.)?(\d+)$", re.IGNORECASE)
 
 
@@ -63,7 +67,7 @@ def save_jacobian_lens(lens: JacobianLens, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(lens.meta)
     state.update(format=FORMAT, d_model=int(lens.d_model), n_prompts=int(lens.n_prompts),
-                 jacobians={int(L): j.detach().float().cpu().contiguous() for L, j in lens.jacobians.items()})
+                 J={int(L): j.detach().float().cpu().contiguous() for L, j in lens.jacobians.items()})
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -72,8 +76,9 @@ def save_jacobian_lens(lens: JacobianLens, path) -> Path:
 
 def _matrices(state, where: str) -> dict[int, torch.Tensor]:
     """The per-layer matrices of a loaded file, under the layouts the module docstring lists."""
-    if isinstance(state, dict) and "jacobians" in state:
-        inner = state["jacobians"]
+    key = next((k for k in MATRIX_KEYS if isinstance(state, dict) and k in state), None)
+    if key is not None:
+        inner = state[key]
         if isinstance(inner, torch.Tensor) and inner.dim() == 3:
             layers = state.get("source_layers") or list(range(inner.shape[0]))
             if len(layers) != inner.shape[0]:
@@ -107,7 +112,7 @@ def load_jacobian_lens(path, lm) -> JacobianLens:
                         "pickled objects, which are never loaded.", str(err)) from err
     matrices = _matrices(state, str(p))
     d, n = lm.info.d_model, lm.info.n_layers
-    meta = {k: v for k, v in state.items() if k != "jacobians" and isinstance(v, (int, float, str))} \
+    meta = {k: v for k, v in state.items() if k not in MATRIX_KEYS and isinstance(v, (int, float, str))} \
         if isinstance(state, dict) else {}
     widths = sorted({tuple(j.shape) for j in matrices.values()})
     file_layers = meta.get("n_layers")

@@ -90,6 +90,14 @@ def test_save_load_round_trip_and_layers_without_a_matrix(lm_gpt2, tmp_path):
 def test_tolerant_reader_layouts(lm_gpt2, tmp_path):
     d, n = lm_gpt2.info.d_model, lm_gpt2.info.n_layers
     eye = torch.eye(d)
+    # the release's layout: "J" {layer: float16 [d, d]} for the source layers (the last one left out)
+    torch.save({"J": {L: (2 * eye).half() for L in range(n - 1)}, "n_prompts": 1000, "d_model": d},
+               tmp_path / "release.pt")
+    lens = load_jacobian_lens(tmp_path / "release.pt", lm_gpt2)
+    assert lens.source_layers == list(range(n - 1)) and lens.n_prompts == 1000
+    assert lens.jacobians[0].dtype == torch.float32 and float(lens.jacobians[0][1, 1]) == 2.0
+    assert sorted(torch.load(save_jacobian_lens(lens, tmp_path / "ours.pt"), weights_only=True)["J"]) == \
+        list(range(n - 1))
     torch.save({"0": 2 * eye, "layer_1": 3 * eye}, tmp_path / "a.pt")
     lens = load_jacobian_lens(tmp_path / "a.pt", lm_gpt2)
     assert lens.source_layers == [0, 1] and float(lens.jacobians[1][0, 0]) == 3.0
@@ -118,7 +126,7 @@ class _Payload:  # any pickled object: weights_only refuses to build it
 
 def test_a_file_with_pickled_objects_is_refused(lm_gpt2, tmp_path):
     d = lm_gpt2.info.d_model
-    torch.save({"jacobians": {0: torch.eye(d)}, "extra": _Payload()}, tmp_path / "evil.pt")
+    torch.save({"J": {0: torch.eye(d)}, "extra": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(SpecError, match="pickled objects"):
         load_jacobian_lens(tmp_path / "evil.pt", lm_gpt2)
 
