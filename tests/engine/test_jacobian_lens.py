@@ -141,3 +141,18 @@ def test_cancel_saves_the_prompts_finished(lm_gpt2, tmp_path):
     assert load_jacobian_lens(tmp_path / "p.pt", lm_gpt2).n_prompts == 1
     with pytest.raises(SpecError, match="longer than 40"):
         drive(fit_jacobian_lens_job(lm_gpt2, ["short text"], tmp_path / "q.pt", skip_first=40))
+
+
+def test_damaged_or_foreign_files_get_one_sentence(lm_gpt2, tmp_path):
+    d = lm_gpt2.info.d_model
+    good = save_jacobian_lens(JacobianLens({0: torch.eye(d)}, d), tmp_path / "good.pt").read_bytes()
+    for cut in (0, 10, len(good) // 2, len(good) - 5):
+        (tmp_path / "cut.pt").write_bytes(good[:cut])
+        with pytest.raises(SpecError, match="could not be read"):
+            load_jacobian_lens(tmp_path / "cut.pt", lm_gpt2)
+    torch.save(torch.eye(d), tmp_path / "tensor.pt")
+    with pytest.raises(SpecError, match="holds a Tensor"):
+        load_jacobian_lens(tmp_path / "tensor.pt", lm_gpt2)
+    torch.save({"J": {0: "not a matrix"}}, tmp_path / "text.pt")
+    with pytest.raises(SpecError, match="keys found: 0"):
+        load_jacobian_lens(tmp_path / "text.pt", lm_gpt2)
