@@ -1,8 +1,8 @@
-"""Logit lens and tuned lens: what each layer's residual stream already predicts.
+"""Logit lens, tuned lens and Jacobian lens: what each layer's residual stream already predicts.
 
 The residual stream after block L (resid_post) at every position goes through the model's own final norm and
-unembedding (adapter.logits_from_resid), directly (logit lens, nostalgebraist 2020) or after the tuned lens's
-translator for that layer. One forward pass records every layer; the grid is [layer, position]: the
+unembedding (adapter.logits_from_resid), directly (logit lens, nostalgebraist 2020), after the tuned lens's
+translator for that layer, or after the Jacobian lens's J_L (engine/jacobian_lens.py). One forward pass records every layer; the grid is [layer, position]: the
 probability of the target token. The target is the pair's answer, a literal single token, or "prediction":
 at each position, the token the model itself predicts there (the last layer's top token).
 
@@ -49,9 +49,15 @@ def _lens_transform(lm, lens: str, lens_path, force_hook: bool = False):
         tuned = load_tuned_lens(lens_path, lm, force_hook=force_hook)
         return tuned.transform_resid_post
     if lens == "jacobian":
-        raise SpecError("the Jacobian lens is not supported yet (its file format is not documented here); "
-                        "choose the logit or tuned lens.")
-    raise SpecError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES[:2])}.")
+        from desktop_app.engine.jacobian_lens import load_jacobian_lens
+
+        jlens = load_jacobian_lens(lens_path, lm)
+        last = lm.info.n_layers - 1
+
+        def through_j(layer, resid):  # the last block's output is h_final itself: J is the identity there
+            return resid if layer == last else jlens.transform_resid_post(layer, resid)
+        return through_j
+    raise SpecError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}.")
 
 
 def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int | None = None,
@@ -83,11 +89,15 @@ def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int
         final = logits[0]
         targets = target_ids_for(lm, target, answer_id, final)
         result.extras["target_ids"] = targets.numpy().astype(np.int64)
+        missing = []
         with torch.inference_mode():
             for L in range(n_layers):
                 cancel.check()
-                resid = store[names[L]].to(lm.input_device)
-                lens_logits = lm.adapter.logits_from_resid(transform(L, resid))[0].float().cpu()
+                read = transform(L, store[names[L]].to(lm.input_device))
+                if read is None:  # a Jacobian lens without a matrix for this layer: the row stays empty
+                    missing.append(L)
+                    continue
+                lens_logits = lm.adapter.logits_from_resid(read)[0].float().cpu()
                 if L == n_layers - 1:
                     check_close("the logit lens of the last layer", lens_logits, final,
                                 computed_in=getattr(torch, lm.info.dtype, None))
@@ -100,6 +110,9 @@ def logit_lens_job(lm, tokens: TokenInfo, target: str = "answer", answer_id: int
                 yield Partial(index=(np.full(n_pos, L), np.arange(n_pos)), values=values[L].copy())
                 yield Progress((L + 1) * n_pos, values.size, f"layer {L}")
         result.extras["top_token_text"] = token_texts(lm, top_ids)
+        if missing:
+            result.message = (f"the lens file has no Jacobian for layers {', '.join(map(str, missing))}; "
+                              "those rows are empty.")
     return (yield from stream_cells(result, cells(), t0))
 
 

@@ -31,6 +31,7 @@ def reading_specs():
     from desktop_app.project.kinds.logit_lens import LogitLensSpec
     from desktop_app.project.kinds.token_attribution import TokenAttributionSpec
     from desktop_app.project.kinds.tuned_lens_training import TunedLensTrainingSpec
+    from desktop_app.project.kinds.jacobian_lens_fitting import JacobianLensFittingSpec
 
     return [
         LogitLensSpec("lens", lens="tuned", lens_path="/lenses/gpt2", prompt="corrupted", target=" Paris", k=7),
@@ -41,6 +42,9 @@ def reading_specs():
                              integration="riemann_left", samples=99, window=3, seed=5),
         TunedLensTrainingSpec("tl", corpus="/data/corpus.txt", out="/lenses/out", steps=9, context=16, batch_size=2,
                               lr=0.01, seed=1),
+        JacobianLensFittingSpec("jl", corpus="/data/corpus.txt", out="/lenses/j.pt", n_prompts=7, context=48,
+                                skip_first=4, dim_batch=16),
+        LogitLensSpec("jlens", lens="jacobian", lens_path="/lenses/j.pt", target="prediction"),
     ]
 
 

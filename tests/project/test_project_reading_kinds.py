@@ -107,3 +107,29 @@ def test_a_kind_that_cannot_run_fails_alone_with_one_sentence(gpt2_dir, tmp_path
     results = {e.name: e.result for e in load_project(out).analyses}
     assert results["tuned"].status == "failed" and "tuned-lens folder" in results["tuned"].message
     assert results["dla"].status == "complete"
+
+
+def test_a_jacobian_lens_fitted_in_an_experiment_is_read_by_a_later_analysis(gpt2_dir, tmp_path):
+    from desktop_app.cli import main
+    from desktop_app.project.iwb import load_project
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("When Mary and John went to the store, John gave a drink to Mary.\n"
+                      "After Tom and Anna met at the park, Anna handed a book to Tom.\n")
+    with pytest.raises(SpecError, match="lens_path"):
+        analysis_from_dict({"name": "t", "kind": "logit_lens", "lens": "jacobian"})
+    analyses = [{"name": "fit", "kind": "jacobian_lens_fitting", "corpus": str(corpus), "out": str(tmp_path / "j.pt"),
+                 "skip_first": 2, "dim_batch": 16},
+                {"name": "jl", "kind": "logit_lens", "lens": "jacobian", "lens_path": str(tmp_path / "j.pt"),
+                 "target": "prediction"},
+                {"name": "plain", "kind": "logit_lens", "target": "prediction"}]
+    for d in analyses:
+        spec = analysis_from_dict(d)
+        assert analysis_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert kinds.get("jacobian_lens_fitting").view in kinds.VIEW_TYPES
+    out = tmp_path / "p.iwb"
+    assert main(["run", str(_experiment(tmp_path, gpt2_dir, analyses)), "--out", str(out), "-q"]) == 0
+    results = {e.name: e.result for e in load_project(out).analyses}
+    assert all(r.status == "complete" for r in results.values()), {n: r.message for n, r in results.items()}
+    assert results["fit"].dims == ["layer"] and results["fit"].values[-1] < 1e-6
+    np.testing.assert_allclose(results["jl"].values[-1], results["plain"].values[-1], atol=1e-5)

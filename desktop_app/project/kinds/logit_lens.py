@@ -1,4 +1,4 @@
-"""Logit lens and tuned lens: the probability of a target token at every layer's residual stream."""
+"""Logit lens, tuned lens and Jacobian lens: the probability of a target token at every layer's residual stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +11,11 @@ from desktop_app.project.specs import AnalysisSpec, param
 
 @dataclass(frozen=True)
 class LogitLensSpec(AnalysisSpec):
-    lens: str = param("logit", widget="choice", choices=("logit", "tuned"),
-                      tip="logit: final norm + unembedding of each layer; tuned: a tuned lens's translators first")
+    lens: str = param("logit", widget="choice", choices=("logit", "tuned", "jacobian"),
+                      tip="logit: final norm + unembedding of each layer; tuned: a tuned lens's translators first; "
+                          "jacobian: the layer's average Jacobian to the last layer first")
     lens_path: str = param("", widget="path", empty_ok=True,
-                           tip="The tuned-lens folder (config.json + params.pt) for lens = tuned")
+                           tip="The tuned-lens folder (config.json + params.pt) for lens = tuned, the .pt file for lens = jacobian")
     prompt: str = prompt_field()
     target: str = param("answer", widget="choice", choices=("answer", "prediction"), editable=True,
                         tip="answer, prediction (the model's own next token at each position) or a literal token")
@@ -26,6 +27,9 @@ class LogitLensSpec(AnalysisSpec):
         super().validate(where)
         if self.lens == "tuned" and not self.lens_path:
             raise SpecError(f"{where}: lens tuned needs lens_path, the tuned-lens folder; choose it or use lens logit.")
+        if self.lens == "jacobian" and not self.lens_path:
+            raise SpecError(f"{where}: lens jacobian needs lens_path, the Jacobian lens .pt file; choose it (a "
+                            "jacobian_lens_fitting analysis writes one) or use lens logit.")
 
 
 def _job(lm, prompts, spec, cancel, batch_size):
@@ -52,4 +56,5 @@ register_kind(AnalysisKind(
     kind="logit_lens", label="Logit lens", short="lens", spec=LogitLensSpec, job=_job, dims="[layer, position]",
     dataset_job=_dataset_job,
     value_name="target probability", scale="sequential", view="lens_grid", click="describe",
-    description="Read every layer's residual stream through the final norm and unembedding (or a tuned lens)."))
+    description="Read every layer's residual stream through the final norm and unembedding (or a tuned or "
+                "Jacobian lens)."))
