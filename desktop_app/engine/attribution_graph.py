@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,16 +231,18 @@ class Graph:
         return len(self.node_kind)
 
     def node_ids(self) -> list[str]:
+        """Ids as circuit-tracer / Neuronpedia write them: features `{layer}_{feature}_{pos}`, errors
+        `{layer}_-1_{pos}`, embeddings `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`."""
         ids = []
         for k, L, p, f in zip(self.node_kind, self.node_layer, self.node_pos, self.node_feature):
             if k == FEATURE:
                 ids.append(f"{L}_{f}_{p}")
             elif k == ERROR:
-                ids.append(f"{L}_error_{p}")
+                ids.append(f"{L}_-1_{p}")
             elif k == EMBEDDING:
                 ids.append(f"E_{f}_{p}")
             else:
-                ids.append(f"{L}_{f}_{p}" if False else f"L_{f}_{p}")
+                ids.append(f"{L + 1}_{f}_{p}")
         return ids
 
 
@@ -479,10 +482,14 @@ def attribution_graph_job(lm, tokens, tset_path: str, max_feature_nodes: int = 7
               "logit_bias": graph.bias[keep], "node_input": graph.target_input[keep],
               "max_replacement_logit_diff": np.asarray(float(np.abs(graph.replacement_logits
                                                                      - graph.real_logits[-1]).max()))}
+    extras["prompt_tokens"] = np.array(list(tokens.display) if tokens.display else [str(t) for t in tokens.ids])
+    extras["model_n_layers"] = np.asarray(lm.info.n_layers)
+    extras["model_vocab_size"] = np.asarray(lm.info.vocab_size)
     return AnalysisResult(
         name=name, kind="attribution_graph",
         params={"prompt": prompt_label, "node_threshold": node_threshold, "edge_threshold": edge_threshold,
                 "max_feature_nodes": max_feature_nodes, "max_n_logits": max_n_logits,
-                "desired_logit_prob": desired_logit_prob},
+                "desired_logit_prob": desired_logit_prob, "transcoders": str(tset_path or ""),
+                "scan": Path(lm.path).name if getattr(lm, "path", None) else lm.info.model_type},
         dims=["node"], values=(infl + lw)[keep].astype(np.float32), labels={"node": list(ids_all[keep])},
         tokens_clean=np.asarray(tokens.ids, dtype=np.int64), elapsed_s=time.perf_counter() - t0, extras=extras)
