@@ -187,3 +187,77 @@ def test_flat_yaml_parser():
         parse_flat_yaml("a:\n  b: 1\n", "x")
     with pytest.raises(SAEError):
         parse_flat_yaml("!!python/object:os.system x\n", "x")
+
+
+def test_gpt2_edges_match_a_hand_written_frozen_model(lm_gpt2):
+    """An independent reference for GPT-2: LayerNorms with their scale detached, softmax patterns detached, MLP
+    outputs held at their values (direct effects); the gradient of each logit node w.r.t. the embeddings times the
+    embeddings must be the graph's embedding -> logit edges."""
+    lm = lm_gpt2
+    tset = drive(fit_transcoders(lm, _batches(lm), d_transcoder=32, k=4, steps=50))
+    ids = torch.tensor([lm.tokenize(PROMPT, True).ids])
+    graph = drive(build_graph(lm, ids, tset, max_feature_nodes=10, max_n_logits=3, desired_logit_prob=0.9))
+    tr = lm.model.transformer
+    n_pos, n_head = ids.shape[1], lm.info.n_heads
+
+    def ln(mod, x):
+        mu = x.mean(-1, keepdim=True)
+        sd = ((x - mu).pow(2).mean(-1, keepdim=True) + mod.eps).sqrt().detach()
+        return (x - mu) / sd * mod.weight + mod.bias
+
+    with torch.no_grad():
+        emb0 = tr.wte(ids) + tr.wpe(torch.arange(n_pos))[None]
+        hooks_out = []
+        handles = [b.mlp.register_forward_hook(lambda m, a, o: hooks_out.append(o.detach())) for b in tr.h]
+        lm.model(input_ids=ids)
+        for hd in handles:
+            hd.remove()
+        mlp_outs = hooks_out
+    emb = emb0.clone().requires_grad_(True)
+    h = emb
+    for L, block in enumerate(tr.h):
+        x = ln(block.ln_1, h)
+        q, k, v = block.attn.c_attn(x).split(lm.info.d_model, dim=-1)
+        split = lambda t: t.view(1, n_pos, n_head, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        scores_ = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+        scores_ = scores_.masked_fill(torch.ones(n_pos, n_pos).triu(1).bool(), float("-inf"))
+        pattern = torch.softmax(scores_, -1).detach()
+        z = (pattern @ v).transpose(1, 2).reshape(1, n_pos, -1)
+        h = h + block.attn.c_proj(z)
+        h = h + mlp_outs[L]
+    logits = ln(tr.ln_f, h) @ lm.model.lm_head.weight.T
+    kinds = np.array(graph.node_kind)
+    emb_cols = np.where(kinds == EMBEDDING)[0]
+    for t in np.where(kinds == LOGIT)[0]:
+        (grad,) = torch.autograd.grad(logits[0, -1, graph.node_feature[t]], emb, retain_graph=True)
+        expected = (grad[0] * emb0[0]).sum(-1).numpy()
+        np.testing.assert_allclose(graph.adjacency[t, emb_cols], expected, atol=2e-5, rtol=1e-4)
+        assert abs(logits[0, -1, graph.node_feature[t]].item() - graph.target_input[t]) < 1e-4
+
+
+def test_cancel_stops_the_graph(trained):
+    from desktop_app.engine.errors import JobCancelled
+    from desktop_app.engine.jobs import CancelToken, Progress
+
+    lm, tset, _ = trained
+    token = CancelToken()
+    seen = []
+
+    def on_event(event):
+        if isinstance(event, Progress):
+            seen.append(event)
+            if len(seen) == 2:
+                token.cancel()
+    job = build_graph(lm, torch.tensor([lm.tokenize(PROMPT, True).ids]), tset, max_feature_nodes=60, batch_size=4,
+                      cancel=token)
+    with pytest.raises(JobCancelled):
+        drive(job, on_event)
+    assert len(seen) == 2
+    # the hooks and the attention implementation are restored: the model runs as before
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()
+    assert all(getattr(lm.adapter.attn(L), "config")._attn_implementation == "eager"
+               for L in range(lm.info.n_layers))
+    assert not any(m._forward_hooks for m in lm.model.modules())
