@@ -2,6 +2,11 @@
 then builds and prunes the graph of one prompt.
 
     PYTHONPATH=$PWD python -m desktop_app.bench_graph resources/demo/model [--out FOLDER]
+    PYTHONPATH=$PWD python -m desktop_app.bench_graph resources/demo/model --gpt2-small-shape
+
+The second builds a randomly initialised model of GPT-2 small's shape (12 layers, d_model 768, vocabulary 50257)
+with the demo tokenizer and random TopK transcoders (width 6144, k 32; not fitted: the error nodes carry what
+they miss), for the time and memory of a graph of that shape only.
 """
 from __future__ import annotations
 
@@ -26,7 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default=None, help="also write the transcoder set here")
+    p.add_argument("--gpt2-small-shape", action="store_true")
     args = p.parse_args(argv)
+    if args.gpt2_small_shape:
+        return _gpt2_small_shape(args)
     lm = load_model(args.model, dtype="float32", device="cpu")
     texts = demo_task.corpus(400, seed=3)
     ids = [lm.tokenize(t, True).ids for t in texts]
@@ -50,6 +58,47 @@ def main(argv=None) -> int:
           f"{int((ex['adjacency'] != 0).sum())} edges kept, built in {graph_s:.2f} s")
     print(f"replacement score {float(ex['replacement_score']):.3f}, completeness {float(ex['completeness_score']):.3f},"
           f" max |replacement - real logit| {float(ex['max_replacement_logit_diff']):.2g}")
+    print(f"peak RSS {rss1 / 1024:.0f} MiB (before the graph {rss0 / 1024:.0f} MiB)")
+    return 0
+
+
+def _gpt2_small_shape(args) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from desktop_app.engine.attribution_graph import attribution_graph_job
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.loading import load_model
+    from desktop_app.engine.transcoders import Transcoder, TranscoderSet
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-small-shape"
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+                         attn_implementation="eager")
+        GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+        for f in Path(args.model).glob("*token*"):
+            shutil.copy(f, folder / f.name)
+        lm = load_model(str(folder), dtype="float32", device="cpu")
+    width, k, d = 6144, 32, 768
+    gen = torch.Generator().manual_seed(0)
+    layers = [Transcoder(torch.randn(width, d, generator=gen) / d ** 0.5, torch.randn(width, d, generator=gen) * 0.02,
+                         torch.zeros(width), torch.zeros(d), "topk", None, k) for _ in range(12)]
+    tokens = lm.tokenize(args.prompt, True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    result = drive(attribution_graph_job(lm, tokens, "", tset=TranscoderSet(layers, {})))
+    graph_s = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ex = result.extras
+    print(f"model: {lm.info.summary()} (random weights)")
+    print(f"graph: {len(tokens.ids)} tokens, {12 * len(tokens.ids) * k} active features, {len(ex['node_ids'])} nodes "
+          f"kept, built in {graph_s:.1f} s; max |replacement - real logit| "
+          f"{float(ex['max_replacement_logit_diff']):.2g}")
     print(f"peak RSS {rss1 / 1024:.0f} MiB (before the graph {rss0 / 1024:.0f} MiB)")
     return 0
 

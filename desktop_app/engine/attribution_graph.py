@@ -31,6 +31,7 @@ import torch
 from desktop_app.engine.dla import FrozenNorm
 from desktop_app.engine.errors import OutOfMemory, SpecError
 from desktop_app.engine.jobs import CancelToken, Progress
+from desktop_app.engine.model import human_bytes
 from desktop_app.engine.replay import record_run, run_from_layer
 from desktop_app.engine.results import AnalysisResult
 
@@ -246,13 +247,22 @@ class Graph:
         return ids
 
 
-def estimate_bytes(n_layers: int, n_pos: int, max_features: int, n_logits: int) -> int:
-    n = max_features + n_layers * n_pos + n_pos + n_logits
-    return 3 * 4 * n * n  # the adjacency, its normalised copy and the pruning scratch (float32)
+GRAPH_BYTES_PER_CELL = 48  # the float32 adjacency plus the float64 copies pruning makes (|A|, normalised, scores)
+
+
+def estimate_bytes(n_nodes: int) -> int:
+    return GRAPH_BYTES_PER_CELL * n_nodes * n_nodes
+
+
+def default_budget() -> int:
+    """Half the memory available now (the model and the rest of the app keep the other half)."""
+    from desktop_app.engine.memory import available_bytes
+
+    return available_bytes(torch.device("cpu")) // 2
 
 
 def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_n_logits: int = 10,
-                desired_logit_prob: float = 0.95, batch_size: int = 32, memory_budget: int = 2 << 30,
+                desired_logit_prob: float = 0.95, batch_size: int = 32, memory_budget: int | None = None,
                 cancel: CancelToken | None = None):
     """Job: yields Progress, returns (Graph, ReplacementContext-derived facts). See the module docstring."""
     cancel = cancel or CancelToken()
@@ -263,7 +273,6 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
                         f"({n_layers} layers, d_model {lm.info.d_model}).")
     ids = ids.reshape(1, -1)
     n_pos = ids.shape[1]
-    need = estimate_bytes(n_layers, n_pos, max_feature_nodes, max_n_logits)
     total_steps = 3
     yield Progress(0, total_steps, "recording the real run")
     run = _detached_run(record_run(lm, ids, cancel=cancel))
@@ -294,10 +303,11 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
 
         n_f, n_e = len(kept), n_layers * n_pos
         n = n_f + n_e + n_pos + n_logits
-        need = 3 * 4 * n * n
+        need = estimate_bytes(n)
+        memory_budget = default_budget() if memory_budget is None else memory_budget
         if need > memory_budget:
-            raise OutOfMemory(f"this graph would have {n} nodes and need about {need / 2**30:.1f} GiB, over the "
-                              f"budget of {memory_budget / 2**30:.1f} GiB; shorten the prompt or lower "
+            raise OutOfMemory(f"this graph would have {n} nodes and need about {human_bytes(need)}, over its "
+                              f"budget of {human_bytes(memory_budget)}; shorten the prompt or lower "
                               "max_feature_nodes.")
         kind = [FEATURE] * n_f + [ERROR] * n_e + [EMBEDDING] * n_pos + [LOGIT] * n_logits
         layer = np.array([k[0] for k in kept] + [L for L in range(n_layers) for _ in range(n_pos)]

@@ -174,6 +174,9 @@ def test_refusals(trained, tmp_path, lm_gpt2, lm_llama):
     (broken / "layer_1.safetensors").write_bytes((folder / "layer_1.safetensors").read_bytes())
     with pytest.raises(SAEError, match="misses layer"):
         load_transcoder_set(broken, n_layers=2)
+    from desktop_app.engine.errors import OutOfMemory
+    with pytest.raises(OutOfMemory, match="nodes and need about"):
+        drive(build_graph(lm, torch.tensor([lm.tokenize(PROMPT, True).ids]), tset, memory_budget=10_000))
     with pytest.raises(SpecError, match="does not fit"):
         drive(build_graph(lm, torch.tensor([[1, 2, 3]]), type(tset)(tset.layers[:1], {})))
 
@@ -243,6 +246,7 @@ def test_cancel_stops_the_graph(trained):
     lm, tset, _ = trained
     token = CancelToken()
     seen = []
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
 
     def on_event(event):
         if isinstance(event, Progress):
@@ -260,4 +264,4 @@ def test_cancel_stops_the_graph(trained):
     assert torch.isfinite(out).all()
     assert all(getattr(lm.adapter.attn(L), "config")._attn_implementation == "eager"
                for L in range(lm.info.n_layers))
-    assert not any(m._forward_hooks for m in lm.model.modules())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == hooks_before
