@@ -331,6 +331,10 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
         enc_rows = torch.stack([tset.layers[L].W_enc[f] for L, p, f, a in kept]) if kept else emb0[:0]
         b_enc = torch.tensor([float(tset.layers[L].b_enc[f]) for L, p, f, a in kept])
 
+        groups = {}
+        for i, (L, p, _f, _a) in enumerate(kept):
+            groups.setdefault((L, p), []).append(i)
+        groups = {key: (np.array(cols), dec_scaled[cols]) for key, cols in groups.items()}
         ctx.set_mode("frozen")
         targets = list(range(n_f)) + list(range(n - n_logits, n))
         adjacency = np.zeros((n, n), dtype=np.float32)
@@ -365,10 +369,9 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
             g_emb = grads[0] if grads[0] is not None else torch.zeros_like(emb)
             g_mlp = torch.stack([g if g is not None else torch.zeros_like(emb) for g in grads[1:]])  # [L, B, pos, d]
             with torch.no_grad():
-                if n_f:
-                    g_f = g_mlp[f_layer, :, f_pos]  # [n_f, B, d]
-                    adjacency[np.array(rows)[:, None], np.arange(n_f)[None]] = \
-                        torch.einsum("fbd,fd->bf", g_f, dec_scaled).numpy()
+                r = np.array(rows)[:, None]
+                for (L, p), (cols, dec) in groups.items():  # features written at one (layer, position) together
+                    adjacency[r, cols[None]] = (g_mlp[L, :, p] @ dec.T).numpy()
                 err = torch.stack(errors_in_graph)  # [L, pos, d]
                 adjacency[np.array(rows)[:, None], n_f + np.arange(n_e)[None]] = \
                     torch.einsum("lbpd,lpd->blp", g_mlp, err).reshape(B, -1).numpy()
