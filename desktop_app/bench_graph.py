@@ -76,6 +76,7 @@ def _gpt2_small_shape(args) -> int:
     from desktop_app.engine.transcoders import Transcoder, TranscoderSet
 
     torch.manual_seed(0)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-small-shape"
         cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
@@ -91,7 +92,10 @@ def _gpt2_small_shape(args) -> int:
     tokens = lm.tokenize(args.prompt, True)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    result = drive(attribution_graph_job(lm, tokens, "", tset=TranscoderSet(layers, {})))
+    def show(event):
+        if getattr(event, "message", ""):
+            print(f"{time.perf_counter() - t0:7.1f} s  {event.message}", flush=True)
+    result = drive(attribution_graph_job(lm, tokens, "", tset=TranscoderSet(layers, {})), show)
     graph_s = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ex = result.extras

@@ -379,11 +379,13 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
                     torch.einsum("bpd,pd->bp", g_emb, emb0).numpy()
                 target_input[rows] = vals.detach().double().numpy()
             yield Progress(1, total_steps, f"backward passes: {min(start + B, len(targets))} of {len(targets)}")
-        with torch.no_grad():  # the biases: every source removed
-            rows = targets
-            zero_emb = torch.zeros(len(rows), n_pos, emb0.shape[-1])
-            logits, mlp_in = frozen_forward(zero_emb, [b[None].expand(len(rows), -1, -1) for b in b_dec])
-            bias[rows] = inputs_of(rows, logits, mlp_in).double().numpy()
+        with torch.no_grad():  # the biases: every source removed (one row serves every target)
+            zero_emb = torch.zeros(1, n_pos, emb0.shape[-1])
+            logits, mlp_in = frozen_forward(zero_emb, [b[None] for b in b_dec])
+            for start in range(0, len(targets), batch_size):
+                rows = targets[start:start + batch_size]
+                bias[rows] = inputs_of(rows, logits.expand(len(rows), -1),
+                                       [m.expand(len(rows), -1, -1) for m in mlp_in]).double().numpy()
         ctx.set_mode("replacement")
         with torch.no_grad():
             replaced = run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=True)[0]
