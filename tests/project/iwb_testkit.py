@@ -27,6 +27,7 @@ def reading_specs():
 
     kinds.load()  # first, so that the built-in kinds keep their places (the panel's order is registration order)
     from desktop_app.project.kinds.attention import AttentionPatternsSpec, AttentionRolloutSpec
+    from desktop_app.project.kinds.attribution_graph import AttributionGraphSpec
     from desktop_app.project.kinds.direct_logit_attribution import DirectLogitAttributionSpec
     from desktop_app.project.kinds.logit_lens import LogitLensSpec
     from desktop_app.project.kinds.token_attribution import TokenAttributionSpec
@@ -45,6 +46,8 @@ def reading_specs():
         JacobianLensFittingSpec("jl", corpus="/data/corpus.txt", out="/lenses/j.pt", n_prompts=7, context=48,
                                 skip_first=4, dim_batch=16),
         LogitLensSpec("jlens", lens="jacobian", lens_path="/lenses/j.pt", target="prediction"),
+        AttributionGraphSpec("graph", transcoders="/transcoders/gpt2", prompt="corrupted", max_feature_nodes=500,
+                             node_threshold=0.6, edge_threshold=0.9, max_n_logits=3, desired_logit_prob=0.5),
     ]
 
 
