@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QPushButton, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, QTimer
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QPushButton, QTableView,
+                               QVBoxLayout, QWidget)
 
 from desktop_app.project import dataset_edit
 from desktop_app.project.dataset_edit import FIELDS
@@ -27,11 +28,13 @@ class PairCheck:
     problems: list
 
 
-def check_pairs_job(pairs, prepend_bos=None):
+def check_pairs_job(pairs, prepend_bos=None, named: bool | None = None):
     """A runner job: each pair's tokens and problems (answers that are not one token; prompts whose lengths
-    differ while the pairs name no positions to align them)."""
+    differ while the pairs name no positions to align them). `named`: whether the whole dataset names positions
+    (by default: whether all of `pairs` do; give it when `pairs` is only the changed part of a dataset)."""
     pairs = list(pairs)
-    named = bool(pairs) and all(p.spans for p in pairs)
+    if named is None:
+        named = bool(pairs) and all(p.spans for p in pairs)
 
     def job(state, cancel):
         lm = state.lm
@@ -92,14 +95,92 @@ def _tooltip(check: PairCheck) -> str:
     return "\n".join(check.problems + [""] + lines if check.problems else lines)
 
 
+def _check_key(pair, named: bool, prepend_bos):
+    """What a pair's check depends on besides the loaded model (which clears the cache when it changes)."""
+    return (pair, named, prepend_bos)
+
+
+class PairsModel(QAbstractTableModel):
+    """The project's pairs as a table model: a change of the pairs updates only the rows that changed, and an
+    edited cell goes to `on_edit(row, field, text)` (the controller turns it into an undoable command)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.pairs: list = []
+        self.flags_of: Callable[[int], tuple[str, str, object]] = lambda row: ("", "", None)
+        self.on_edit: Callable[[int, str, str], None] = lambda row, field, text: None
+
+    def rowCount(self, parent=QModelIndex()):
+        return 0 if parent.isValid() else len(self.pairs)
+
+    def columnCount(self, parent=QModelIndex()):
+        return 0 if parent.isValid() else len(HEADERS)
+
+    def headerData(self, section, orientation, role=Qt.DisplayRole):
+        if role != Qt.DisplayRole:
+            return None
+        return HEADERS[section] if orientation == Qt.Horizontal else str(section)  # pair i, as the picker names it
+
+    def cell_text(self, row: int, col: int) -> str:
+        if col >= FLAG_COLUMN:
+            return self.flags_of(row)[0]
+        value = getattr(self.pairs[row], FIELDS[col])
+        return dataset_edit.answer_text(value) if FIELDS[col] in ("answer", "wrong_answer") else value
+
+    def data(self, index, role=Qt.DisplayRole):
+        if not index.isValid() or index.row() >= len(self.pairs):
+            return None
+        row, col = index.row(), index.column()
+        if role in (Qt.DisplayRole, Qt.EditRole):
+            return self.cell_text(row, col)
+        if col == FLAG_COLUMN and role == Qt.ToolTipRole:
+            return self.flags_of(row)[1]
+        if col == FLAG_COLUMN and role == Qt.ForegroundRole:
+            colour = self.flags_of(row)[2]
+            return QBrush(colour) if colour is not None else None
+        return None
+
+    def flags(self, index):
+        base = Qt.ItemIsSelectable | Qt.ItemIsEnabled
+        return base if index.column() >= FLAG_COLUMN else base | Qt.ItemIsEditable
+
+    def setData(self, index, value, role=Qt.EditRole):
+        if role != Qt.EditRole or not index.isValid() or index.column() >= FLAG_COLUMN:
+            return False
+        if str(value) != self.cell_text(index.row(), index.column()):
+            self.on_edit(index.row(), FIELDS[index.column()], str(value))
+        return True
+
+    def set_pairs(self, pairs: list) -> list[int]:
+        """Show `pairs`; returns the rows that changed. Same count: only those rows are repainted; else the
+        rows after the first difference are inserted or removed."""
+        old = self.pairs
+        if len(old) == len(pairs):
+            changed = [i for i, (a, b) in enumerate(zip(old, pairs)) if a is not b and a != b]
+            self.pairs = list(pairs)
+            if changed:
+                self.dataChanged.emit(self.index(changed[0], 0), self.index(changed[-1], FLAG_COLUMN))
+            return changed
+        self.beginResetModel()
+        self.pairs = list(pairs)
+        self.endResetModel()
+        return list(range(len(pairs)))
+
+    def flags_changed(self, rows=None):
+        if self.pairs:
+            first, last = (0, len(self.pairs) - 1) if rows is None else (min(rows), max(rows))
+            self.dataChanged.emit(self.index(first, FLAG_COLUMN), self.index(last, FLAG_COLUMN))
+
+
 class DatasetPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.table = QTableWidget(0, len(HEADERS))
+        self.model = PairsModel(self)
+        self.table = QTableView()
         self.table.setObjectName("datasetTable")
+        self.table.setModel(self.model)
         self.table.setToolTip("The dataset of prompt pairs; double-click a cell to edit it. An answer with several "
                               "spellings is a JSON list, e.g. [\" Mary\", \" mary\"]")
-        self.table.setHorizontalHeaderLabels(list(HEADERS))
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         header = self.table.horizontalHeader()
         for col in range(len(HEADERS)):
@@ -128,19 +209,23 @@ class DatasetPanel(QWidget):
 
 class DatasetController:
     """Dependencies: the session, the DatasetPanel, `submit` of the runner, `is_loaded()`, `messages`
-    (show_error, clear) and `open_templates()` (the template dialog)."""
+    (show_error, clear) and `open_templates()` (the template dialog). Pair checks are cached per pair for the
+    loaded model, so an edit re-tokenises only the pairs it changed."""
 
     def __init__(self, session, panel: DatasetPanel, submit: Callable, is_loaded: Callable[[], bool], messages,
                  open_templates: Callable[[], None], dialog_parent=None):
         self.session, self.panel, self.submit, self.is_loaded = session, panel, submit, is_loaded
         self.messages, self.dialog_parent = messages, dialog_parent
         self.checks: list[PairCheck] | None = None
-        self._filling = False
+        self._cache: dict = {}  # _check_key -> PairCheck, for the loaded model
+        self._keys_of = None
+        self.checked_last = 0  # how many pairs the last check job tokenised (the rest came from the cache)
         self.timer = QTimer(panel)
         self.timer.setSingleShot(True)
         self.timer.setInterval(FLAG_DEBOUNCE_MS)
         self.timer.timeout.connect(self.request_checks)
-        panel.table.itemChanged.connect(self._item_changed)
+        panel.model.flags_of = self._flag
+        panel.model.on_edit = self._edit
         panel.add_button.clicked.connect(lambda: self.session.push(dataset_edit.add_pair(self.session.project)))
         panel.remove_button.clicked.connect(self.remove_selected)
         panel.import_button.clicked.connect(self.import_dialog)
@@ -148,48 +233,53 @@ class DatasetController:
         self.refresh()
 
     # ---- document -> table
-    def refresh(self):
-        """Show the project's pairs (after any change of the prompts, undo and redo included)."""
+    def refresh(self, model_changed: bool = False):
+        """Show the project's pairs (after any change of the prompts, undo and redo included); with
+        `model_changed` the cached checks (of the previous model) are dropped."""
+        if model_changed:
+            self._cache.clear()
         pairs = dataset_edit.pairs_of(self.session.project.prompts)
-        t = self.panel.table
-        self._filling = True
-        try:
-            t.setRowCount(len(pairs))
-            t.setVerticalHeaderLabels([str(i) for i in range(len(pairs))])  # pair i, as the pair picker names it
-            for row, pair in enumerate(pairs):
-                for col, field in enumerate(FIELDS):
-                    value = getattr(pair, field)
-                    text = dataset_edit.answer_text(value) if field in ("answer", "wrong_answer") else value
-                    item = t.item(row, col)
-                    if item is None:
-                        t.setItem(row, col, QTableWidgetItem(text))
-                    elif item.text() != text:
-                        item.setText(text)
-                flag = QTableWidgetItem("…" if self.is_loaded() else "")
-                flag.setFlags(Qt.ItemIsSelectable | Qt.ItemIsEnabled)
-                flag.setToolTip("load a model to check the tokens" if not self.is_loaded() else "checking…")
-                t.setItem(row, FLAG_COLUMN, flag)
-        finally:
-            self._filling = False
+        self.panel.model.set_pairs(pairs)
         self.checks = None
-        self.timer.start()
+        self._update_checks()
+        self.panel.model.flags_changed()
+        if self.is_loaded() and self.checks is None:
+            self.timer.start()
+
+    def _keys(self):
+        """The cache keys of the table's pairs (kept until the pairs change) and whether they name positions."""
+        pairs = self.panel.model.pairs
+        bos = self.session.project.prompts.prepend_bos
+        if self._keys_of is None or self._keys_of[0] is not pairs or self._keys_of[1] != bos:
+            named = bool(pairs) and all(p.spans for p in pairs)
+            self._keys_of = (pairs, bos, [_check_key(p, named, bos) for p in pairs], named)
+        return self._keys_of[2], self._keys_of[3]
+
+    def _update_checks(self):
+        """`checks` from the cache when every pair of the table has one there."""
+        if not self.is_loaded() or not self.panel.model.pairs:
+            return
+        keys, _ = self._keys()
+        if all(k in self._cache for k in keys):
+            self.checks = [self._cache[k] for k in keys]
+
+    def _flag(self, row: int):
+        if not self.is_loaded():
+            return "", "load a model to check the tokens", None
+        check = self.checks[row] if self.checks is not None else self._cache.get(self._keys()[0][row])
+        if check is None:
+            return "…", "checking…", None
+        return ("⚠ " + check.problems[0] if check.problems else "ok", _tooltip(check),
+                QColor(Qt.red) if check.problems else QColor(Qt.darkGreen))
 
     # ---- table -> document
-    def _item_changed(self, item: QTableWidgetItem):
-        if self._filling or item.column() >= FLAG_COLUMN:
-            return
-        field = FIELDS[item.column()]
-        pairs = dataset_edit.pairs_of(self.session.project.prompts)
-        if item.row() >= len(pairs):
-            return
-        current = getattr(pairs[item.row()], field)
-        if field in ("answer", "wrong_answer"):
-            current = dataset_edit.answer_text(current)
-        if item.text() != current:
-            self.session.push(dataset_edit.edit_cell(self.session.project, item.row(), field, item.text()))
+    def _edit(self, row: int, field: str, text: str):
+        pairs = self.panel.model.pairs
+        if row < len(pairs):
+            self.session.push(dataset_edit.edit_cell(self.session.project, row, field, text))
 
     def remove_selected(self):
-        rows = sorted({i.row() for i in self.panel.table.selectedIndexes()})
+        rows = sorted({i.row() for i in self.panel.table.selectionModel().selectedIndexes()})
         if not rows:
             self.messages.show_error("select the pairs to remove first (click a row number).")
             return
@@ -210,25 +300,23 @@ class DatasetController:
 
     # ---- flags
     def request_checks(self):
-        if not self.is_loaded():
+        if not self.is_loaded() or not self.panel.model.pairs:
             return
-        prompts = self.session.project.prompts
-        pairs = dataset_edit.pairs_of(prompts)
-        if pairs:
-            self.submit(check_pairs_job(pairs, prompts.prepend_bos), "dataset_check",
-                        finished=lambda checks, n=len(pairs): self._show_checks(checks, n))
+        keys, named = self._keys()
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if not missing:
+            self._update_checks()
+            self.panel.model.flags_changed()
+            return
+        self.checked_last = len(missing)
+        self.submit(check_pairs_job([k[0] for k in missing], self.session.project.prompts.prepend_bos, named),
+                    "dataset_check", finished=lambda checks, m=missing: self._store_checks(m, checks))
 
-    def _show_checks(self, checks, n_rows):
-        t = self.panel.table
-        if checks is None or len(checks) != t.rowCount() or n_rows != t.rowCount():
+    def _store_checks(self, keys, checks):
+        if checks is None or len(checks) != len(keys):
             return
-        self.checks = checks
-        self._filling = True
-        try:
-            for row, check in enumerate(checks):
-                item = t.item(row, FLAG_COLUMN)
-                item.setText("⚠ " + check.problems[0] if check.problems else "ok")
-                item.setToolTip(_tooltip(check))
-                item.setForeground(Qt.red if check.problems else Qt.darkGreen)
-        finally:
-            self._filling = False
+        self._cache.update(zip(keys, checks))
+        self._update_checks()
+        self.panel.model.flags_changed()
+        if self.checks is None and self.is_loaded():
+            self.timer.start()  # the pairs changed while this check ran: check the new ones

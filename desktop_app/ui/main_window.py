@@ -71,8 +71,8 @@ class MainWindow(QMainWindow):
         self.model_ctl = ModelController(
             self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
             StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
-            on_loaded=[self.request_tokens, self.restore_saes, lambda: self.dataset_ctl.refresh()],
-            on_unloaded=[self.prompts_panel.clear_chips, lambda: self.dataset_ctl.refresh()],
+            on_loaded=[self.request_tokens, self.restore_saes, lambda: self.dataset_ctl.refresh(model_changed=True)],
+            on_unloaded=[self.prompts_panel.clear_chips, lambda: self.dataset_ctl.refresh(model_changed=True)],
             dialog_parent=self)
         self.prompt_ctl = PromptsController(self.session, self.prompts_panel, self._submit,
                                             lambda: self.model_ctl.loaded is not None, self)
