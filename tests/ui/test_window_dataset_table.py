@@ -183,3 +183,39 @@ def test_an_edit_repaints_one_row_and_retokenises_only_that_pair(qtbot, window, 
     window.undo_stack.undo()
     qtbot.waitUntil(lambda: ctl.checks is not None, timeout=20_000)
     assert _text(table, 5, 4) == "ok"
+
+
+def test_time_left_of_a_file_being_read():
+    from desktop_app.ui.dataset_table import time_left_text
+
+    assert time_left_text(2_000_000, 10_000_000, 2.0, "reading x.csv: 5000 pairs") == \
+        "20% · 1.0 MB/s · 8 s left · reading x.csv: 5000 pairs"
+    assert time_left_text(0, 10, 0.0, "starting") == "0% · starting"
+
+
+def test_import_of_a_big_file_shows_progress_with_time_left(qtbot, window, tmp_path):
+    import csv
+
+    path = tmp_path / "big.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["clean", "corrupted", "answer", "wrong_answer"])
+        for i in range(20_000):
+            w.writerow([f"{i} {PAIRS[0].clean}", f"{i} {PAIRS[0].corrupted}", PAIRS[0].answer, PAIRS[0].wrong_answer])
+    ctl = window.dataset_ctl
+    seen = []
+    shown = ctl._reading
+
+    def spy(done, total, message, t0):
+        shown(done, total, message, t0)
+        seen.append((done, total, child(window, "datasetProgressLabel").text(),
+                     child(window, "datasetProgressBar").isVisible()))
+    ctl._reading = spy
+    table = child(window, "datasetTable", QTableView)
+    ctl.import_file(path)
+    qtbot.waitUntil(lambda: _count(table) == 20_000, timeout=30_000)
+    assert seen and seen[-1][0] == seen[-1][1] == path.stat().st_size
+    assert all(visible and "s left" in text and "pairs" in text for _d, _t, text, visible in seen), seen
+    assert "100%" in seen[-1][2] and "20000 pairs" in seen[-1][2]
+    assert not child(window, "datasetProgressBar").isVisible()
+    assert window.project.prompts.pairs[19_999].clean == f"19999 {PAIRS[0].clean}"
