@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
@@ -178,7 +179,8 @@ class PairsModel(QAbstractTableModel):
         return list(range(len(pairs)))
 
     def flags_changed(self, rows=None):
-        if self.pairs:
+        """Repaint the flag column of `rows` (all rows when None)."""
+        if self.pairs and (rows is None or rows):
             first, last = (0, len(self.pairs) - 1) if rows is None else (min(rows), max(rows))
             self.dataChanged.emit(self.index(first, FLAG_COLUMN), self.index(last, FLAG_COLUMN))
 
@@ -240,7 +242,7 @@ class DatasetController:
         self.messages, self.dialog_parent = messages, dialog_parent
         self.checks: list[PairCheck] | None = None
         self._cache: dict = {}  # _check_key -> PairCheck, for the loaded model
-        self._keys_of = None
+        self._rows = None  # SimpleNamespace: per row its cache key and check, the rows without a check
         self.checked_last = 0  # how many pairs the last check job tokenised (the rest came from the cache)
         self.timer = QTimer(panel)
         self.timer.setSingleShot(True)
@@ -260,35 +262,44 @@ class DatasetController:
         `model_changed` the cached checks (of the previous model) are dropped."""
         if model_changed:
             self._cache.clear()
-        pairs = dataset_edit.pairs_of(self.session.project.prompts)
-        self.panel.model.set_pairs(pairs)
-        self.checks = None
-        self._update_checks()
-        self.panel.model.flags_changed()
+            self._rows = None
+        changed = self.panel.model.set_pairs(dataset_edit.pairs_of(self.session.project.prompts))
+        self._sync_rows(changed)
+        self.panel.model.flags_changed(changed if changed and self.checks is None and not model_changed else None)
         if self.is_loaded() and self.checks is None:
             self.timer.start()
 
-    def _keys(self):
-        """The cache keys of the table's pairs (kept until the pairs change) and whether they name positions."""
+    def _sync_rows(self, changed):
+        """Keep each row's cache key and check; only the `changed` rows are looked at unless the row count,
+        prepend_bos or whether all pairs name positions changed."""
         pairs = self.panel.model.pairs
-        bos = self.session.project.prompts.prepend_bos
-        if self._keys_of is None or self._keys_of[0] is not pairs or self._keys_of[1] != bos:
-            named = bool(pairs) and all(p.spans for p in pairs)
-            self._keys_of = (pairs, bos, [_check_key(p, named, bos) for p in pairs], named)
-        return self._keys_of[2], self._keys_of[3]
-
-    def _update_checks(self):
-        """`checks` from the cache when every pair of the table has one there."""
-        if not self.is_loaded() or not self.panel.model.pairs:
+        if not self.is_loaded() or not pairs:
+            self._rows, self.checks = None, None
             return
-        keys, _ = self._keys()
-        if all(k in self._cache for k in keys):
-            self.checks = [self._cache[k] for k in keys]
+        bos = self.session.project.prompts.prepend_bos
+        st = self._rows
+        if st is not None and st.n == len(pairs) and st.bos == bos:
+            named_count = st.named_count + sum(bool(pairs[i].spans) - bool(st.keys[i][0].spans) for i in changed)
+            if (named_count == len(pairs)) == st.named:
+                st.named_count = named_count
+                for i in changed:
+                    st.keys[i] = _check_key(pairs[i], st.named, bos)
+                    st.checks[i] = self._cache.get(st.keys[i])
+                    (st.missing.add if st.checks[i] is None else st.missing.discard)(i)
+                self.checks = None if st.missing else st.checks
+                return
+        named_count = sum(1 for p in pairs if p.spans)
+        named = named_count == len(pairs)
+        keys = [_check_key(p, named, bos) for p in pairs]
+        checks = [self._cache.get(k) for k in keys]
+        self._rows = SimpleNamespace(n=len(pairs), bos=bos, named=named, named_count=named_count, keys=keys,
+                                     checks=checks, missing={i for i, c in enumerate(checks) if c is None})
+        self.checks = None if self._rows.missing else checks
 
     def _flag(self, row: int):
         if not self.is_loaded():
             return "", "load a model to check the tokens", None
-        check = self.checks[row] if self.checks is not None else self._cache.get(self._keys()[0][row])
+        check = self._rows.checks[row] if self._rows is not None and row < self._rows.n else None
         if check is None:
             return "…", "checking…", None
         return ("⚠ " + check.problems[0] if check.problems else "ok", _tooltip(check),
@@ -341,23 +352,27 @@ class DatasetController:
 
     # ---- flags
     def request_checks(self):
-        if not self.is_loaded() or not self.panel.model.pairs:
+        st = self._rows
+        if not self.is_loaded() or st is None or not st.missing:
             return
-        keys, named = self._keys()
-        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
-        if not missing:
-            self._update_checks()
-            self.panel.model.flags_changed()
-            return
+        missing = list(dict.fromkeys(st.keys[i] for i in sorted(st.missing)))
         self.checked_last = len(missing)
-        self.submit(check_pairs_job([k[0] for k in missing], self.session.project.prompts.prepend_bos, named),
+        self.submit(check_pairs_job([k[0] for k in missing], self.session.project.prompts.prepend_bos, st.named),
                     "dataset_check", finished=lambda checks, m=missing: self._store_checks(m, checks))
 
     def _store_checks(self, keys, checks):
         if checks is None or len(checks) != len(keys):
             return
         self._cache.update(zip(keys, checks))
-        self._update_checks()
-        self.panel.model.flags_changed()
-        if self.checks is None and self.is_loaded():
+        st = self._rows
+        if st is None:
+            return
+        rows = sorted(st.missing)
+        for i in rows:
+            st.checks[i] = self._cache.get(st.keys[i])
+        st.missing = {i for i in rows if st.checks[i] is None}
+        self.checks = None if st.missing else st.checks
+        if rows:
+            self.panel.model.flags_changed(rows)
+        if st.missing and self.is_loaded():
             self.timer.start()  # the pairs changed while this check ran: check the new ones

@@ -219,3 +219,12 @@ def test_import_of_a_big_file_shows_progress_with_time_left(qtbot, window, tmp_p
     assert "100%" in seen[-1][2] and "20000 pairs" in seen[-1][2]
     assert not child(window, "datasetProgressBar").isVisible()
     assert window.project.prompts.pairs[19_999].clean == f"19999 {PAIRS[0].clean}"
+
+
+def test_loading_a_model_after_the_pairs_checks_them_all(qtbot, window, gpt2_dir):
+    _set(window, PAIRS)
+    table = child(window, "datasetTable", QTableView)
+    assert _text(table, 0, 4) == "" and window.dataset_ctl.checks is None
+    load_model(qtbot, window, gpt2_dir)
+    qtbot.waitUntil(lambda: window.dataset_ctl.checks is not None, timeout=20_000)
+    assert [_text(table, r, 4) for r in range(2)] == ["ok", "ok"]
