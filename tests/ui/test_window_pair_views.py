@@ -168,3 +168,22 @@ def test_a_picked_pairs_cell_shows_that_pairs_own_predictions(qtbot, window, dat
     _, probs0 = _reference_top5(ioi_gpt2_dir, [int(i) for i in dataset_result.tokens_clean[0] if i >= 0],
                                 [int(i) for i in dataset_result.tokens_corrupted[0] if i >= 0], 1, position)
     assert not np.allclose(probs0, probs, atol=1e-4)
+
+
+def test_a_picked_pair_of_a_result_of_another_model_computes_nothing(qtbot, window, dataset_result, gpt2_dir):
+    from desktop_app.ui import worker_jobs
+
+    load_model(qtbot, window, gpt2_dir)  # another model: the result's token ids are not its ids
+    qtbot.waitUntil(lambda: getattr(window.session.loaded, "path", None) == str(gpt2_dir), timeout=60_000)
+    calls = []
+    real = worker_jobs.top_predictions
+    worker_jobs.top_predictions = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        view = child(window, "heatmapView")
+        child(window, "pairCombo", QComboBox).setCurrentIndex(3)
+        window.predictions = None
+        view.cell_clicked.emit((1, 2), float(view.image_data()[1, 2]))
+        label = child(window, "cellPredictionsLabel").text()
+        assert calls == [] and window.predictions is None and "Re-run it" in label
+    finally:
+        worker_jobs.top_predictions = real
