@@ -63,6 +63,7 @@ class ProgressReport:
         self._last_done = -1
         self._start = None  # (time, done) of the first progress of this step, for the rate
         self._drawn = False
+        self._reading = False  # progress before the first step: reading a dataset file (bytes, not cells)
 
     def __call__(self, event) -> None:
         from desktop_app.engine.jobs import Progress
@@ -82,6 +83,9 @@ class ProgressReport:
 
     def _progress(self, p) -> None:
         now = time.perf_counter()
+        if self._step is None and not self._reading:  # before the first step: a dataset file being read
+            self._reading = True
+            self._start, self._last_done, self._last_draw = None, -1, float("-inf")
         if self._start is None and p.done > 0:
             self._start = (now, p.done)  # the rate counts from the first finished cells, not the set-up
         final = p.total and p.done >= p.total
@@ -106,7 +110,8 @@ class ProgressReport:
         frac = min(max(p.done / total, 0.0), 1.0)
         filled = int(round(frac * self.BAR_CELLS))
         bar = "#" * filled + "-" * (self.BAR_CELLS - filled)
-        if model_step:
+        reading = self._step is None
+        if model_step or reading:
             counts = f"{int(frac * 100):3d}%"
         else:
             counts = f"{p.done}/{p.total} cells ({int(frac * 100)}%)"
@@ -114,7 +119,8 @@ class ProgressReport:
         t0, d0 = self._start or (now, p.done)
         if not model_step and p.done > d0 and now > t0:
             rate = (p.done - d0) / (now - t0)
-            extra = f", {rate:.1f} cells/s, ETA {_clock((p.total - p.done) / rate)}"
+            speed = f"{rate / 1e6:.1f} MB/s" if reading else f"{rate:.1f} cells/s"
+            extra = f", {speed}, ETA {_clock((p.total - p.done) / rate)}"
         message = f"  {cli_safety.clean(p.message)}" if p.message else ""
         return f"  |{bar}| {counts}{extra}{message}"
 
@@ -207,7 +213,8 @@ def cmd_run(argv) -> int:
 
     out = Path(args.out)
     _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
-    experiment = load_experiment(args.experiment)
+    report = ProgressReport(quiet=args.quiet)
+    experiment = load_experiment(args.experiment, progress=report)  # a dataset file: a bar with time left
     experiment.model = with_model_overrides(experiment.model, args.device, args.dtype, args.quantize)
     _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
         (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
@@ -215,7 +222,6 @@ def cmd_run(argv) -> int:
 
     project = new_project(experiment)
     cancel = CancelToken()
-    report = ProgressReport(quiet=args.quiet)
     t0 = time.perf_counter()
     try:
         with _ctrl_c_cancels(cancel, sys.stderr):

@@ -261,16 +261,38 @@ def dataset_from_list(items, where: str = "prompts") -> PairDataset:
     return PairDataset(pairs)
 
 
-def read_pair_file(path) -> PairDataset:
+def read_pair_file_job(path, every: int = 5_000, cancel=None):
+    """A job reading a .csv / .jsonl file of pairs as it streams in: yields Progress (bytes read of the file's
+    size, and the pairs so far) every `every` pairs, checks `cancel` there, returns the PairDataset. The pairs
+    are held once (the list it returns); duplicates are found by an 8-byte digest per pair."""
     path = Path(path)
+    lines = iter_pair_file(path, read := [0])
+    total = max(1, os.path.getsize(path))
     dup = _Duplicates(path.name)
     pairs = []
-    for number, pair in iter_pair_file(path):
+    for number, pair in lines:
         dup.check(number, pair)
         pairs.append(pair)
+        if len(pairs) % every == 0:
+            if cancel is not None:
+                cancel.check()
+            yield Progress(min(total, read[0]), total, f"reading {path.name}: {len(pairs)} pairs")
     if not pairs:
         raise SpecError(f"{path.name} holds no pairs; add one pair per row under the header.")
+    yield Progress(total, total, f"read {path.name}: {len(pairs)} pairs")
     return PairDataset(pairs, source=str(path))
+
+
+def read_pair_file(path, progress=None) -> PairDataset:
+    """The pairs of a .csv / .jsonl file; `progress(event)`, if given, receives read_pair_file_job's Progress."""
+    job = read_pair_file_job(path)
+    while True:
+        try:
+            event = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
 
 
 def write_pair_file(dataset: PairDataset, path) -> Path:

@@ -88,8 +88,9 @@ def is_dataset(prompts) -> bool:
     return isinstance(prompts, DatasetPrompts)
 
 
-def prompts_from_json(value, base_dir: str | os.PathLike | None = None, where: str = "prompts"):
-    """Prompts (one pair) or DatasetPrompts from the JSON value of the `prompts` field."""
+def prompts_from_json(value, base_dir: str | os.PathLike | None = None, where: str = "prompts", progress=None):
+    """Prompts (one pair) or DatasetPrompts from the JSON value of the `prompts` field. `progress(Progress)`
+    follows the reading of a dataset file."""
     if isinstance(value, list):
         return DatasetPrompts(tuple(dataset_from_list(value, where).pairs))
     if isinstance(value, dict) and "dataset" in value:
@@ -102,7 +103,7 @@ def prompts_from_json(value, base_dir: str | os.PathLike | None = None, where: s
         path = Path(os.path.expanduser(name))
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
-        data = read_pair_file(path)
+        data = read_pair_file(path, progress)
         return DatasetPrompts(tuple(data.pairs), source=name, prepend_bos=value.get("prepend_bos"))
     if isinstance(value, dict) and "pairs" in value:  # the form a project or a saved experiment writes
         unknown = sorted(set(value) - {"pairs", "source", "prepend_bos"})

@@ -54,9 +54,10 @@ class Experiment:
         return json.dumps(self.to_dict(relative_to), indent=2, ensure_ascii=False) + "\n"
 
 
-def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, source: str = "the experiment") \
-        -> Experiment:
-    """Parse experiment JSON text; relative model paths are resolved against base_dir when it is given."""
+def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, source: str = "the experiment",
+                     progress=None) -> Experiment:
+    """Parse experiment JSON text; relative model paths are resolved against base_dir when it is given.
+    `progress(Progress)` follows the reading of a dataset file the prompts name."""
     try:
         data = loads_json(text)
     except json.JSONDecodeError as e:
@@ -87,7 +88,7 @@ def parse_experiment(text: str, base_dir: str | os.PathLike | None = None, sourc
         model = ModelRef(**{**model.__dict__, "path": p})
     from desktop_app.project.dataset_prompts import prompts_from_json
 
-    prompts = prompts_from_json(data["prompts"], base_dir)
+    prompts = prompts_from_json(data["prompts"], base_dir, progress=progress)
     if not prompts.clean.strip():
         raise SpecError(f"{source}: field 'prompts.clean' is empty; write the clean prompt.")
     analyses = data["analyses"]
@@ -158,7 +159,8 @@ def relative_spec_paths(d, folder) -> Any:
     return _map_spec_paths(d, move, _names_text_file(folder))
 
 
-def load_experiment(path: str | os.PathLike) -> Experiment:
+def load_experiment(path: str | os.PathLike, progress=None) -> Experiment:
+    """The experiment file at `path`; `progress(Progress)` follows the reading of a dataset file it names."""
     path = Path(path)
     try:
         text = read_regular_bytes(path, EXPERIMENT_MAX_BYTES).decode("utf-8")
@@ -173,7 +175,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     except (OSError, ValueError) as e:
         raise SpecError(f"experiment file {path} cannot be read ({getattr(e, 'strerror', None) or e}); check the "
                         f"path and its permissions.") from None
-    exp = parse_experiment(text, base_dir=path.parent, source=f"experiment file {path}")
+    exp = parse_experiment(text, base_dir=path.parent, source=f"experiment file {path}", progress=progress)
     exp.source = path
     return exp
 

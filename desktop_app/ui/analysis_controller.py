@@ -331,14 +331,36 @@ class AnalysisController:
         if click == "describe":
             self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b>")
             return
-        patch = self.cell_patch(result, view.cell_coordinates(cell))
-        ids = {what: _first_pair(arr) for what, arr in (("clean", result.tokens_clean),
-                                                         ("corrupted", result.tokens_corrupted)) if arr is not None}
-        self.predictions_label.setText(f"<b>{html.escape(view.describe(cell))}</b><br>computing…")
-        job = worker_jobs.top_predictions(self.project.prompts, 5, patch, ids)
         where = view.describe(cell)
+        over_pairs = result.tokens_clean is not None and np.ndim(result.tokens_clean) == 2
+        pair = view.pair_index() if over_pairs else None
+        if over_pairs and pair is None:
+            self.predictions = None
+            self.predictions_label.setText(f"<b>{html.escape(where)}</b><br>The mean over pairs has no predictions "
+                                           f"of its own; pick a pair in the pair selector to see its top-5 "
+                                           f"predictions.")
+            return
+        patch = self.cell_patch(result, view.cell_coordinates(cell))
+        ids = {what: pair_tokens(arr, pair or 0) for what, arr in (("clean", result.tokens_clean),
+                                                                  ("corrupted", result.tokens_corrupted))
+               if arr is not None}
+        if over_pairs:
+            where = f"{where} — pair {pair}{self._pair_answers(pair, name)}"
+        self.predictions_label.setText(f"<b>{html.escape(where)}</b><br>computing…")
+        job = worker_jobs.top_predictions(self.project.prompts, 5, patch, ids)
         self.submit(job, "predictions", finished=lambda p: self._show_predictions(p, where),
                      errored=lambda m, d: self.predictions_label.setText(html.escape(m)))
+
+    def _pair_answers(self, pair: int, name: str | None) -> str:
+        """', answer X, wrong Y' of a pair from the project's pairs, when the result still belongs to them."""
+        pairs = getattr(self.project.prompts, "pairs", None)
+        if not pairs or pair >= len(pairs) or not name or self.session.stale_reason(name):
+            return ""
+        p = pairs[pair]
+        text = f": answer {'/'.join(repr(a) for a in p.answers())}"
+        if p.wrongs():
+            text += f", wrong {'/'.join(repr(w) for w in p.wrongs())}"
+        return text
 
     @staticmethod
     def cell_patch(result: AnalysisResult, coords: dict) -> worker_jobs.CellPatch | None:
@@ -423,12 +445,17 @@ class AnalysisController:
 
 
 
-def _first_pair(tokens) -> list[int]:
-    """Token ids of one prompt; over a dataset ([pair, position], -1 padded) those of the first pair, which is
-    the pair the prompt fields show."""
-    import numpy as np
-
+def pair_tokens(tokens, pair: int = 0) -> list[int]:
+    """Token ids of one prompt; over a dataset ([pair, position], -1 padded) those of pair `pair`, padding
+    removed."""
     arr = np.asarray(tokens)
     if arr.ndim == 2:
-        arr = arr[0][arr[0] >= 0] if len(arr) else arr.reshape(-1)
+        if not 0 <= pair < len(arr):
+            raise IndexError(f"pair {pair} is not in a result of {len(arr)} pairs")
+        arr = arr[pair][arr[pair] >= 0]
     return arr.tolist()
+
+
+def _first_pair(tokens) -> list[int]:
+    """Token ids of the first pair (the pair the prompt fields show)."""
+    return pair_tokens(tokens, 0)

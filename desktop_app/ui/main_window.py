@@ -71,8 +71,10 @@ class MainWindow(QMainWindow):
         self.model_ctl = ModelController(
             self.session, self._submit, self.runner.cancel_slot, self.model_panel, self.layer_panel,
             StatusLabels(self.device_label, self.memory_label, self.job_label), messages,
-            on_loaded=[self.request_tokens, self.restore_saes, lambda: self.dataset_ctl.refresh()],
-            on_unloaded=[self.prompts_panel.clear_chips, lambda: self.dataset_ctl.refresh()],
+            on_loaded=[self.request_tokens, self.restore_saes, lambda: self.dataset_ctl.refresh(model_changed=True),
+                       lambda: self.metric_assist and self.metric_assist.load_vocabulary()],
+            on_unloaded=[self.prompts_panel.clear_chips, lambda: self.dataset_ctl.refresh(model_changed=True),
+                         lambda: self.metric_assist and self.metric_assist.model_unloaded()],
             dialog_parent=self)
         self.prompt_ctl = PromptsController(self.session, self.prompts_panel, self._submit,
                                             lambda: self.model_ctl.loaded is not None, self)
@@ -582,7 +584,7 @@ class MainWindow(QMainWindow):
             self._sync_prompts_to_edits()
             self.dataset_ctl.refresh()
             if getattr(self, "metric_assist", None) is not None:
-                self.metric_assist.refresh_words()
+                self.metric_assist.prompts_changed()
             self.token_timer.start()
         elif event in ("model", "spec", "analyses") and self.session.selected is not None:
             self._show_selected()

@@ -44,3 +44,41 @@ def test_bad_dataset_file_is_one_error_line(tmp_path, ioi_gpt2_dir):
     assert error_lines(proc.stderr) == ["error: pairs.csv has no column 'wrong_answer'; the header must be "
                                         "clean,corrupted,answer,wrong_answer."]
     assert "Traceback" not in proc.stderr
+
+
+def test_reading_a_big_dataset_file_reports_progress_with_time_left(tmp_path, ioi_gpt2_dir):
+    pairs = ioi_pairs(4, seed=0).pairs
+    with open(tmp_path / "big.csv", "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["clean", "corrupted", "answer", "wrong_answer"])
+        for i in range(20_000):  # distinct pairs: a number in each prompt
+            p = pairs[i % 4]
+            w.writerow([f"{i} {p.clean}", f"{i} {p.corrupted}", p.answer, p.wrong_answer])
+    exp = experiment_dict(ioi_gpt2_dir, [{"name": "r", "kind": "activation_patching", "component": "resid_pre",
+                                          "layers": [0]}])
+    exp["prompts"] = {"dataset": "big.csv"}
+    path = write_json(tmp_path / "exp.json", exp)
+    from desktop_app.cli import ProgressReport
+    from desktop_app.project.experiment import load_experiment
+
+    class Pipe:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    stream = Pipe()
+    report = ProgressReport(stream)
+    report.interval = 0.0
+    experiment = load_experiment(path, progress=report)
+    assert len(experiment.prompts.pairs) == 20_000
+    lines = stream.text.splitlines()
+    assert len(lines) == 5 and all("reading big.csv" in x or "read big.csv" in x for x in lines), lines
+    assert all("ETA" in x and "MB/s" in x for x in lines[1:]) and "100%" in lines[-1] and "20000 pairs" in lines[-1]
+    assert "cells" not in stream.text

@@ -107,3 +107,83 @@ def test_a_named_dataset_whose_first_pair_differs_in_length_runs_in_the_window(q
     assert list(result.labels["position"]) == ["IO", "S1", "S2", "END"]
     child(window, "pairCombo", QComboBox).setCurrentIndex(2)
     np.testing.assert_array_equal(child(window, "heatmapView").image_data(), result.extras["values_per_pair"][1])
+
+
+def _reference_top5(model_dir, clean_ids, corrupted_ids, layer, position):
+    """An independent forward pass: the corrupted run of one pair with the clean residual stream written into
+    block `layer`'s input at `position` (transformers' own GPT-2, a forward pre-hook)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    block = model.transformer.h[layer]
+    saved = {}
+
+    def record(_module, args, kwargs):
+        saved["x"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    def write(_module, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).clone()
+        x[:, position] = saved["x"][:, position]
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    with torch.no_grad():
+        h = block.register_forward_pre_hook(record, with_kwargs=True)
+        model(torch.tensor([clean_ids]))
+        h.remove()
+        h = block.register_forward_pre_hook(write, with_kwargs=True)
+        logits = model(torch.tensor([corrupted_ids])).logits
+        h.remove()
+    top = torch.topk(torch.softmax(logits[0, -1].float(), -1), 5)
+    return top.indices.tolist(), top.values.tolist()
+
+
+def test_a_picked_pairs_cell_shows_that_pairs_own_predictions(qtbot, window, dataset_result, ioi_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    view = child(window, "heatmapView")
+    label = child(window, "cellPredictionsLabel")
+    # the mean: no pair's predictions pretend to be the mean's
+    window.predictions = None
+    view.cell_clicked.emit((1, 4), float(view.image_data()[1, 4]))
+    assert "pick a pair" in label.text() and window.predictions is None
+
+    pairs = _pairs()
+    tok = AutoTokenizer.from_pretrained(ioi_gpt2_dir)
+    clean = [int(i) for i in dataset_result.tokens_clean[2] if i >= 0]
+    corrupted = [int(i) for i in dataset_result.tokens_corrupted[2] if i >= 0]
+    assert tok(pairs[2].clean)["input_ids"] == clean[-len(tok(pairs[2].clean)["input_ids"]):]
+    position = [i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b][0]
+    child(window, "pairCombo", QComboBox).setCurrentIndex(3)  # pair 2
+    window.predictions = None
+    view.cell_clicked.emit((1, position), float(view.image_data()[1, position]))
+    qtbot.waitUntil(lambda: window.predictions is not None, timeout=30_000)
+    ids, probs = _reference_top5(ioi_gpt2_dir, clean, corrupted, 1, position)
+    rows = window.predictions.rows["patched"]
+    np.testing.assert_allclose([p for _, p in rows], probs, atol=1e-5)
+    shown = [t for t, _ in rows]
+    assert shown[0].strip() in tok.decode([ids[0]]) or tok.decode([ids[0]]).strip() in shown[0]
+    assert "pair 2" in label.text() and "answer" in label.text()
+    # pair 0's patched run at the same cell is another run: the test can tell the pairs apart
+    _, probs0 = _reference_top5(ioi_gpt2_dir, [int(i) for i in dataset_result.tokens_clean[0] if i >= 0],
+                                [int(i) for i in dataset_result.tokens_corrupted[0] if i >= 0], 1, position)
+    assert not np.allclose(probs0, probs, atol=1e-4)
+
+
+def test_a_picked_pair_of_a_result_of_another_model_computes_nothing(qtbot, window, dataset_result, gpt2_dir):
+    from desktop_app.ui import worker_jobs
+
+    load_model(qtbot, window, gpt2_dir)  # another model: the result's token ids are not its ids
+    qtbot.waitUntil(lambda: getattr(window.session.loaded, "path", None) == str(gpt2_dir), timeout=60_000)
+    calls = []
+    real = worker_jobs.top_predictions
+    worker_jobs.top_predictions = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        view = child(window, "heatmapView")
+        child(window, "pairCombo", QComboBox).setCurrentIndex(3)
+        window.predictions = None
+        view.cell_clicked.emit((1, 2), float(view.image_data()[1, 2]))
+        label = child(window, "cellPredictionsLabel").text()
+        assert calls == [] and window.predictions is None and "Re-run it" in label
+    finally:
+        worker_jobs.top_predictions = real
