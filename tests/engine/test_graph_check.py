@@ -58,3 +58,42 @@ def test_measured_change_equals_the_edit_mechanism_on_the_demo():
     np.testing.assert_allclose(check["measured"], ref, atol=1e-5)
     assert np.abs(ref).max() > 1e-3  # the clamp does move the logits
     assert check["predicted"].shape == check["measured"].shape
+
+
+def test_last_layer_clamp_matches_the_prediction_once_the_final_norm_scale_is_frozen():
+    """For a feature of the last layer the only path is the final norm and the unembedding: with the norm's
+    scale frozen (as the replacement model freezes it) the real model's change equals the prediction; with the
+    real norm it does not (the scale's own first-order change), which the check reports rather than hides."""
+    from desktop_app.engine.attribution_graph import attribution_graph_job
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.loading import load_model
+    from desktop_app.engine.transcoders import load_transcoder_set
+
+    demo = resources_dir() / "demo"
+    lm = load_model(demo / "model", dtype="float32", device="cpu")
+    tokens = lm.tokenize("When Mary and John went to the store, John gave a drink to", True)
+    tset = load_transcoder_set(demo / "transcoders")
+    ex = drive(attribution_graph_job(lm, tokens, "", tset=tset, max_n_logits=5)).extras
+    last = np.where((ex["node_kind"] == "feature") & (ex["node_layer"] == lm.info.n_layers - 1))[0]
+    i = int(last[np.argmax(ex["node_influence"][last])])
+    ln_f, seen = lm.model.transformer.ln_f, {}
+    handle = ln_f.register_forward_hook(lambda m, a, o: seen.update(x0=a[0].clone(), y0=o.clone()))
+    with torch.no_grad():
+        lm.model(torch.tensor([tokens.ids]))
+    handle.remove()
+    scale = torch.sqrt(seen["x0"].var(-1, unbiased=False, keepdim=True) + ln_f.eps)
+
+    def frozen_scale(m, a, o):
+        d = a[0] - seen["x0"]
+        return seen["y0"] + ln_f.weight * (d - d.mean(-1, keepdim=True)) / scale
+
+    delta = 0.1 * float(ex["node_activation"][i])
+    real = clamp_check(lm, tokens.ids, tset, ex, str(ex["node_ids"][i]), delta)
+    handle = ln_f.register_forward_hook(frozen_scale)
+    try:
+        frozen = clamp_check(lm, tokens.ids, tset, ex, str(ex["node_ids"][i]), delta)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(frozen["measured"], frozen["predicted"], atol=1e-5 + 1e-3 * np.abs(frozen["predicted"]).max())
+    np.testing.assert_allclose(real["predicted"], frozen["predicted"])
+    assert np.abs(real["measured"] - real["predicted"]).max() > 1e-3  # the real norm's scale does move
