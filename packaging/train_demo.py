@@ -35,6 +35,9 @@ VOCAB_SIZE = 512
 SAE_HOOK = "blocks.1.hook_resid_post"
 SAE_CONFIG = dict(architecture="topk", d_sae=128, k=8, steps=1000, batch_size=1024, lr=1e-3, dead_tokens=5000)
 SAE_CORPUS_SENTENCES = 4000
+# per-layer TopK transcoders (circuit-tracer set format) for the demo's attribution graph; ~400 KB on disk
+TRANSCODER_CONFIG = dict(d_transcoder=256, k=16, steps=600, seed=0)
+TRANSCODER_CORPUS = dict(sentences=400, seed=3, batch=50)
 MIN_ACCURACY = 0.90
 
 PROMPTS = {
@@ -50,6 +53,8 @@ ANALYSES = [
      "direction": "denoise", "metric": "logit_diff_recovered"},
     {"name": "attribution", "kind": "attribution_patching", "component": "resid_pre", "positions": "each",
      "direction": "denoise", "metric": "logit_diff_recovered"},
+    {"name": "graph", "kind": "attribution_graph", "transcoders": "transcoders", "prompt": "clean",
+     "max_n_logits": 5},
 ]
 
 
@@ -210,6 +215,25 @@ def train_demo_sae(lm, folder: Path) -> dict:
             **{k: round(float(v), 4) for k, v in metrics.items()}}
 
 
+def train_demo_transcoders(lm, folder: Path) -> dict:
+    """Fit one TopK transcoder per layer (MLP input after its norm -> MLP output) and write the set."""
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.transcoders import fit_transcoders, save_transcoder_set
+
+    c = TRANSCODER_CORPUS
+    ids = [lm.tokenize(t, True).ids for t in demo_task.corpus(c["sentences"], seed=c["seed"])]
+    n = min(len(i) for i in ids)  # cut to the shortest sentence: batches without padding
+    batches = [torch.tensor([i[:n] for i in ids[j:j + c["batch"]]]) for j in range(0, len(ids), c["batch"])]
+    t0 = time.perf_counter()
+    tset = drive(fit_transcoders(lm, batches, **TRANSCODER_CONFIG))
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_transcoder_set(tset, folder, model_name="interp-workbench-demo-ioi-gpt2")
+    return {**TRANSCODER_CONFIG, "corpus": c, "fit_seconds": round(time.perf_counter() - t0, 1),
+            "explained_variance": [round(float(v), 4) for v in tset.config["explained_variance"]],
+            "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+
+
 def write_experiment(path: Path) -> None:
     experiment = {"version": 1, "model": {"path": "model", "dtype": "float32", "device": "auto"},
                   "prompts": PROMPTS, "analyses": ANALYSES}
@@ -222,8 +246,17 @@ def main(argv=None) -> int:
                         help="demo folder to write (default: resources/demo)")
     parser.add_argument("--facts", type=Path, default=REPO / "packaging" / "demo-facts.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--transcoders-only", action="store_true",
+                        help="refit only the transcoders on the existing demo model (and rewrite the experiment)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.transcoders_only:
+        from desktop_app.engine.loading import load_model
+
+        lm = load_model(args.out / "model", dtype="float32", device="cpu")
+        log(f"transcoders: {train_demo_transcoders(lm, args.out / 'transcoders')}")
+        write_experiment(args.out / "experiment.json")
+        return 0
     started = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +290,8 @@ def main(argv=None) -> int:
     facts["sae"] = train_demo_sae(lm, out / "sae")
     log(f"SAE: EV {facts['sae']['explained_variance']:.3f}, L0 {facts['sae']['l0']:.1f}, "
         f"dead {facts['sae']['dead_fraction']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    facts["transcoders"] = train_demo_transcoders(lm, out / "transcoders")
+    log(f"transcoders: {facts['transcoders']}")
     write_experiment(out / "experiment.json")
     facts["build"] = {"total_seconds": round(time.perf_counter() - started, 1), "torch_threads": args.threads,
                       "torch": torch.__version__, "python": platform.python_version(),

@@ -14,6 +14,7 @@ _VIEW_MODULES = {
     "lens_grid": ("desktop_app.ui.lens_view", "LensGridView"),
     "attention_pattern": ("desktop_app.ui.attention_view", "AttentionPatternView"),
     "token_strip": ("desktop_app.ui.token_strip_view", "TokenStripView"),
+    "graph": ("desktop_app.ui.graph_view", "GraphView"),
 }
 DOCK_NAME = "detailDock"
 

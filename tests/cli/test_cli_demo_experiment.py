@@ -28,4 +28,26 @@ def test_demo_experiment_runs_headless(tmp_path, capsys):
     assert np.unravel_index(np.argmax(heads), heads.shape) == (0, 3)
     assert main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [a["name"] for a in info["analyses"]] == ["resid", "heads", "attribution"]
+    assert [a["name"] for a in info["analyses"]] == ["resid", "heads", "attribution", "graph"]
+
+
+def test_demo_attribution_graph_reproduces_the_logits(tmp_path):
+    """The shipped transcoders open a graph whose logit nodes' inputs are the real model's logits."""
+    import torch
+
+    from desktop_app.engine.loading import load_model
+
+    out = tmp_path / "demo.iwb"
+    assert main(["run", str(demo_experiment_path()), "--out", str(out), "-q"]) == 0
+    graph = {e.spec.name: e.result for e in load_project(out).analyses}["graph"]
+    assert graph.status == "complete"
+    ex = graph.extras
+    assert float(ex["max_replacement_logit_diff"]) < 1e-4
+    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
+    with torch.no_grad():
+        real = lm.model(torch.tensor([list(graph.tokens_clean)])).logits[0, -1].numpy()
+    is_logit = ex["node_kind"] == "logit"
+    assert 1 <= is_logit.sum() <= 5
+    np.testing.assert_allclose(ex["node_input"][is_logit], real[ex["node_feature"][is_logit]], atol=1e-4)
+    assert real.argmax() in set(ex["node_feature"][is_logit].tolist())
+    assert float(ex["replacement_score"]) > 0.9

@@ -1,5 +1,7 @@
 """`interp-workbench --demo`: the window opens on the bundled model and experiment, ready to run, and one click
 shows the circuit the user guide describes."""
+from pathlib import Path
+
 import numpy as np
 from PySide6.QtCore import Qt
 
@@ -14,7 +16,9 @@ def test_demo_opens_loaded_and_runs(qtbot):
     window.show()
     try:
         qtbot.waitUntil(lambda: window.model_loaded is not None, timeout=60_000)
-        assert [e.name for e in window.project.analyses] == ["resid", "heads", "attribution"]
+        assert [e.name for e in window.project.analyses] == ["resid", "heads", "attribution", "graph"]
+        graph_spec = window.project.analyses[3].spec  # the shipped transcoders, found from the demo folder
+        assert (Path(graph_spec.transcoders) / "config.yaml").is_file()
         assert child(window, "cleanPromptEdit").text().endswith("John gave a drink to")
         assert child(window, "answerEdit").text() == " Mary"
         assert window.project.model.path.endswith("model")

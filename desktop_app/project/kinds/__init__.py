@@ -51,7 +51,7 @@ from desktop_app.engine.errors import SpecError
 from desktop_app.project import specs as _specs
 from desktop_app.project.specs import AnalysisSpec, Prompts
 
-VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table", "lens_grid", "attention_pattern")
+VIEW_TYPES = ("heatmap", "bars", "line", "token_strip", "feature_table", "lens_grid", "attention_pattern", "graph")
 CLICK_TYPES = ("describe", "predictions", "patched_predictions", "select_token", "details")
 SCALES = ("diverging", "sequential")
 _BUILTIN_MODULES = ("patching", "tracing", "ablation", "sae_features")  # their order is the panel's order

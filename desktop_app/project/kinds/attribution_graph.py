@@ -43,7 +43,7 @@ def _write_json(result, path):
 
 register_kind(AnalysisKind(
     kind="attribution_graph", label="Attribution graph", short="graph", spec=AttributionGraphSpec, job=_job,
-    dims="[node]", value_name="influence on the logits", scale="sequential", view="bars", click="describe",
+    dims="[node]", value_name="influence on the logits", scale="sequential", view="graph", click="describe",
     exports=(ExportFormat("json", _write_json, "Neuronpedia / circuit-tracer graph JSON"),),
     description="Trace the prompt's top logits back through transcoder features, error nodes and token "
                 "embeddings by direct effects in the replacement model; pruned by influence."))

@@ -1,0 +1,249 @@
+"""View type `graph`: an attribution graph laid out layer x token (x: the prompt's positions, y: embeddings at the
+bottom, one row per layer, the logits on top). Nodes are coloured by kind and sized by influence; edges go from
+source to target, width by |weight|, orange positive, blue negative. Hover shows a node card, a click pins or
+unpins a node (the pinned ids live in the result's params, which the Neuronpedia JSON writes as qParams pinnedIds),
+and two sliders re-prune what is shown from the stored adjacency without recomputing the graph."""
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
+
+KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
+                "logit": (60, 110, 200)}
+POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
+WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # |w| / max |w| up to these -> pen widths 1..4
+HOVER_PIXELS = 12
+
+
+def visible_nodes(kinds: np.ndarray, influence: np.ndarray, fraction: float, pinned: np.ndarray) -> np.ndarray:
+    """Mask: every non-feature node, the pinned ones, and the fewest features carrying `fraction` of the features'
+    influence (all features at fraction 1)."""
+    is_f = kinds == "feature"
+    mask = ~is_f | pinned
+    if fraction >= 1.0:
+        return mask | is_f
+    f_idx = np.where(is_f)[0]
+    scores = np.clip(influence[f_idx].astype(np.float64), 0.0, None)
+    total = scores.sum()
+    if total > 0 and fraction > 0:
+        order = np.argsort(-scores, kind="stable")
+        count = int(np.searchsorted(np.cumsum(scores[order]), fraction * total * (1 - 1e-12))) + 1
+        mask[f_idx[order[:count]]] = True
+    return mask
+
+
+def visible_edges(adjacency: np.ndarray, nodes: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Mask [target, source]: nonzero edges between visible nodes with |w| >= min_fraction * max |w|."""
+    a = np.abs(adjacency) * nodes[:, None] * nodes[None, :]
+    top = a.max() if a.size else 0.0
+    return (a > 0) & (a >= min_fraction * top)
+
+
+class GraphView(QWidget):
+    view_type = "graph"
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName("graphView")
+        self.result = None
+        self.node_mask = np.zeros(0, dtype=bool)
+        self.edge_mask = np.zeros((0, 0), dtype=bool)
+        self.xy = np.zeros((0, 2))
+        self.title = QLabel("")
+        self.title.setWordWrap(True)
+        self.card = QLabel("Hover a node for its card; click to pin it.")
+        self.card.setObjectName("graphNodeCard")
+        self.card.setWordWrap(True)
+        self.card.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.node_slider = self._slider("nodeThresholdSlider", 100,
+                                        "Show the fewest features carrying this % of the features' influence")
+        self.edge_slider = self._slider("edgeThresholdSlider", 0, "Hide edges weaker than this % of the strongest")
+        self.node_label, self.edge_label = QLabel(), QLabel()
+        self.export_button = QPushButton("Save PNG…")
+        self.export_button.setObjectName("graphExportButton")
+        self.export_button.clicked.connect(self._ask_export)
+        self.plot_widget = pg.PlotWidget()
+        self.plot_widget.setObjectName("graphPlot")
+        self.plot_widget.setBackground("w")
+        self.plot = self.plot_widget.getPlotItem()
+        self.plot.setMenuEnabled(False)
+        self.plot.hideButtons()
+        self.plot.showGrid(x=False, y=True, alpha=0.15)
+        self.edge_items: list[pg.PlotCurveItem] = []
+        self.pin_item = pg.ScatterPlotItem(pxMode=True)
+        self.scatter = pg.ScatterPlotItem(pxMode=True, hoverable=True)
+        self.scatter.sigClicked.connect(self._clicked)
+        self.plot.addItem(self.scatter)
+        self.plot.addItem(self.pin_item)
+        self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
+        controls = QHBoxLayout()
+        for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
+                  self.edge_label, self.export_button):
+            controls.addWidget(w)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.title)
+        layout.addLayout(controls)
+        layout.addWidget(self.plot_widget, 1)
+        layout.addWidget(self.card)
+
+    def _slider(self, name: str, value: int, tip: str) -> QSlider:
+        s = QSlider(Qt.Horizontal)
+        s.setObjectName(name)
+        s.setRange(0, 100)
+        s.setValue(value)
+        s.setToolTip(tip)
+        s.valueChanged.connect(lambda _v: self.redraw())
+        return s
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def show_result(self, result, others=None) -> None:
+        self.result = result
+        ex = result.extras
+        self.kinds = np.asarray(ex["node_kind"]).astype(str)
+        self.ids = [str(i) for i in ex["node_ids"]]
+        self.layers = np.asarray(ex["node_layer"], dtype=int)
+        self.pos = np.asarray(ex["node_pos"], dtype=int)
+        self.feature = np.asarray(ex["node_feature"], dtype=int)
+        self.activation = np.asarray(ex["node_activation"], dtype=float)
+        self.influence = np.asarray(ex["node_influence"], dtype=float)
+        self.adjacency = np.asarray(ex["adjacency"], dtype=np.float64)
+        self.tokens = [str(t) for t in ex.get("prompt_tokens", [])]
+        self.n_layers = int(ex["model_n_layers"]) if "model_n_layers" in ex else int(self.layers.max())
+        self.xy = self._layout()
+        self._axes()
+        rs, cs = ex.get("replacement_score"), ex.get("completeness_score")
+        scores = "" if rs is None else f"; replacement score {float(rs):.3f}, completeness {float(cs):.3f}"
+        self.title.setText(f"{result.name}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
+                           f"stored{scores}")
+        self.redraw()
+
+    @property
+    def pinned(self) -> list[str]:
+        if self.result is None:
+            return []
+        return [p for p in self.result.params.get("pinned_ids", []) or [] if p in set(self.ids)]
+
+    def _layout(self) -> np.ndarray:
+        """x: the position, nodes sharing a (row, position) cell spread over +-0.4; y: layer + 1 (embeddings 0)."""
+        rows = self.layers + 1
+        xy = np.zeros((len(self.ids), 2))
+        xy[:, 1] = rows
+        for key in set(zip(rows.tolist(), self.pos.tolist())):
+            idx = np.where((rows == key[0]) & (self.pos == key[1]))[0]
+            idx = idx[np.argsort(-self.influence[idx], kind="stable")]
+            offsets = np.linspace(-0.4, 0.4, len(idx)) if len(idx) > 1 else np.zeros(1)
+            xy[idx, 0] = key[1] + offsets
+        return xy
+
+    def _axes(self) -> None:
+        bottom = self.plot.getAxis("bottom")
+        bottom.setTicks([[(i, t) for i, t in enumerate(self.tokens)]])
+        rows = [(0, "emb")] + [(L + 1, f"L{L}") for L in range(self.n_layers)] + [(self.n_layers + 1, "logits")]
+        left = self.plot.getAxis("left")
+        left.setTicks([rows])
+        left.setWidth(48)  # room for "logits"
+        self.plot.setLabel("bottom", "token position")
+        self.plot.setXRange(-0.6, max(len(self.tokens), int(self.pos.max()) + 1) - 0.4, padding=0.02)
+        self.plot.setYRange(-0.5, self.n_layers + 1.5, padding=0.02)
+
+    # ---- drawing ---------------------------------------------------------------------------------------------
+    def redraw(self) -> None:
+        self.node_label.setText(f"{self.node_slider.value()}%")
+        self.edge_label.setText(f"≥{self.edge_slider.value()}%")
+        if self.result is None:
+            return
+        pinned = np.array([i in set(self.pinned) for i in self.ids], dtype=bool)
+        self.node_mask = visible_nodes(self.kinds, self.influence, self.node_slider.value() / 100, pinned)
+        self.edge_mask = visible_edges(self.adjacency, self.node_mask, self.edge_slider.value() / 100)
+        for item in self.edge_items:
+            self.plot.removeItem(item)
+        self.edge_items = []
+        targets, sources = np.where(self.edge_mask)
+        weights = self.adjacency[targets, sources]
+        top = np.abs(weights).max() if len(weights) else 1.0
+        rel = np.abs(weights) / top
+        lower = 0.0
+        for width, upper in enumerate(WIDTH_BUCKETS, start=1):
+            in_bucket = (rel > lower) & (rel <= upper) if lower else (rel <= upper)
+            lower = upper
+            for sign, colour in ((1, POSITIVE), (-1, NEGATIVE)):
+                sel = in_bucket & (np.sign(weights) == sign)
+                if not sel.any():
+                    continue
+                x = np.column_stack([self.xy[sources[sel], 0], self.xy[targets[sel], 0]]).ravel()
+                y = np.column_stack([self.xy[sources[sel], 1], self.xy[targets[sel], 1]]).ravel()
+                item = pg.PlotCurveItem(x, y, connect="pairs", pen=pg.mkPen((*colour, 150), width=width))
+                item.setZValue(-1)
+                self.plot.addItem(item)
+                self.edge_items.append(item)
+        shown = np.where(self.node_mask)[0]
+        infl = np.clip(self.influence, 0, None)
+        size = 7 + 15 * np.sqrt(infl / infl.max()) if infl.max() > 0 else np.full(len(infl), 8.0)
+        self.scatter.setData([{"pos": self.xy[i], "size": float(size[i]), "data": int(i),
+                               "brush": pg.mkBrush(*KIND_COLOURS.get(self.kinds[i], (0, 0, 0))),
+                               "pen": pg.mkPen("k", width=0.5)} for i in shown])
+        pins = [i for i in shown if pinned[i]]
+        self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,
+                                "pen": pg.mkPen((200, 0, 0), width=2)} for i in pins])
+
+    def shown_counts(self) -> tuple[int, int]:
+        """(nodes, edges) drawn now, read back from the plot items."""
+        edges = sum(len(item.getData()[0]) // 2 for item in self.edge_items)
+        return len(self.scatter.data), edges
+
+    # ---- interaction -----------------------------------------------------------------------------------------
+    def node_card(self, i: int) -> str:
+        kind, layer, pos = self.kinds[i], int(self.layers[i]), int(self.pos[i])
+        token = self.tokens[pos] if 0 <= pos < len(self.tokens) else "?"
+        lines = [f"<b>{self.ids[i]}</b> — {kind}", f"position {pos} ({token!r})"]
+        if kind in ("feature", "error"):
+            lines.append(f"layer {layer}")
+        if kind == "feature":
+            lines.append(f"feature {int(self.feature[i])}, activation {self.activation[i]:.4g}")
+        elif kind == "logit":
+            lines.append(f"token id {int(self.feature[i])}, probability {self.activation[i]:.4g}")
+        elif kind == "embedding":
+            lines.append(f"token id {int(self.feature[i])}")
+        lines.append(f"influence on the logits {self.influence[i]:.4g}")
+        if kind == "feature":
+            lines.append("top contexts / promoted tokens: none (no dashboard of this transcoder set)")
+        lines.append("pinned" if self.ids[i] in self.pinned else "click to pin")
+        return "<br>".join(lines)
+
+    def hover_node(self, i: int | None) -> None:
+        self.card.setText(self.node_card(i) if i is not None else " ")
+
+    def _mouse_moved(self, scene_pos) -> None:
+        if self.result is None or not self.node_mask.any():
+            return
+        vb = self.plot.getViewBox()
+        shown = np.where(self.node_mask)[0]
+        pts = [vb.mapViewToScene(pg.Point(*self.xy[i])) for i in shown]
+        d = np.array([(p.x() - scene_pos.x()) ** 2 + (p.y() - scene_pos.y()) ** 2 for p in pts])
+        j = int(np.argmin(d))
+        if d[j] <= HOVER_PIXELS ** 2:
+            self.hover_node(int(shown[j]))
+
+    def _clicked(self, _item, points, _ev=None) -> None:
+        if len(points):
+            self.toggle_pin(self.ids[int(points[0].data())])
+
+    def toggle_pin(self, node_id: str) -> None:
+        pinned = list(self.pinned)
+        pinned.remove(node_id) if node_id in pinned else pinned.append(node_id)
+        self.result.params["pinned_ids"] = pinned
+        self.redraw()
+        self.hover_node(self.ids.index(node_id))
+
+    # ---- export ----------------------------------------------------------------------------------------------
+    def export_png(self, path: str) -> None:
+        from pyqtgraph.exporters import ImageExporter
+
+        ImageExporter(self.plot).export(str(path))
+
+    def _ask_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the graph as PNG", "graph.png", "PNG (*.png)")
+        if path:
+            self.export_png(path)
