@@ -498,6 +498,10 @@ def attribution_graph_job(lm, tokens, tset_path: str, max_feature_nodes: int = 7
               "max_replacement_logit_diff": np.asarray(float(np.abs(graph.replacement_logits
                                                                      - graph.real_logits[-1]).max()))}
     extras["prompt_tokens"] = np.array(list(tokens.display) if tokens.display else [str(t) for t in tokens.ids])
+    kept_kinds = kinds[keep]
+    logit_ids = graph.node_feature[keep][kept_kinds == "logit"]
+    logit_text = iter(lm.tokens_of_ids(logit_ids).display if len(logit_ids) else [])
+    extras["node_token_text"] = np.array([next(logit_text) if k == "logit" else "" for k in kept_kinds])
     extras["model_n_layers"] = np.asarray(lm.info.n_layers)
     extras["model_vocab_size"] = np.asarray(lm.info.vocab_size)
     return AnalysisResult(

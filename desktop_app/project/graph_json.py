@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,8 @@ def graph_document(result: AnalysisResult, pinned: list[str] | None = None,
         else:
             node.update(feature=feat, layer=str(n_layers + 1), token_prob=_num(ex["node_activation"][i]),
                         is_target_logit=i == first_logit)
+            if "node_token_text" in ex:  # Neuronpedia's label of a logit node
+                node["clerp"] = f'Output "{ex["node_token_text"][i]}" (p={float(ex["node_activation"][i]):.3f})'
         nodes.append(node)
     adj = np.asarray(ex["adjacency"])
     targets, sources = np.nonzero(adj)
@@ -106,7 +109,7 @@ def read_graph_json(path, n_layers: int, vocab_size: int) -> AnalysisResult:
         _fail(path, f"it is not JSON ({err})")
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list) or not isinstance(doc.get("links"), list):
         _fail(path, "it has no nodes and links lists")
-    kinds, layers, poss, feats, acts, infl, ids = [], [], [], [], [], [], []
+    kinds, layers, poss, feats, acts, infl, ids, texts = [], [], [], [], [], [], [], []
     for node in doc["nodes"]:
         if not isinstance(node, dict):
             _fail(path, "a node is not an object")
@@ -144,6 +147,8 @@ def read_graph_json(path, n_layers: int, vocab_size: int) -> AnalysisResult:
         i = node.get("influence")
         infl.append(float(i) if isinstance(i, (int, float)) else float("nan"))
         ids.append(node_id)
+        clerp = re.match(r'Output "(.*)"', str(node.get("clerp", ""))) if kind == "logit" else None
+        texts.append(clerp.group(1) if clerp else "")
     index = {n: i for i, n in enumerate(ids)}
     if len(index) != len(ids):
         _fail(path, "two nodes share a node_id")
@@ -159,6 +164,7 @@ def read_graph_json(path, n_layers: int, vocab_size: int) -> AnalysisResult:
               "node_layer": np.array(layers, dtype=np.int64), "node_pos": np.array(poss, dtype=np.int64),
               "node_feature": np.array(feats, dtype=np.int64), "node_activation": np.array(acts),
               "node_influence": np.array(infl), "prompt_tokens": np.array(tokens),
+              "node_token_text": np.array(texts, dtype=str),
               "replacement_score": np.asarray(float(meta.get("replacement_score") or float("nan"))),
               "completeness_score": np.asarray(float(meta.get("completeness_score") or float("nan"))),
               "model_n_layers": np.asarray(n_layers), "model_vocab_size": np.asarray(vocab_size)}

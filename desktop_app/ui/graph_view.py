@@ -5,6 +5,8 @@ unpins a node (the pinned ids live in the result's params, which the Neuronpedia
 and two sliders re-prune what is shown from the stored adjacency without recomputing the graph."""
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
@@ -15,6 +17,16 @@ KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": 
 POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
 WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # |w| / max |w| up to these -> pen widths 1..4
 HOVER_PIXELS = 12
+
+
+def _swatch(colour, text: str, shape: str = "●") -> str:
+    return f'<span style="color: rgb{tuple(colour)}">{shape}</span> {text}'
+
+
+LEGEND_HTML = "&nbsp;&nbsp;".join(
+    [_swatch(c, k) for k, c in KIND_COLOURS.items()]
+    + [_swatch(POSITIVE, "positive edge", "━"), _swatch(NEGATIVE, "negative edge", "━"),
+       _swatch((200, 0, 0), "pinned", "○")])
 
 
 def visible_nodes(kinds: np.ndarray, influence: np.ndarray, fraction: float, pinned: np.ndarray) -> np.ndarray:
@@ -53,6 +65,10 @@ class GraphView(QWidget):
         self.xy = np.zeros((0, 2))
         self.title = QLabel("")
         self.title.setWordWrap(True)
+        self.title.setObjectName("graphTitle")
+        self.legend = QLabel(LEGEND_HTML)
+        self.legend.setObjectName("graphLegend")
+        self.logit_labels: list[pg.TextItem] = []
         self.card = QLabel("Hover a node for its card; click to pin it.")
         self.card.setObjectName("graphNodeCard")
         self.card.setWordWrap(True)
@@ -84,6 +100,7 @@ class GraphView(QWidget):
             controls.addWidget(w)
         layout = QVBoxLayout(self)
         layout.addWidget(self.title)
+        layout.addWidget(self.legend)
         layout.addLayout(controls)
         layout.addWidget(self.plot_widget, 1)
         layout.addWidget(self.card)
@@ -110,12 +127,18 @@ class GraphView(QWidget):
         self.influence = np.asarray(ex["node_influence"], dtype=float)
         self.adjacency = np.asarray(ex["adjacency"], dtype=np.float64)
         self.tokens = [str(t) for t in ex.get("prompt_tokens", [])]
+        texts = ex.get("node_token_text")
+        self.token_text = [str(t) for t in texts] if texts is not None and len(texts) == len(self.ids) \
+            else [""] * len(self.ids)
         self.n_layers = int(ex["model_n_layers"]) if "model_n_layers" in ex else int(self.layers.max())
         self.xy = self._layout()
         self._axes()
         rs, cs = ex.get("replacement_score"), ex.get("completeness_score")
         scores = "" if rs is None else f"; replacement score {float(rs):.3f}, completeness {float(cs):.3f}"
-        self.title.setText(f"{result.name}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
+        model = str(result.params.get("scan") or "unknown model")
+        prompt = "".join(self.tokens).replace("·", " ")
+        self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
+                           f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
         self.redraw()
 
@@ -184,9 +207,22 @@ class GraphView(QWidget):
         self.scatter.setData([{"pos": self.xy[i], "size": float(size[i]), "data": int(i),
                                "brush": pg.mkBrush(*KIND_COLOURS.get(self.kinds[i], (0, 0, 0))),
                                "pen": pg.mkPen("k", width=0.5)} for i in shown])
+        for item in self.logit_labels:
+            self.plot.removeItem(item)
+        self.logit_labels = []
+        for i in shown:
+            if self.kinds[i] == "logit":
+                label = pg.TextItem(self.logit_label(i), color=KIND_COLOURS["logit"], anchor=(0.5, 1.0))
+                label.setPos(self.xy[i, 0], self.xy[i, 1] + 0.15)
+                self.plot.addItem(label)
+                self.logit_labels.append(label)
         pins = [i for i in shown if pinned[i]]
         self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,
                                 "pen": pg.mkPen((200, 0, 0), width=2)} for i in pins])
+
+    def logit_label(self, i: int) -> str:
+        """The token text a logit node stands for (its id only when the result carries no text)."""
+        return self.token_text[i] or f"#{int(self.feature[i])}"
 
     def shown_counts(self) -> tuple[int, int]:
         """(nodes, edges) drawn now, read back from the plot items."""
@@ -203,7 +239,8 @@ class GraphView(QWidget):
         if kind == "feature":
             lines.append(f"feature {int(self.feature[i])}, activation {self.activation[i]:.4g}")
         elif kind == "logit":
-            lines.append(f"token id {int(self.feature[i])}, probability {self.activation[i]:.4g}")
+            lines.append(f"output {escape(self.logit_label(i))} (token id {int(self.feature[i])}), "
+                         f"probability {self.activation[i]:.4g}")
         elif kind == "embedding":
             lines.append(f"token id {int(self.feature[i])}")
         lines.append(f"influence on the logits {self.influence[i]:.4g}")

@@ -106,3 +106,25 @@ def test_window_shows_the_graph_in_the_detail_dock(qtbot, window, demo_graph):
     view = window.detail_views["graph"]
     assert view.objectName() == "graphView" and view.result is demo_graph
     assert window.docks["detailDock"].isVisible()
+
+
+def test_legend_title_and_logit_token_labels(qtbot, demo_graph, tmp_path):
+    from desktop_app.engine.loading import load_model
+    from desktop_app.project.graph_json import read_graph_json, write_graph_json
+
+    view = _view(qtbot, demo_graph)
+    legend = view.findChild(QLabel, "graphLegend").text()
+    for word in ("embedding", "feature", "error", "logit", "positive edge", "negative edge"):
+        assert word in legend
+    title = view.findChild(QLabel, "graphTitle").text()
+    assert "model" in title and "Mary" in title  # the demo model's folder name and the prompt
+    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
+    ex = demo_graph.extras
+    logits = np.where(ex["node_kind"] == "logit")[0]
+    expected = lm.tokens_of_ids(ex["node_feature"][logits]).display
+    shown = sorted(item.toPlainText() for item in view.logit_labels)
+    assert shown == sorted(expected) and len(shown) == len(logits)
+    back = read_graph_json(write_graph_json(demo_graph, tmp_path / "g.json"), int(ex["model_n_layers"]),
+                           int(ex["model_vocab_size"]))
+    assert list(back.extras["node_token_text"][logits]) == list(expected)
+    assert view.grab().save(str(tmp_path / "view.png"))
