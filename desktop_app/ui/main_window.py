@@ -17,7 +17,7 @@ from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import recent as recent_mod
 from desktop_app.project.session import Session
 from desktop_app.project.specs import ModelRef
-from desktop_app.ui import kind_views, worker_jobs
+from desktop_app.ui import graph_import, kind_views, worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
 from desktop_app.ui.analysis_list import AnalysisListPanel
 from desktop_app.ui.dataset_table import DatasetController, DatasetPanel
@@ -479,6 +479,9 @@ class MainWindow(QMainWindow):
                                      name="actionOpenProject")
         self.act_open_model = self._action("Open &model…", lambda: self.browse_model(False), QKeySequence.Open,
                                            "Choose a model folder and load it", "actionOpenModel")
+        self.act_open_graph = self._action("Open &graph JSON…", lambda: graph_import.open_graph_json_dialog(self), None,
+                                           "Open a Neuronpedia / circuit-tracer attribution graph of the loaded model",
+                                           "actionOpenGraphJson")
         self.recent_menu = QMenu("Open &recent", self)
         self.recent_menu.setObjectName("recentMenu")
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
@@ -497,7 +500,7 @@ class MainWindow(QMainWindow):
         for act in (self.act_new, self.act_open):
             f.addAction(act)
         f.addMenu(self.recent_menu)
-        for act in (self.act_open_model, None, self.act_save, self.act_save_as, None, self.act_export,
+        for act in (self.act_open_model, self.act_open_graph, None, self.act_save, self.act_save_as, None, self.act_export,
                     self.act_export_data, self.act_export_experiment, self.act_copy, None, self.act_quit):
             f.addSeparator() if act is None else f.addAction(act)
         e = mb.addMenu("&Edit")
