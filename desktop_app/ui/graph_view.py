@@ -104,6 +104,11 @@ class GraphView(QWidget):
         layout.addLayout(controls)
         layout.addWidget(self.plot_widget, 1)
         layout.addWidget(self.card)
+        from desktop_app.ui.graph_clamp import ClampPanel
+
+        self.clamp = ClampPanel()
+        self.clamp.button.clicked.connect(self.clamp.run)
+        layout.addWidget(self.clamp)
 
     def _slider(self, name: str, value: int, tip: str) -> QSlider:
         s = QSlider(Qt.Horizontal)
@@ -216,6 +221,9 @@ class GraphView(QWidget):
                 label.setPos(self.xy[i, 0], self.xy[i, 1] + 0.15)
                 self.plot.addItem(label)
                 self.logit_labels.append(label)
+        pinned_features = [p for p in self.pinned if self.kinds[self.ids.index(p)] == "feature"]
+        self.clamp.set_target(self.result, pinned_features[-1] if pinned_features else None,
+                              {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
         pins = [i for i in shown if pinned[i]]
         self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,
                                 "pen": pg.mkPen((200, 0, 0), width=2)} for i in pins])

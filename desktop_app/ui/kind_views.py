@@ -54,6 +54,8 @@ def show_detail(window, result, record) -> None:
         module, cls = _VIEW_MODULES[record.view]
         view = getattr(importlib.import_module(module), cls)()
         views[record.view] = view
+        if hasattr(view, "clamp"):  # the graph view's one-click check runs in the window's runner
+            view.clamp.submit = window._submit
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))

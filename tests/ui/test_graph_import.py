@@ -72,3 +72,44 @@ def test_graph_of_another_model_is_refused(qtbot, demo_window, demo_graph, tmp_p
     assert window.project.names() == before
     text = window.message_bar.text()
     assert "other layers" in text and text.count(". ") == 0 and window.message_bar.level == "error"
+
+
+def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QLabel, QPushButton, QTableWidget
+
+    from desktop_app.engine.graph_check import clamp_check
+    from desktop_app.engine.loading import load_model
+    from desktop_app.engine.transcoders import load_transcoder_set
+    from desktop_app.project import kinds
+    from desktop_app.ui.kind_views import show_detail
+
+    window = demo_window
+    show_detail(window, demo_graph, kinds.get("attribution_graph"))
+    view = window.detail_views["graph"]
+    button = view.findChild(QPushButton, "graphClampButton")
+    assert not button.isEnabled()  # nothing pinned
+    ex = demo_graph.extras
+    f = np.where(ex["node_kind"] == "feature")[0]
+    node = str(ex["node_ids"][f[int(np.argmax(ex["node_influence"][f]))]])
+    view.toggle_pin(node)
+    assert button.isEnabled()
+    table = view.findChild(QTableWidget, "graphCheckTable")
+    qtbot.mouseClick(button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: table.rowCount() > 0, timeout=30_000)
+    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
+    tset = load_transcoder_set(demo_graph.params["transcoders"], n_layers=lm.info.n_layers, d_model=lm.info.d_model)
+    s = list(ex["node_ids"]).index(node)
+    direct = clamp_check(lm, list(demo_graph.tokens_clean), tset, ex, node, -float(ex["node_activation"][s]))
+    logits = np.where(ex["node_kind"] == "logit")[0]
+    assert table.rowCount() == len(logits)
+    texts = lm.tokens_of_ids(direct["logit_tokens"]).display
+    for r in range(table.rowCount()):
+        assert table.item(r, 0).text() == texts[r]
+        assert float(table.item(r, 1).text()) == pytest.approx(direct["predicted"][r], abs=1e-4)
+        assert float(table.item(r, 2).text()) == pytest.approx(direct["measured"][r], abs=1e-4)
+    np.testing.assert_allclose(view.clamp.check["predicted"], direct["predicted"], atol=1e-9)
+    np.testing.assert_allclose(view.clamp.check["measured"], direct["measured"], atol=1e-5)
+    assert np.abs(direct["measured"]).max() > 1e-3  # the clamp does move the logits
+    status = view.findChild(QLabel, "graphCheckStatus").text()
+    assert "replacement model" in status and "frozen" in status
