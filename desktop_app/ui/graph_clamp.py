@@ -41,6 +41,7 @@ class ClampPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.submit = None
+        self.computed_with_loaded = None  # result -> bool, wired by the window: never run a graph of another model
         self.node_id: str | None = None
         self.check: dict | None = None
         self.button = QPushButton("Clamp ×0 / ablate")
@@ -76,6 +77,10 @@ class ClampPanel(QWidget):
             return
         if self.submit is None:
             self.status.setText("This view is not attached to a window's runner; nothing was run.")
+            return
+        if self.computed_with_loaded is not None and not self.computed_with_loaded(self.result):
+            self.status.setText("This graph was not computed with the loaded model, so nothing was run; re-run the "
+                                "analysis with this model before checking a node on it.")
             return
         node_id = self.node_id
         self.status.setText(f"Running the model with {node_id} clamped to zero…")

@@ -36,6 +36,14 @@ def _comparable(window, result) -> list:
     return out
 
 
+def _computed_with_loaded(window, result) -> bool:
+    """Whether `result` is a result of the project computed with the loaded model (else nothing may run on it)."""
+    for entry in window.project.analyses:
+        if entry.result is result:
+            return window.session.computed_with_loaded(entry.name)
+    return False
+
+
 def show_detail(window, result, record) -> None:
     """Show `result` in the detail dock if its kind's view type has a view here; else leave the dock alone."""
     if result is None or record is None or not has_view(record.view) or not np.asarray(result.values).size:
@@ -56,6 +64,7 @@ def show_detail(window, result, record) -> None:
         views[record.view] = view
         if hasattr(view, "clamp"):  # the graph view's one-click check runs in the window's runner
             view.clamp.submit = window._submit
+            view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))

@@ -85,6 +85,7 @@ def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
     from desktop_app.ui.kind_views import show_detail
 
     window = demo_window
+    _add_as_computed(window, demo_graph, window.loaded_ref)
     show_detail(window, demo_graph, kinds.get("attribution_graph"))
     view = window.detail_views["graph"]
     button = view.findChild(QPushButton, "graphClampButton")
@@ -113,3 +114,39 @@ def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
     assert np.abs(direct["measured"]).max() > 1e-3  # the clamp does move the logits
     status = view.findChild(QLabel, "graphCheckStatus").text()
     assert "replacement model" in status and "frozen" in status
+
+
+def _add_as_computed(window, result, model_ref):
+    """`result` added to the project as an analysis computed with `model_ref`."""
+    from desktop_app.project import kinds
+    from desktop_app.project.document import AnalysisEntry, model_fingerprint
+    from desktop_app.project.undo import AddAnalysis
+
+    spec = kinds.get("attribution_graph").spec(name="graph under test", transcoders=result.params["transcoders"])
+    window.session.push(AddAnalysis(window.project, AnalysisEntry(spec, result, result_spec=spec,
+                                                                  result_model=model_fingerprint(model_ref))))
+
+
+def test_clamp_refuses_a_graph_of_another_model(qtbot, demo_window, demo_graph):
+    import dataclasses
+
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QLabel, QPushButton, QTableWidget
+
+    from desktop_app.project import kinds
+    from desktop_app.ui.kind_views import show_detail
+
+    window = demo_window
+    other = dataclasses.replace(window.loaded_ref, path="/elsewhere/another-model", config_hash="0" * 16)
+    _add_as_computed(window, demo_graph, other)
+    show_detail(window, demo_graph, kinds.get("attribution_graph"))
+    view = window.detail_views["graph"]
+    ex = demo_graph.extras
+    f = np.where(ex["node_kind"] == "feature")[0]
+    view.toggle_pin(str(ex["node_ids"][f[0]]))
+    submitted = []
+    view.clamp.submit = lambda *args, **kwargs: submitted.append(args)
+    qtbot.mouseClick(view.findChild(QPushButton, "graphClampButton"), Qt.LeftButton)
+    assert submitted == []  # nothing ran on the loaded model with this graph's token ids
+    assert view.findChild(QTableWidget, "graphCheckTable").rowCount() == 0
+    assert "not computed with the loaded model" in view.findChild(QLabel, "graphCheckStatus").text()
