@@ -107,7 +107,7 @@ def _decoded_lines(path: Path, read: list | None = None) -> Iterator[tuple[int, 
                                 "save the file as UTF-8.") from None
 
 
-def _csv_answer(text: str):
+def parse_answer_cell(text: str):
     """A CSV cell: one token, or a JSON list of tokens (["·Mary", "·mary"] written as ["\u0020Mary", ...])."""
     stripped = text.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
@@ -153,7 +153,7 @@ def _csv_pairs(path: Path, read: list | None = None) -> Iterator[tuple[int, Pair
         for col in COLUMNS:
             if not cells[col].strip():
                 raise SpecError(f"{path.name} line {number}: the '{col}' field is empty; fill it in or remove the row.")
-        d = {col: (_csv_answer(cells[col]) if col in ("answer", "wrong_answer") else cells[col]) for col in COLUMNS}
+        d = {col: (parse_answer_cell(cells[col]) if col in ("answer", "wrong_answer") else cells[col]) for col in COLUMNS}
         yield number, pair_from_dict(d, f"{path.name} line {number}")
 
 

@@ -14,7 +14,7 @@ dim_batch dimensions: ceil(d_model / dim_batch) per prompt.
 
 File (a torch file, read with weights_only=True): {"J": {layer: [d_model, d_model]}, "n_prompts", "d_model"}
 as the J-lens release's files (neuronpedia/jacobian-lens `*_jacobian_lens_n1000.pt`) hold them, as public
-scripts that load those files read them (`torch.load(...)["J"]`, layers = sorted keys; float16 matrices there;
+scripts that load those files read them (the "J" entry of the loaded dict, layers = sorted keys; float16 matrices there;
 the source layers exclude the last one, whose J is the identity). Ours adds "n_layers", "skip_first_n_positions",
 "model", "format" and stores float32. J[i, j] = d h_final_i / d h_j (applied as J @ h). The reader also accepts
 "jacobians" instead of "J", a stacked [n, d, d] tensor there, or a dict of per-layer [d, d] tensors under

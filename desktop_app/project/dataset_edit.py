@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from desktop_app.engine.datasets import PairText
+from desktop_app.engine.datasets import PairText, parse_answer_cell
 from desktop_app.project.dataset_prompts import DatasetPrompts, is_dataset
 from desktop_app.project.specs import Prompts
 from desktop_app.project.undo import Command
@@ -42,14 +42,9 @@ def answer_text(value) -> str:
 
 def answer_value(text: str):
     """The inverse of answer_text: a JSON list of two or more tokens becomes a tuple."""
-    stripped = text.strip()
-    if stripped.startswith("[") and stripped.endswith("]"):
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError:
-            return text
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            return tuple(value) if len(value) > 1 else value[0]
+    value = parse_answer_cell(text)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value) if len(value) > 1 else value[0]
     return text
 
 

@@ -40,6 +40,16 @@ def same_model(a: dict | None, b: dict | None) -> bool:
     return a.get("path") == b.get("path")
 
 
+
+def add_observer(observers: list, callback) -> Callable[[], None]:
+    """Append `callback` to `observers`; returns a function that removes it again (safe to call twice)."""
+    observers.append(callback)
+
+    def unsubscribe():
+        if callback in observers:
+            observers.remove(callback)
+    return unsubscribe
+
 @dataclass
 class AnalysisEntry:
     spec: AnalysisSpec
@@ -82,12 +92,7 @@ class Project:
 
     def subscribe(self, callback: Observer) -> Callable[[], None]:
         """Call callback(project, event, detail) after each change; returns a function that unsubscribes."""
-        self._observers.append(callback)
-
-        def unsubscribe():
-            if callback in self._observers:
-                self._observers.remove(callback)
-        return unsubscribe
+        return add_observer(self._observers, callback)
 
     def _changed(self, event: str, detail: Any = None) -> None:
         self.change_count += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from desktop_app.project.document import Project, model_fingerprint, same_model
+from desktop_app.project.document import Project, add_observer, model_fingerprint, same_model
 from desktop_app.project.specs import ModelRef
 from desktop_app.project.undo import UndoStack
 
@@ -54,12 +54,7 @@ class Session:
 
     # ---- observers ----
     def subscribe(self, callback: Observer) -> Callable[[], None]:
-        self._observers.append(callback)
-
-        def unsubscribe():
-            if callback in self._observers:
-                self._observers.remove(callback)
-        return unsubscribe
+        return add_observer(self._observers, callback)
 
     def _emit(self, event: str, detail: Any = None) -> None:
         for cb in list(self._observers):
