@@ -214,7 +214,7 @@ class AnalysisController:
         if done > 0 and elapsed > 0:
             rate = done / elapsed
             left = (total - done) / rate if rate > 0 else 0.0
-            a.rate_label.setText(f"{done}/{total} cells · {rate:.0f} cells/s · {left:.0f} s left · {message}")
+            a.rate_label.setText(f"{done}/{total} · {rate:.3g}/s · {left:.0f} s left · {message}")
         else:
             a.rate_label.setText(message)
 
@@ -240,7 +240,7 @@ class AnalysisController:
             also(result)
         a = self.analysis_panel
         a.progress.setValue(a.progress.maximum())
-        a.rate_label.setText(f"{result.values.size} cells in {result.elapsed_s:.2f} s")
+        a.rate_label.setText(f"done in {result.elapsed_s:.2f} s ({result.values.size} values)")
         if result.status == "failed":
             self.messages.show_error(result.message or "the analysis failed.")
         elif result.message:
@@ -432,6 +432,10 @@ class AnalysisController:
                                               "Shared colour scale"))
 
     def _show_result(self, result: AnalysisResult, stale: str = ""):
+        if result is not self.result_view.result:
+            record = kinds.find(result.kind) if result is not None else None
+            self.predictions_label.setText(CLICK_HINTS.get(record.click if record else "describe",
+                                                           CLICK_HINTS["describe"]))
         self.result_view._shared_extent = self.shared_extent(result)
         self.result_view.set_result(result, stale=stale)
         record = kinds.find(result.kind) if result is not None else None
@@ -443,6 +447,15 @@ class AnalysisController:
     def current_result(self) -> AnalysisResult | None:
         return self.result_view.result
 
+
+
+CLICK_HINTS = {  # what the pane beside the result says before a cell is clicked, by the kind's `click`
+    "patched_predictions": "Click a heatmap cell to see the top next tokens of the clean, corrupted and patched runs.",
+    "predictions": "Click a cell to see the top next tokens of the clean and corrupted runs.",
+    "details": "Click a cell to see its details.",
+    "select_token": "Click a token to see its features.",
+    "describe": "Click a cell or bar to see its value.",
+}
 
 
 def pair_tokens(tokens, pair: int = 0) -> list[int]:

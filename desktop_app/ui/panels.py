@@ -326,10 +326,10 @@ class AnalysisPanel(QWidget):
         self.cancel_button = _named(QPushButton("Cancel"), "cancelButton",
                                     "Stop the running analysis and keep the finished cells (Esc)")
         self.cancel_button.setEnabled(False)
-        self.progress = _named(QProgressBar(), "progressBar", "Cells done of the running analysis")
+        self.progress = _named(QProgressBar(), "progressBar", "Steps done of the running analysis (cells, pairs or samples, as its progress says)")
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self.progress.setFormat("%v / %m cells")
+        self.progress.setFormat("%v / %m")
         self.rate_label = _named(QLabel(" "), "progressRateLabel", "Speed and time left of the running analysis")
 
         form = QFormLayout(self)
