@@ -411,7 +411,11 @@ class MainWindow(QMainWindow):
         prompts_box = QWidget()
         prompts_row = QHBoxLayout(prompts_box)
         prompts_row.setContentsMargins(0, 0, 0, 0)
-        prompts_row.addWidget(self.prompts_panel, 2)
+        prompts_scroll = QScrollArea()  # long prompts wrap their token chips: scroll rather than cut them
+        prompts_scroll.setWidgetResizable(True)
+        prompts_scroll.setFrameShape(QScrollArea.NoFrame)
+        prompts_scroll.setWidget(self.prompts_panel)
+        prompts_row.addWidget(prompts_scroll, 2)
         prompts_row.addWidget(self.dataset_panel, 3)
         self.layer_panel = LayerTreePanel()
         self.analysis_panel = AnalysisPanel()
@@ -442,7 +446,7 @@ class MainWindow(QMainWindow):
         self.docks["trainDock"].hide()
         self.docks["pairBarsDock"].hide()
         self.tabifyDockWidget(self.docks["analysisDock"], self.docks["saeDock"])
-        self.resizeDocks([self.docks["promptsDock"]], [190], Qt.Vertical)
+        self.resizeDocks([self.docks["promptsDock"]], [205], Qt.Vertical)
         self.resizeDocks([self.docks["modelDock"], self.docks["analysisDock"]], [300, 300], Qt.Horizontal)
 
         sb = self.statusBar()
