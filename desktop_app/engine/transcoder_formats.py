@@ -223,7 +223,8 @@ def _inspect_gs2(folder: Path) -> _LayerSpec:
         raise SAEError(f"{where} describes a Gemma Scope 2 {what} (it reads {hook_in} and writes "
                        f"{hook_out if isinstance(hook_out, str) else 'the same'}), not a per-layer transcoder.")
     if cfg.get("architecture", "jump_relu") != "jump_relu":
-        raise SAEError(f"{where} has architecture {cfg.get('architecture')!r}; Gemma Scope 2 transcoders are jump_relu.")
+        raise SAEError(f"{where} has architecture {cfg.get('architecture')!r}; Gemma Scope 2 transcoders are "
+                       "jump_relu.")
     layer, post_norm = _hf_hooks(hook_in, hook_out, where)
     weights = folder / GS2_WEIGHTS
     shapes = header_shapes(weights)
@@ -423,8 +424,8 @@ def load_clt(folder: Path, cfg: dict, n_layers: int | None, d_model: int | None)
         path = folder / f"W_enc_{i}.safetensors"
         extra = sorted(set(enc_shapes[i]) - set(expected))
         if extra:
-            raise SAEError(f"{path} holds {', '.join(extra)}, which circuit-tracer's cross-layer transcoder format does "
-                           "not define (every layer's encoder file holds the same tensors).")
+            raise SAEError(f"{path} holds {', '.join(extra)}, which circuit-tracer's cross-layer transcoder format "
+                           "does not define (every layer's encoder file holds the same tensors).")
         _check_shapes(enc_shapes[i], expected, path, f"d_transcoder {d_t}, d_model {width}")
         dec_path = folder / f"W_dec_{i}.safetensors"
         _check_shapes(dec_shapes[i], {f"W_dec_{i}": (d_t, count - i, width)}, dec_path,

@@ -285,3 +285,72 @@ def test_refuses_non_finite_weights_and_saes(tmp_path):
     _refused("apply_b_dec_to_input", write_saelens(tmp_path / "b", 0, c, "transcoder", apply_b_dec_to_input=True))
     _refused("normalises its input", write_saelens(tmp_path / "n", 0, c, "transcoder",
                                                    normalize_activations="layer_norm"))
+
+
+# ---- circuit-tracer cross-layer transcoders -----------------------------------------------------------------
+
+def clt_arrays(seed, n_layers=2, d=D, d_t=W, jump=True):
+    rng = np.random.default_rng(seed)
+    enc, dec = [], []
+    for i in range(n_layers):
+        e = {f"W_enc_{i}": rng.normal(size=(d_t, d)) * 0.3, f"b_enc_{i}": rng.normal(size=d_t) * 0.1,
+             f"b_dec_{i}": rng.normal(size=d) * 0.1}
+        if jump:
+            e[f"threshold_{i}"] = rng.normal(size=d_t) * 0.3  # negative ones too: circuit-tracer has no relu here
+        enc.append(_f32(e))
+        dec.append(_f32({f"W_dec_{i}": rng.normal(size=(d_t, n_layers - i, d)) * 0.3}))
+    return enc, dec
+
+
+def write_clt(folder, enc, dec, hook_in="ln2.hook_normalized"):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {hook_in}\n"
+                                        "feature_output_hook: hook_mlp_out\n")
+    for i, (e, d) in enumerate(zip(enc, dec)):
+        save_file(e, str(folder / f"W_enc_{i}.safetensors"))
+        save_file(d, str(folder / f"W_dec_{i}.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_cross_layer_transcoder_matches_numpy(tmp_path, jump):
+    n = 3
+    enc, dec = clt_arrays(50, n_layers=n, jump=jump)
+    clt = load_transcoder_set(write_clt(tmp_path / "clt", enc, dec), n_layers=n, d_model=D)
+    assert isinstance(clt, CrossLayerTranscoder) and clt.cross_layer and len(clt) == n and clt.d_model == D
+    xs = [_inputs(60 + i) for i in range(n)]
+    acts = []
+    for i in range(n):
+        pre = xs[i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        acts.append(pre * (pre > enc[i][f"threshold_{i}"]) if jump else np.maximum(pre, 0))
+    outs = [enc[j][f"b_dec_{j}"] + sum(acts[i] @ dec[i][f"W_dec_{i}"][:, j - i] for i in range(j + 1))
+            for j in range(n)]
+    with torch.no_grad():
+        got_acts = [clt.encode(i, torch.from_numpy(x)).numpy() for i, x in enumerate(xs)]
+        got = clt([torch.from_numpy(x) for x in xs])
+    for i in range(n):
+        np.testing.assert_allclose(got_acts[i], acts[i], atol=1e-5)
+        np.testing.assert_allclose(got[i].numpy(), outs[i], atol=1e-5)
+    assert all(0 < (a != 0).mean() < 1 for a in acts)
+
+
+def test_cross_layer_transcoder_refusals(tmp_path, lm_gpt2):
+    enc, dec = clt_arrays(51)
+    folder = write_clt(tmp_path / "ok", enc, dec)
+    with pytest.raises(SpecError, match="cross-layer transcoders are not supported by attribution graphs") as e:
+        drive(build_graph(lm_gpt2, torch.tensor([[1, 2, 3]]), load_transcoder_set(folder, n_layers=2, d_model=D)))
+    _one_sentence(e)
+    _refused(r"misses layer\(s\) \[2\]", folder, n_layers=3, d_model=D)
+    _refused("encoders for 2 layers but the model has 1", folder, n_layers=1, d_model=D)
+    _refused(r"d_model \[32\] but the model's d_model is 64", folder, n_layers=2, d_model=64)
+    _refused("reads 'hook_resid_mid'", write_clt(tmp_path / "mid", enc, dec, hook_in="hook_resid_mid"))
+    short = [dict(d) for d in dec]
+    short[0]["W_dec_0"] = np.ascontiguousarray(short[0]["W_dec_0"][:, :1])  # decodes only to its own layer
+    _refused(r"W_dec_0 in .* has shape \(48, 1, 32\)", write_clt(tmp_path / "short", enc, short))
+    bad = [dict(e) for e in enc]
+    bad[1]["b_enc_1"] = bad[1]["b_enc_1"].copy()
+    bad[1]["b_enc_1"][0] = np.nan
+    _refused("NaN or infinite values in b_enc_1", write_clt(tmp_path / "nan", bad, dec))
+    extra = [dict(e) for e in enc]
+    extra[0]["W_skip"] = np.zeros((D, D), np.float32)
+    _refused("holds W_skip", write_clt(tmp_path / "skip", extra, dec))
