@@ -354,3 +354,21 @@ def test_cross_layer_transcoder_refusals(tmp_path, lm_gpt2):
     extra = [dict(e) for e in enc]
     extra[0]["W_skip"] = np.zeros((D, D), np.float32)
     _refused("holds W_skip", write_clt(tmp_path / "skip", extra, dec))
+
+
+def test_attribution_graph_kind_takes_a_gemma_scope_2_folder(gpt2_dir, lm_gpt2, tmp_path):
+    from desktop_app.cli import main
+    from desktop_app.project.iwb import load_project
+
+    for L in range(lm_gpt2.info.n_layers):
+        write_gs2(tmp_path / "gs2" / f"layer_{L}_width_48_l0_small", L, gs2_arrays(70 + L))
+    exp = tmp_path / "exp.json"
+    exp.write_text(json.dumps({
+        "version": 1, "model": {"path": str(gpt2_dir), "dtype": "float32", "device": "cpu"},
+        "prompts": {"clean": PROMPT, "corrupted": PROMPT},
+        "analyses": [{"name": "g", "kind": "attribution_graph", "transcoders": str(tmp_path / "gs2"),
+                      "max_feature_nodes": 30, "max_n_logits": 3}]}))
+    out = tmp_path / "p.iwb"
+    assert main(["run", str(exp), "--out", str(out), "-q"]) == 0
+    result = load_project(out).entry("g").result
+    assert result.status == "complete" and float(result.extras["max_replacement_logit_diff"]) < 1e-5
