@@ -151,11 +151,14 @@ def folder_format(folder: Path) -> str | None:
 
 def _subfolders(folder: Path) -> list[Path]:
     subs = []
-    for entry in folder.iterdir():
-        if len(subs) >= MAX_SUBFOLDERS:
-            raise SAEError(f"{folder} holds more than {MAX_SUBFOLDERS} folders, more than any transcoder set has.")
-        if entry.is_dir():
-            subs.append(entry)
+    try:
+        for entry in folder.iterdir():
+            if len(subs) >= MAX_SUBFOLDERS:
+                raise SAEError(f"{folder} holds more than {MAX_SUBFOLDERS} folders, more than any transcoder set has.")
+            if entry.is_dir():
+                subs.append(entry)
+    except OSError as exc:
+        raise SAEError(f"{folder} cannot be listed ({exc.strerror or exc}); check its permissions.") from exc
     return sorted(subs)
 
 
@@ -389,6 +392,9 @@ def _load_saelens(spec: _LayerSpec) -> Transcoder:
 # ---- circuit-tracer cross-layer transcoders -------------------------------------------------------------------
 
 def load_clt(folder: Path, cfg: dict, n_layers: int | None, d_model: int | None) -> CrossLayerTranscoder:
+    if cfg.get("transcoders"):
+        raise SAEError(f"{folder / CT_CFG} lists per-layer files for a cross-layer transcoder (the Gemma Scope 2 CLT "
+                       "layout), which is not supported; only circuit-tracer's W_enc_{i} / W_dec_{i} files are.")
     hook_in = str(cfg.get("feature_input_hook", "hook_resid_mid"))  # circuit-tracer's default for CLTs
     if hook_in not in NORMED_INPUT_HOOKS:
         raise SAEError(f"the cross-layer transcoder reads {hook_in!r}, but transcoders here must read the MLP's input "

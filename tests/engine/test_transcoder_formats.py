@@ -354,6 +354,10 @@ def test_cross_layer_transcoder_refusals(tmp_path, lm_gpt2):
     extra = [dict(e) for e in enc]
     extra[0]["W_skip"] = np.zeros((D, D), np.float32)
     _refused("holds W_skip", write_clt(tmp_path / "skip", extra, dec))
+    listed = write_clt(tmp_path / "listed", enc, dec)
+    with open(listed / "config.yaml", "a") as fh:
+        fh.write("transcoders:\n  - params_layer_0.safetensors\n")
+    _refused("Gemma Scope 2 CLT layout", listed)
 
 
 def test_attribution_graph_kind_takes_a_gemma_scope_2_folder(gpt2_dir, lm_gpt2, tmp_path):
