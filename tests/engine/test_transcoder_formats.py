@@ -376,3 +376,16 @@ def test_attribution_graph_kind_takes_a_gemma_scope_2_folder(gpt2_dir, lm_gpt2, 
     assert main(["run", str(exp), "--out", str(out), "-q"]) == 0
     result = load_project(out).entry("g").result
     assert result.status == "complete" and float(result.extras["max_replacement_logit_diff"]) < 1e-5
+
+
+@pytest.mark.parametrize("hook_in,hook_out,expected", [
+    ("model.layers.3.post_attention_layernorm.output", "model.layers.3.mlp.output", (3, False)),  # Llama
+    ("gpt_neox.layers.1.post_attention_layernorm.output", "gpt_neox.layers.1.mlp.output", (1, False)),  # NeoX
+    # a real google/gemma-scope-2-1b-it transcoder config: its output is the MLP's output after the post-norm
+    ("model.layers.22.pre_feedforward_layernorm.output", "model.layers.22.post_feedforward_layernorm.output",
+     (22, True)),
+    ("model.layers.2.mlp.input", "model.layers.2.mlp.output", (2, False))])
+def test_gemma_scope_2_hook_names_of_other_families(hook_in, hook_out, expected, tmp_path):
+    from desktop_app.engine.transcoder_formats import _hf_hooks
+
+    assert _hf_hooks(hook_in, hook_out, tmp_path) == expected
