@@ -267,6 +267,8 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
     """Job: yields Progress, returns (Graph, ReplacementContext-derived facts). See the module docstring."""
     cancel = cancel or CancelToken()
     check_supported(lm)
+    if getattr(tset, "cross_layer", False):
+        raise SpecError("cross-layer transcoders are not supported by attribution graphs yet; use a per-layer set.")
     n_layers = len(lm.adapter.blocks)
     if len(tset) != n_layers or tset.d_model != lm.info.d_model:
         raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "

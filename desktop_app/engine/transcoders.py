@@ -156,7 +156,13 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None) -
 
 def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None = None) -> TranscoderSet:
     """A circuit-tracer transcoder set; refused in one sentence when it does not fit a model of n_layers /
-    d_model, misses a layer, or reads from another hook than the MLP's normalised input."""
+    d_model, misses a layer, or reads from another hook than the MLP's normalised input. Gemma Scope 2 and SAELens
+    folders and circuit-tracer cross-layer transcoders are read by `transcoder_formats`."""
+    from desktop_app.engine.transcoder_formats import load_other_format
+
+    other = load_other_format(folder, n_layers, d_model)
+    if other is not None:
+        return other
     folder = Path(folder)
     cfg_path = folder / "config.yaml"
     if not cfg_path.is_file():

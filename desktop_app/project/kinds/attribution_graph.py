@@ -11,7 +11,10 @@ from desktop_app.project.specs import AnalysisSpec, param
 @dataclass(frozen=True)
 class AttributionGraphSpec(AnalysisSpec):
     transcoders: str = param("", widget="path",
-                             tip="A circuit-tracer transcoder set: a folder with config.yaml and layer_{i}.safetensors")
+                             tip="Per-layer transcoders: a circuit-tracer set (config.yaml + layer_{i}.safetensors), "
+                                 "Gemma Scope 2 transcoder folders (config.json + params.safetensors) or SAELens "
+                                 "transcoder folders (cfg.json + sae_weights.safetensors), one layer's folder or the "
+                                 "folder above per-layer ones")
     prompt: str = prompt_field()
     max_feature_nodes: int = param(7500, widget="int", minimum=1, maximum=1_000_000,
                                    tip="At most this many active features become nodes (the strongest; the rest "
