@@ -22,7 +22,7 @@ from desktop_app.engine.errors import SAEError
 from desktop_app.engine.jobs import CancelToken, Progress
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
-INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized", "hook_mlp_in")  # the MLP's input after its norm
+INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")  # the MLP's input after its norm (TransformerLens' hook_mlp_in is before it)
 OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 
 
