@@ -277,3 +277,25 @@ def test_three_measurements_equal_a_hand_written_gpt2(lm_gpt2):
         if scale > 1:
             assert flipped  # the big clamp does make features cross
         assert np.abs(c["measured_real"]).max() > 1e-3
+
+
+def test_demo_frozen_real_mlps_stay_within_the_stated_tolerance_of_the_graph_model():
+    """On the demo (trained model and transcoders) the real MLPs under frozen attention and norms move the logits
+    within 0.2 x the largest predicted change of the graph's own model for the ablation of each of the 10 strongest
+    features (measured: at most 0.123; packaging/graph_check_demo.py prints the table). A regression check of the
+    shipped transcoders, and the stated tolerance of the 'frozen' column."""
+    from desktop_app.engine.attribution_graph import attribution_graph_job
+    from desktop_app.engine.jobs import drive
+    from desktop_app.engine.loading import load_model
+    from desktop_app.engine.transcoders import load_transcoder_set
+
+    demo = resources_dir() / "demo"
+    lm = load_model(demo / "model", dtype="float32", device="cpu")
+    tokens = lm.tokenize(PROMPT, True)
+    tset = load_transcoder_set(demo / "transcoders")
+    ex = drive(attribution_graph_job(lm, tokens, "", tset=tset, max_n_logits=5)).extras
+    f = np.where(ex["node_kind"] == "feature")[0]
+    for i in f[np.argsort(-ex["node_influence"][f])][:10]:
+        c = clamp_check(lm, tokens.ids, tset, ex, str(ex["node_ids"][i]), -float(ex["node_activation"][i]))
+        scale = np.abs(c["predicted"]).max()
+        assert np.abs(c["measured_frozen"] - c["measured_graph"]).max() <= 0.2 * scale
