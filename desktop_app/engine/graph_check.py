@@ -153,13 +153,13 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
 
 
 def crossing_text(crossings) -> str:
-    """One sentence naming the downstream features whose active state changed (at most five by name)."""
+    """One sentence naming the downstream features whose active state changed (at most three by name; for TopK
+    transcoders, crossing the threshold means entering or leaving the top k)."""
     if not len(crossings):
         return "No downstream feature crossed its threshold, so the graph's model is exactly linear here."
-    names = [f"{L}_{f}_{p} ({'on' if on else 'off'})" for L, f, p, on in crossings]
-    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return (f"{len(names)} downstream feature{'s' if len(names) > 1 else ''} crossed {'their' if len(names) > 1 else 'its'} "
-            f"threshold ({', '.join(names[:5])}{more}), so the graph's model is not linear over this clamp.")
+    names = [f"feature {L}_{f}_{p} crossed its threshold (now {'on' if on else 'off'})" for L, f, p, on in crossings]
+    more = f" and {len(names) - 3} more features did too" if len(names) > 3 else ""
+    return f"{'; '.join(names[:3])}{more}, so the graph's model is not linear over this clamp."
 
 
 def clamp_check(lm, token_ids, tset, extras: dict, node_ids, deltas, cancel: CancelToken | None = None) -> dict:

@@ -13,7 +13,8 @@ NOTE = ("Exact: the graph's own model (attention patterns and norm scales frozen
         "its threshold; 'predicted' sums only the edges this pruned graph kept. The real model replaces the "
         "transcoders by its MLPs (frozen column) and also recomputes attention and norms (last column).")
 COLUMNS = [("logit", "The graph's logit node (next-token logit at the last position)"),
-           ("predicted Δ\n(graph edges)", "Sum over the paths of the shown (pruned) graph, embeddings and errors fixed"),
+           ("predicted Δ\n(graph edges)", "Sum over the paths of the shown (pruned) graph, embeddings and errors "
+                                           "fixed"),
            ("measured Δ\ngraph's model", "Frozen attention and norm scales, MLPs = transcoders + fixed errors: exact "
                                          "for the full graph unless a feature crossed its threshold"),
            ("measured Δ\nreal, frozen attn+norms", "The real MLPs, with attention patterns and norm scales frozen"),
