@@ -157,9 +157,9 @@ def crossing_text(crossings) -> str:
     transcoders, crossing the threshold means entering or leaving the top k)."""
     if not len(crossings):
         return "No downstream feature crossed its threshold, so the graph's model is exactly linear here."
-    names = [f"feature {L}_{f}_{p} crossed its threshold (now {'on' if on else 'off'})" for L, f, p, on in crossings]
+    names = [f"{L}_{f}_{p} crossed its threshold (now {'on' if on else 'off'})" for L, f, p, on in crossings]
     more = f" and {len(names) - 3} more features did too" if len(names) > 3 else ""
-    return f"{'; '.join(names[:3])}{more}, so the graph's model is not linear over this clamp."
+    return f"Feature {'; feature '.join(names[:3])}{more}, so the graph's model is not linear over this clamp."
 
 
 def clamp_check(lm, token_ids, tset, extras: dict, node_ids, deltas, cancel: CancelToken | None = None) -> dict:

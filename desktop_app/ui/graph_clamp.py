@@ -5,13 +5,13 @@ the real model)."""
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-NOTE = ("Exact: the graph's own model (attention patterns and norm scales frozen at the prompt, MLPs replaced by "
-        "the transcoder features plus fixed error terms) moves as the full graph predicts unless a feature crossed "
-        "its threshold; 'predicted' sums only the edges this pruned graph kept. The real model replaces the "
-        "transcoders by its MLPs (frozen column) and also recomputes attention and norms (last column).")
+NOTE = ("Exact: the graph's own model (attention patterns and norm scales frozen, MLPs = transcoder features + fixed "
+        "errors) follows the full graph unless a feature crosses its threshold; 'predicted' sums only the edges this "
+        "pruned graph kept. The real model uses its MLPs (frozen column), then also live attention and norms (last).")
 COLUMNS = [("logit", "The graph's logit node (next-token logit at the last position)"),
            ("predicted Δ\n(graph edges)", "Sum over the paths of the shown (pruned) graph, embeddings and errors "
                                            "fixed"),
@@ -91,6 +91,7 @@ class ClampPanel(QWidget):
         self.status = QLabel()
         self.status.setObjectName("graphCheckStatus")
         self.status.setWordWrap(True)
+        self.status.setAlignment(Qt.AlignLeft | Qt.AlignTop)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("graphCheckTable")
         self.table.setHorizontalHeaderLabels([c for c, _ in COLUMNS])
@@ -98,15 +99,19 @@ class ClampPanel(QWidget):
             self.table.horizontalHeaderItem(i).setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
         self.table.setMaximumHeight(170)
+        self.table.setMinimumHeight(90)
         controls = QHBoxLayout()
         for w in (self.mode, self.value, self.button):
             controls.addWidget(w)
         controls.addStretch(1)
+        row = QHBoxLayout()  # the table beside its explanation: the graph above keeps the height
+        row.addWidget(self.table, 0)
+        row.addWidget(self.status, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(controls)
-        layout.addWidget(self.status)
-        layout.addWidget(self.table)
+        layout.addLayout(row)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)  # the graph above keeps the spare height
         self._describe()
 
     def set_target(self, result, node_ids, labels: dict) -> None:
@@ -165,4 +170,8 @@ class ClampPanel(QWidget):
             for c, text in enumerate(texts):
                 self.table.setItem(r, c, QTableWidgetItem(text))
         self.table.resizeColumnsToContents()
+        width = sum(self.table.columnWidth(c) for c in range(self.table.columnCount()))
+        self.table.setFixedWidth(width + 2 * self.table.frameWidth() + 2)
+        rows = sum(self.table.rowHeight(r) for r in range(len(tokens)))
+        self.table.setMaximumHeight(min(170, self.table.horizontalHeader().height() + rows + 2 * self.table.frameWidth()))
         self.status.setText(f"{what or ', '.join(check['node_ids']) + ' clamped'}. {check['crossing_text']} {NOTE}")
