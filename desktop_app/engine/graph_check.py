@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run
+from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run, check_supported
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.replay import record_run, run_from_layer
@@ -122,13 +122,20 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
     """clamps: (layer, pos, feature, target activation). Returns {measured_graph, measured_frozen, measured_real}
     (the change of the given next-token logits, edited minus unedited run of the same model) and `crossings`."""
     cancel = cancel or CancelToken()
+    check_supported(lm)
+    if len(tset) != len(lm.adapter.blocks) or tset.d_model != lm.info.d_model:
+        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
+                        f"({len(lm.adapter.blocks)} layers, d_model {lm.info.d_model}).")
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
     tokens = list(logit_tokens)
     run = _detached_run(record_run(lm, ids, cancel=cancel))
     edits: dict[int, list] = {}
     for L, p, f, target in clamps:
+        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < tset.layers[L].d_transcoder):
+            raise SpecError(f"feature {L}_{f}_{p} is not in this model and transcoder set at this prompt "
+                            f"({len(tset)} layers, {ids.shape[1]} tokens); check the graph was computed with them.")
         edits.setdefault(int(L), []).append((int(p), int(f), float(target)))
-    out = {}
+    out, bases = {}, []
     with _CheckContext(lm, tset) as ctx, torch.no_grad():
         run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=False)  # records what is frozen
         for L, tc in enumerate(tset.layers):
@@ -144,11 +151,16 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
                 logits.append(run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel)[0].double().numpy())
                 active.append(dict(ctx.active))
             out[name] = logits[1][tokens] - logits[0][tokens]
+            bases.append(logits[0])
             if mlp == "graph":
                 out["crossings"] = _crossings(active[0], active[1], {(L, f, p) for L, p, f, _ in clamps})
-                out["graph_base_logits"] = logits[0]
         ctx.clamps = {}
         ctx.set_mode("record")
+    # unedited, the three models are the same function at this prompt; if not, their differences mean nothing
+    diff = max(float(np.abs(b - bases[-1]).max()) for b in bases)
+    if diff > 1e-4 * (1.0 + float(np.abs(bases[-1]).max())):
+        raise SpecError(f"refused: unedited, the graph's model or the frozen model does not reproduce the real logits "
+                        f"(off by {diff:.2g}), so this model cannot be checked this way.")
     return out
 
 

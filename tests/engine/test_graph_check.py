@@ -299,3 +299,18 @@ def test_demo_frozen_real_mlps_stay_within_the_stated_tolerance_of_the_graph_mod
         c = clamp_check(lm, tokens.ids, tset, ex, str(ex["node_ids"][i]), -float(ex["node_activation"][i]))
         scale = np.abs(c["predicted"]).max()
         assert np.abs(c["measured_frozen"] - c["measured_graph"]).max() <= 0.2 * scale
+
+
+def test_bad_input_is_refused_in_one_sentence(tiny):
+    import dataclasses
+
+    from desktop_app.engine.graph_check import measure_clamps
+
+    lm, tset, ids, ex = tiny
+    with pytest.raises(SpecError, match="not in this model"):
+        measure_clamps(lm, ids, tset, [(0, len(ids), 0, 0.0)], [1])
+    with pytest.raises(SpecError, match="not in this model"):
+        measure_clamps(lm, ids, tset, [(0, 0, tset.layers[0].d_transcoder, 0.0)], [1])
+    short = dataclasses.replace(tset, layers=tset.layers[:-1])
+    with pytest.raises(SpecError, match="does not fit this model"):
+        measure_clamps(lm, ids, short, [(0, 0, 0, 0.0)], [1])
