@@ -14,7 +14,9 @@ of the same model:
             crosses its threshold (ReLU / JumpReLU) or enters / leaves its TopK set; those are reported by name.
             A pruned graph also loses the paths through the nodes and edges it dropped.
     frozen  the real model with attention patterns and norm scales frozen, real MLPs (the decoder edit added to the
-            real MLP output): what the transcoders' approximation of the MLPs costs.
+            real MLP output): what the transcoders' approximation of the MLPs costs. (circuit-tracer's
+            feature_intervention freezes the attention patterns by default, and the norm denominators only when it
+            is constrained to every layer; here both are frozen, as in the graph.)
     real    the real model, nothing frozen.
 """
 from __future__ import annotations
