@@ -1,72 +1,198 @@
-"""Check a graph's hypothesis on the real model: clamp one feature node (its activation moved by `delta`, i.e.
-delta * its decoder vector added to its layer's MLP output at its position), re-run the real model, and compare
-the measured change of the graph's logits with the graph's linear prediction (all paths through the stored
-feature-to-feature and feature-to-logit edges; embeddings and error nodes held fixed)."""
+"""Check a graph's hypothesis on the model: clamp one or several feature nodes (a supernode) to new activations and
+compare the graph's linear prediction of the change of its logits with three measurements.
+
+A clamp sets a feature's activation to `activation + delta` (circuit-tracer's `feature_intervention` semantics: in
+every run the decoder row times (target - the feature's current activation) is added to its layer's MLP output at
+its position, so a clamped feature stays clamped whatever its inputs do). The prediction sums the paths through the
+graph's feature -> feature and feature -> logit edges (embeddings and error nodes held fixed; the paths into a
+clamped feature are cut, since its activation is fixed). It is measured three times, each against an unedited run
+of the same model:
+
+    graph   the graph's own model: attention patterns and norm scales frozen at the prompt, MLPs replaced by their
+            transcoders plus a fixed error per layer and position. This model is affine in the feature activations,
+            so it equals the prediction of the full graph exactly, for any delta, unless a downstream feature
+            crosses its threshold (ReLU / JumpReLU) or enters / leaves its TopK set; those are reported by name.
+            A pruned graph also loses the paths through the nodes and edges it dropped.
+    frozen  the real model with attention patterns and norm scales frozen, real MLPs (the decoder edit added to the
+            real MLP output): what the transcoders' approximation of the MLPs costs. (circuit-tracer's
+            feature_intervention freezes the attention patterns by default, and the norm denominators only when it
+            is constrained to every layer; here both are frozen, as in the graph.)
+    real    the real model, nothing frozen.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run, check_supported
 from desktop_app.engine.errors import SpecError
+from desktop_app.engine.jobs import CancelToken
+from desktop_app.engine.replay import record_run, run_from_layer
+
+MEASURED = ("measured_graph", "measured_frozen", "measured_real")
 
 
-def predicted_logit_change(extras: dict, node_id: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """(all paths, direct edge only): the change of each logit node's input when the feature's activation moves
-    by delta. Edge weights are activation x per-unit effect, so a feature source's column is divided by its
-    activation; an active feature passes a change of its input on to its activation with slope 1 (ReLU /
-    TopK / JumpReLU above threshold)."""
+def _as_lists(node_ids, deltas) -> tuple[list[str], list[float]]:
+    ids = [node_ids] if isinstance(node_ids, str) else [str(i) for i in node_ids]
+    ds = [float(deltas)] * len(ids) if np.ndim(deltas) == 0 else [float(d) for d in deltas]
+    if not ids:
+        raise SpecError("no feature node was given to clamp; pin a feature or select a supernode.")
+    if len(ds) != len(ids):
+        raise SpecError(f"{len(ids)} nodes were given with {len(ds)} deltas; give one delta per node.")
+    if len(set(ids)) != len(ids):
+        raise SpecError("a node was given twice; clamp each node once.")
+    return ids, ds
+
+
+def predicted_logit_change(extras: dict, node_ids, deltas) -> tuple[np.ndarray, np.ndarray]:
+    """(all paths, direct edges only): the change of each logit node's input when the given features are clamped to
+    their activation + delta. Edge weights are activation x per-unit effect, so a feature source's column is divided
+    by its activation; an active feature passes a change of its input on to its activation with slope 1 (ReLU /
+    TopK / JumpReLU above threshold); a clamped feature passes nothing on (its activation is fixed)."""
+    node_ids, deltas = _as_lists(node_ids, deltas)
     ids = [str(i) for i in extras["node_ids"]]
-    if node_id not in ids:
-        raise SpecError(f"the graph has no node {node_id!r}.")
-    s = ids.index(node_id)
     kinds = np.asarray(extras["node_kind"]).astype(str)
-    if kinds[s] != "feature":
-        raise SpecError(f"only feature nodes can be clamped; {node_id!r} is a {kinds[s]} node.")
+    for node_id in node_ids:
+        if node_id not in ids:
+            raise SpecError(f"the graph has no node {node_id!r}.")
+        if kinds[ids.index(node_id)] != "feature":
+            raise SpecError(f"only feature nodes can be clamped; {node_id!r} is a "
+                            f"{kinds[ids.index(node_id)]} node.")
     adj = np.asarray(extras["adjacency"], dtype=np.float64)
     act = np.asarray(extras["node_activation"], dtype=np.float64)
     f, lg = np.where(kinds == "feature")[0], np.where(kinds == "logit")[0]
     per_unit = adj[:, f] / act[f][None, :]
-    m_ff, m_lf = per_unit[f], per_unit[lg]
+    m_ff, m_lf = per_unit[f].copy(), per_unit[lg]
+    clamped = [list(f).index(ids.index(n)) for n in node_ids]
+    m_ff[clamped] = 0.0
     change = np.zeros(len(f))
-    change[list(f).index(s)] = delta
+    change[clamped] = deltas
     change = np.linalg.solve(np.eye(len(f)) - m_ff, change)  # the features form a DAG: I - M is invertible
-    return m_lf @ change, per_unit[lg][:, list(f).index(s)] * delta
+    direct = np.zeros(len(f))
+    direct[clamped] = deltas
+    return m_lf @ change, m_lf @ direct
 
 
-def measured_logit_change(lm, token_ids, tset, layer: int, pos: int, feature: int, delta: float,
-                          logit_tokens) -> np.ndarray:
-    """The real model's change of the given next-token logits when delta * W_dec[feature] is added to layer's
-    MLP output at pos."""
+class _CheckContext(ReplacementContext):
+    """The replacement context with two MLP behaviours (`mlp`: "graph" = transcoder + fixed error, "real") and the
+    clamps {layer: [(pos, feature, target activation)]} applied on top; the base class's mode "frozen" freezes the
+    attention patterns and norm scales, "replacement" leaves them live."""
+
+    def __init__(self, lm, tset):
+        super().__init__(lm, tset)
+        self.mlp = "real"
+        self.clamps: dict[int, list] = {}
+        self.active: dict[int, torch.Tensor] = {}  # graph mode: the active-feature mask per layer of the last run
+
+    def _mlp_hook(self, layer):
+        recording = super()._mlp_hook(layer)
+
+        def hook(mod, args, output):
+            if self.mode == "record":
+                return recording(mod, args, output)
+            x = args[0]
+            out = output[0] if isinstance(output, tuple) else output
+            tc = self.tset.layers[layer]
+            acts = tc.encode(x.float())
+            if self.mlp == "graph":
+                self.active[layer] = (acts != 0).detach().clone()
+                new = tc.decode(acts, x.float()) + self.errors[layer]
+            else:
+                new = out.float()
+            for pos, feature, target in self.clamps.get(layer, ()):
+                new = new.clone()
+                new[:, pos] += (target - acts[:, pos, feature])[:, None] * tc.W_dec[feature].float()
+            new = new.to(out.dtype)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+
+def _crossings(base: dict, edited: dict, clamped: set) -> list[tuple[int, int, int, bool]]:
+    """(layer, feature, pos, now active) of every feature whose active state differs between two graph-model runs."""
+    out = []
+    for L in sorted(base):
+        pos_i, feat_i = (base[L][0] != edited[L][0]).nonzero(as_tuple=True)
+        out += [(L, int(f), int(p), bool(edited[L][0, p, f])) for p, f in zip(pos_i.tolist(), feat_i.tolist())
+                if (L, int(f), int(p)) not in clamped]
+    return out
+
+
+def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, float]], logit_tokens,
+                   cancel: CancelToken | None = None) -> dict:
+    """clamps: (layer, pos, feature, target activation). Returns {measured_graph, measured_frozen, measured_real}
+    (the change of the given next-token logits, edited minus unedited run of the same model) and `crossings`."""
+    cancel = cancel or CancelToken()
+    check_supported(lm)
+    if len(tset) != len(lm.adapter.blocks) or tset.d_model != lm.info.d_model:
+        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
+                        f"({len(lm.adapter.blocks)} layers, d_model {lm.info.d_model}).")
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    vec = (delta * tset.layers[layer].W_dec[feature]).float()
+    tokens = list(logit_tokens)
+    run = _detached_run(record_run(lm, ids, cancel=cancel))
+    edits: dict[int, list] = {}
+    for L, p, f, target in clamps:
+        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < tset.layers[L].d_transcoder):
+            raise SpecError(f"feature {L}_{f}_{p} is not in this model and transcoder set at this prompt "
+                            f"({len(tset)} layers, {ids.shape[1]} tokens); check the graph was computed with them.")
+        edits.setdefault(int(L), []).append((int(p), int(f), float(target)))
+    out, bases = {}, []
+    with _CheckContext(lm, tset) as ctx, torch.no_grad():
+        run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=False)  # records what is frozen
+        for L, tc in enumerate(tset.layers):
+            x0, y0 = ctx.mlp_in0[L].float(), ctx.mlp_out0[L].float()
+            ctx.errors[L] = y0 - tc(x0)
+        for name, mode, mlp in (("measured_graph", "frozen", "graph"), ("measured_frozen", "frozen", "real"),
+                                ("measured_real", "replacement", "real")):
+            ctx.set_mode(mode)
+            ctx.mlp = mlp
+            logits, active = [], []
+            for clamp in ({}, edits):
+                ctx.clamps, ctx.active = clamp, {}
+                logits.append(run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel)[0].double().numpy())
+                active.append(dict(ctx.active))
+            out[name] = logits[1][tokens] - logits[0][tokens]
+            bases.append(logits[0])
+            if mlp == "graph":
+                out["crossings"] = _crossings(active[0], active[1], {(L, f, p) for L, p, f, _ in clamps})
+        ctx.clamps = {}
+        ctx.set_mode("record")
+    # unedited, the three models are the same function at this prompt; if not, their differences mean nothing
+    diff = max(float(np.abs(b - bases[-1]).max()) for b in bases)
+    if diff > 1e-4 * (1.0 + float(np.abs(bases[-1]).max())):
+        raise SpecError(f"refused: unedited, the graph's model or the frozen model does not reproduce the real logits "
+                        f"(off by {diff:.2g}), so this model cannot be checked this way.")
+    return out
 
-    def write(_mod, _args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        out = out.clone()
-        out[:, pos] += vec.to(out.dtype)
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
 
-    def logits():
-        with torch.no_grad():
-            return lm.model(ids).logits[0, -1, list(logit_tokens)].double().numpy()
-
-    base = logits()
-    handle = lm.adapter.mlp(layer).register_forward_hook(write)
-    try:
-        clamped = logits()
-    finally:
-        handle.remove()
-    return clamped - base
+def crossing_text(crossings) -> str:
+    """One sentence naming the downstream features whose active state changed (at most three by name; for TopK
+    transcoders, crossing the threshold means entering or leaving the top k)."""
+    if not len(crossings):
+        return "No downstream feature crossed its threshold, so the graph's model is exactly linear here."
+    names = [f"{L}_{f}_{p} crossed its threshold (now {'on' if on else 'off'})" for L, f, p, on in crossings]
+    more = f" and {len(names) - 3} more features did too" if len(names) > 3 else ""
+    return f"Feature {'; feature '.join(names[:3])}{more}, so the graph's model is not linear over this clamp."
 
 
-def clamp_check(lm, token_ids, tset, extras: dict, node_id: str, delta: float) -> dict:
+def clamp_check(lm, token_ids, tset, extras: dict, node_ids, deltas, cancel: CancelToken | None = None) -> dict:
+    """Clamp the feature nodes `node_ids` (one id or a list; a supernode) to their activation + delta (one delta
+    for all or one per node) all at once; the graph's prediction beside the three measurements (module docstring).
+    `measured` is the real model's change."""
+    node_ids, deltas = _as_lists(node_ids, deltas)
+    predicted, direct = predicted_logit_change(extras, node_ids, deltas)
     ids = [str(i) for i in extras["node_ids"]]
-    predicted, direct = predicted_logit_change(extras, node_id, delta)
-    s = ids.index(node_id)
     kinds = np.asarray(extras["node_kind"]).astype(str)
     lg = np.where(kinds == "logit")[0]
     tokens = np.asarray(extras["node_feature"])[lg]
-    measured = measured_logit_change(lm, token_ids, tset, int(extras["node_layer"][s]), int(extras["node_pos"][s]),
-                                     int(extras["node_feature"][s]), delta, tokens)
-    return {"node_id": node_id, "delta": delta, "logit_tokens": tokens, "predicted": predicted,
-            "predicted_direct": direct, "measured": measured}
+    clamps = []
+    for node_id, delta in zip(node_ids, deltas):
+        s = ids.index(node_id)
+        clamps.append((int(extras["node_layer"][s]), int(extras["node_pos"][s]), int(extras["node_feature"][s]),
+                       float(extras["node_activation"][s]) + delta))
+    measured = measure_clamps(lm, token_ids, tset, clamps, tokens, cancel=cancel)
+    return {"node_ids": node_ids, "deltas": np.asarray(deltas), "delta": float(deltas[0]), "logit_tokens": tokens,
+            "predicted": predicted, "predicted_direct": direct, "measured": measured["measured_real"],
+            **{k: measured[k] for k in MEASURED}, "crossings": measured["crossings"],
+            "crossing_text": crossing_text(measured["crossings"])}

@@ -12,6 +12,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
 
+from desktop_app.ui.graph_clamp import ClampPanel, clamp_targets
+
 KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
                 "logit": (60, 110, 200)}
 POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
@@ -104,8 +106,6 @@ class GraphView(QWidget):
         layout.addLayout(controls)
         layout.addWidget(self.plot_widget, 1)
         layout.addWidget(self.card)
-        from desktop_app.ui.graph_clamp import ClampPanel
-
         self.clamp = ClampPanel()
         self.clamp.button.clicked.connect(self.clamp.run)
         layout.addWidget(self.clamp)
@@ -221,8 +221,7 @@ class GraphView(QWidget):
                 label.setPos(self.xy[i, 0], self.xy[i, 1] + 0.15)
                 self.plot.addItem(label)
                 self.logit_labels.append(label)
-        pinned_features = [p for p in self.pinned if self.kinds[self.ids.index(p)] == "feature"]
-        self.clamp.set_target(self.result, pinned_features[-1] if pinned_features else None,
+        self.clamp.set_target(self.result, clamp_targets(self),
                               {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
         pins = [i for i in shown if pinned[i]]
         self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,

@@ -74,22 +74,41 @@ def test_graph_of_another_model_is_refused(qtbot, demo_window, demo_graph, tmp_p
     assert "other layers" in text and text.count(". ") == 0 and window.message_bar.level == "error"
 
 
-def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
-    from PySide6.QtCore import Qt
-    from PySide6.QtWidgets import QLabel, QPushButton, QTableWidget
-
-    from desktop_app.engine.graph_check import clamp_check
+def _demo_check_setup(demo_window, demo_graph):
     from desktop_app.engine.loading import load_model
     from desktop_app.engine.transcoders import load_transcoder_set
     from desktop_app.project import kinds
     from desktop_app.ui.kind_views import show_detail
 
     window = demo_window
+    demo_graph.params["pinned_ids"] = []  # the module's graph is shared: start with nothing pinned
     _add_as_computed(window, demo_graph, window.loaded_ref)
     show_detail(window, demo_graph, kinds.get("attribution_graph"))
-    view = window.detail_views["graph"]
+    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
+    tset = load_transcoder_set(demo_graph.params["transcoders"], n_layers=lm.info.n_layers, d_model=lm.info.d_model)
+    return window.detail_views["graph"], lm, tset
+
+
+def _table_matches(table, check, texts):
+    from desktop_app.ui.graph_clamp import MEASURED
+
+    assert table.rowCount() == len(check["logit_tokens"]) and table.columnCount() == 1 + len(MEASURED)
+    for r in range(table.rowCount()):
+        assert table.item(r, 0).text() == texts[r]
+        for c, key in enumerate(MEASURED, start=1):
+            assert float(table.item(r, c).text()) == pytest.approx(check[key][r], abs=1e-4), key
+
+
+def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QDoubleSpinBox, QLabel, QPushButton, QTableWidget
+
+    from desktop_app.engine.graph_check import clamp_check
+
+    view, lm, tset = _demo_check_setup(demo_window, demo_graph)
     button = view.findChild(QPushButton, "graphClampButton")
     assert not button.isEnabled()  # nothing pinned
+    assert view.findChild(QDoubleSpinBox, "graphClampValue").value() == 0  # the default ablates
     ex = demo_graph.extras
     f = np.where(ex["node_kind"] == "feature")[0]
     node = str(ex["node_ids"][f[int(np.argmax(ex["node_influence"][f]))]])
@@ -98,22 +117,45 @@ def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
     table = view.findChild(QTableWidget, "graphCheckTable")
     qtbot.mouseClick(button, Qt.LeftButton)
     qtbot.waitUntil(lambda: table.rowCount() > 0, timeout=30_000)
-    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
-    tset = load_transcoder_set(demo_graph.params["transcoders"], n_layers=lm.info.n_layers, d_model=lm.info.d_model)
     s = list(ex["node_ids"]).index(node)
     direct = clamp_check(lm, list(demo_graph.tokens_clean), tset, ex, node, -float(ex["node_activation"][s]))
-    logits = np.where(ex["node_kind"] == "logit")[0]
-    assert table.rowCount() == len(logits)
-    texts = lm.tokens_of_ids(direct["logit_tokens"]).display
-    for r in range(table.rowCount()):
-        assert table.item(r, 0).text() == texts[r]
-        assert float(table.item(r, 1).text()) == pytest.approx(direct["predicted"][r], abs=1e-4)
-        assert float(table.item(r, 2).text()) == pytest.approx(direct["measured"][r], abs=1e-4)
-    np.testing.assert_allclose(view.clamp.check["predicted"], direct["predicted"], atol=1e-9)
-    np.testing.assert_allclose(view.clamp.check["measured"], direct["measured"], atol=1e-5)
+    _table_matches(table, direct, lm.tokens_of_ids(direct["logit_tokens"]).display)
+    for key in ("predicted", "measured_graph", "measured_frozen", "measured_real"):
+        np.testing.assert_allclose(view.clamp.check[key], direct[key], atol=1e-6)
     assert np.abs(direct["measured"]).max() > 1e-3  # the clamp does move the logits
     status = view.findChild(QLabel, "graphCheckStatus").text()
-    assert "replacement model" in status and "frozen" in status
+    assert f"{node} ablated" in status and "Exact: the graph's own model" in status
+    assert direct["crossing_text"] in status
+
+
+def test_clamp_a_supernode_by_a_multiplier(qtbot, demo_window, demo_graph):
+    """A list of nodes (the integrator wires GraphView.selected_group() through graph_clamp.clamp_targets) clamped
+    together: the table equals the engine's all-at-once check with each activation doubled."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QPushButton, QTableWidget
+
+    from desktop_app.engine.graph_check import clamp_check
+    from desktop_app.ui.graph_clamp import MULTIPLY, clamp_targets
+
+    view, lm, tset = _demo_check_setup(demo_window, demo_graph)
+    ex = demo_graph.extras
+    f = np.where(ex["node_kind"] == "feature")[0]
+    nodes = [str(ex["node_ids"][i]) for i in f[np.argsort(-ex["node_influence"][f])][:3]]
+    view.toggle_pin(nodes[0])
+    assert clamp_targets(view) == [nodes[0]]
+    view.selected_group = lambda: nodes + [str(ex["node_ids"][np.where(ex["node_kind"] == "logit")[0][0]])]
+    assert clamp_targets(view) == nodes  # a logit in the group is not clamped
+    view.redraw()
+    assert view.clamp.node_ids == nodes
+    view.findChild(QComboBox, "graphClampMode").setCurrentText(MULTIPLY)
+    view.findChild(QDoubleSpinBox, "graphClampValue").setValue(2.0)
+    table = view.findChild(QTableWidget, "graphCheckTable")
+    qtbot.mouseClick(view.findChild(QPushButton, "graphClampButton"), Qt.LeftButton)
+    qtbot.waitUntil(lambda: table.rowCount() > 0, timeout=30_000)
+    acts = [float(ex["node_activation"][list(ex["node_ids"]).index(n)]) for n in nodes]
+    direct = clamp_check(lm, list(demo_graph.tokens_clean), tset, ex, nodes, acts)
+    _table_matches(table, direct, lm.tokens_of_ids(direct["logit_tokens"]).display)
+    assert "3 features multiplied by 2" in view.clamp.status.text()
 
 
 def _add_as_computed(window, result, model_ref):
