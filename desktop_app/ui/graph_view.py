@@ -1,21 +1,28 @@
 """View type `graph`: an attribution graph laid out layer x token (x: the prompt's positions, y: embeddings at the
 bottom, one row per layer, the logits on top). Nodes are coloured by kind and sized by influence; edges go from
 source to target, width by |weight|, orange positive, blue negative. Hover shows a node card, a click pins or
-unpins a node (the pinned ids live in the result's params, which the Neuronpedia JSON writes as qParams pinnedIds),
-and two sliders re-prune what is shown from the stored adjacency without recomputing the graph."""
+unpins a node, pinned nodes group into labelled supernodes and "Subgraph only" shows just them (ui.graph_groups; the
+pins and supernodes live in the result's params, which the Neuronpedia JSON writes as qParams pinnedIds / supernodes,
+and change through undoable commands on the window's undo stack), and two sliders re-prune what is shown from the
+stored adjacency without recomputing the graph. Export writes the plot as PNG, SVG or PDF."""
 from __future__ import annotations
 
 from html import escape
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
+from PySide6.QtCore import QRectF, Qt
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPushButton, QSlider, QVBoxLayout,
+                               QWidget)
+
+from desktop_app.engine.errors import SpecError
+from desktop_app.project import graph_subgraph as sg
+from desktop_app.ui.graph_groups import SubgraphLayer, SubgraphPanel, edge_curves
 
 KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
                 "logit": (60, 110, 200)}
 POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
-WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # |w| / max |w| up to these -> pen widths 1..4
+EXPORT_FILTERS = {"PNG image (*.png)": ".png", "SVG vector image (*.svg)": ".svg", "PDF document (*.pdf)": ".pdf"}
 HOVER_PIXELS = 12
 
 
@@ -60,6 +67,7 @@ class GraphView(QWidget):
         super().__init__(parent)
         self.setObjectName("graphView")
         self.result = None
+        self.session = None  # the window's session (attach_session): pins and supernodes become undoable commands
         self.node_mask = np.zeros(0, dtype=bool)
         self.edge_mask = np.zeros((0, 0), dtype=bool)
         self.xy = np.zeros((0, 2))
@@ -77,10 +85,12 @@ class GraphView(QWidget):
                                         "Show the fewest features carrying this % of the features' influence")
         self.edge_slider = self._slider("edgeThresholdSlider", 0, "Hide edges weaker than this % of the strongest")
         self.node_label, self.edge_label = QLabel(), QLabel()
-        self.export_button = QPushButton("Save PNG…")
+        self.export_button = QPushButton("Export…")
         self.export_button.setObjectName("graphExportButton")
         self.export_button.clicked.connect(self._ask_export)
-        self.plot_widget = pg.PlotWidget()
+        from desktop_app.ui.token_axis import TokenAxis  # every token labelled, rotated when they do not fit
+
+        self.plot_widget = pg.PlotWidget(axisItems={"bottom": TokenAxis("bottom")})
         self.plot_widget.setObjectName("graphPlot")
         self.plot_widget.setBackground("w")
         self.plot = self.plot_widget.getPlotItem()
@@ -94,6 +104,19 @@ class GraphView(QWidget):
         self.plot.addItem(self.scatter)
         self.plot.addItem(self.pin_item)
         self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
+        self.layer = SubgraphLayer(self.plot)
+        self.layer.unit_scatter.sigClicked.connect(self._unit_clicked)
+        self.panel = SubgraphPanel()
+        self.panel.setFixedWidth(250)
+        self.panel.group_button.clicked.connect(lambda: self.group_selected())
+        self.panel.ungroup_button.clicked.connect(self._ungroup_selected)
+        self.panel.rename_button.clicked.connect(lambda: self.rename_selected())
+        self.panel.tree.itemDoubleClicked.connect(lambda *_: self.rename_selected())
+        self.panel.tree.itemSelectionChanged.connect(self.redraw)
+        self.panel.subgraph_check.toggled.connect(lambda _on: self.redraw())
+        middle = QHBoxLayout()
+        middle.addWidget(self.plot_widget, 1)
+        middle.addWidget(self.panel)
         controls = QHBoxLayout()
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
@@ -102,7 +125,7 @@ class GraphView(QWidget):
         layout.addWidget(self.title)
         layout.addWidget(self.legend)
         layout.addLayout(controls)
-        layout.addWidget(self.plot_widget, 1)
+        layout.addLayout(middle, 1)
         layout.addWidget(self.card)
         from desktop_app.ui.graph_clamp import ClampPanel
 
@@ -145,13 +168,26 @@ class GraphView(QWidget):
         self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
-        self.redraw()
+        self.subgraph_changed()
 
     @property
     def pinned(self) -> list[str]:
         if self.result is None:
             return []
         return [p for p in self.result.params.get("pinned_ids", []) or [] if p in set(self.ids)]
+
+    def supernodes(self) -> list[tuple[str, list[str]]]:
+        """(label, member node ids) of each supernode, as the JSON's qParams.supernodes lists them."""
+        return sg.supernodes_of(self.result.params if self.result is not None else None)
+
+    def selected_group(self) -> tuple[str, list[str]] | None:
+        """The supernode selected in the panel (its row or a member's), else None."""
+        g = self.panel.selected_group_index()
+        groups = self.supernodes()
+        return groups[g] if g is not None and g < len(groups) else None
+
+    def subgraph_mode(self) -> bool:
+        return self.panel.subgraph_check.isChecked()
 
     def _layout(self) -> np.ndarray:
         """x: the position, nodes sharing a (row, position) cell spread over +-0.4; y: layer + 1 (embeddings 0)."""
@@ -167,7 +203,7 @@ class GraphView(QWidget):
 
     def _axes(self) -> None:
         bottom = self.plot.getAxis("bottom")
-        bottom.setTicks([[(i, t) for i, t in enumerate(self.tokens)]])
+        bottom.set_labels(self.tokens, offset=0.0)
         rows = [(0, "emb")] + [(L + 1, f"L{L}") for L in range(self.n_layers)] + [(self.n_layers + 1, "logits")]
         left = self.plot.getAxis("left")
         left.setTicks([rows])
@@ -182,51 +218,50 @@ class GraphView(QWidget):
         self.edge_label.setText(f"≥{self.edge_slider.value()}%")
         if self.result is None:
             return
+        for item in self.edge_items + self.logit_labels:
+            self.plot.removeItem(item)
+        self.edge_items, self.logit_labels = [], []
+        self.layer.clear()
+        selected = self.panel.selected_group_index()
+        if self.subgraph_mode():
+            self.node_mask = np.zeros(len(self.ids), dtype=bool)
+            self.edge_mask = np.zeros((len(self.ids),) * 2, dtype=bool)
+            self.scatter.setData([])
+            self.pin_item.setData([])
+            self.layer.draw_subgraph(self, self.edge_slider.value() / 100, selected, POSITIVE, NEGATIVE,
+                                     KIND_COLOURS)
+            self._update_clamp()
+            return
         pinned = np.array([i in set(self.pinned) for i in self.ids], dtype=bool)
         self.node_mask = visible_nodes(self.kinds, self.influence, self.node_slider.value() / 100, pinned)
         self.edge_mask = visible_edges(self.adjacency, self.node_mask, self.edge_slider.value() / 100)
-        for item in self.edge_items:
-            self.plot.removeItem(item)
-        self.edge_items = []
         targets, sources = np.where(self.edge_mask)
-        weights = self.adjacency[targets, sources]
-        top = np.abs(weights).max() if len(weights) else 1.0
-        rel = np.abs(weights) / top
-        lower = 0.0
-        for width, upper in enumerate(WIDTH_BUCKETS, start=1):
-            in_bucket = (rel > lower) & (rel <= upper) if lower else (rel <= upper)
-            lower = upper
-            for sign, colour in ((1, POSITIVE), (-1, NEGATIVE)):
-                sel = in_bucket & (np.sign(weights) == sign)
-                if not sel.any():
-                    continue
-                x = np.column_stack([self.xy[sources[sel], 0], self.xy[targets[sel], 0]]).ravel()
-                y = np.column_stack([self.xy[sources[sel], 1], self.xy[targets[sel], 1]]).ravel()
-                item = pg.PlotCurveItem(x, y, connect="pairs", pen=pg.mkPen((*colour, 150), width=width))
-                item.setZValue(-1)
-                self.plot.addItem(item)
-                self.edge_items.append(item)
+        for item in edge_curves(self.xy[sources], self.xy[targets], self.adjacency[targets, sources], POSITIVE,
+                                NEGATIVE):
+            self.plot.addItem(item)
+            self.edge_items.append(item)
         shown = np.where(self.node_mask)[0]
         infl = np.clip(self.influence, 0, None)
         size = 7 + 15 * np.sqrt(infl / infl.max()) if infl.max() > 0 else np.full(len(infl), 8.0)
         self.scatter.setData([{"pos": self.xy[i], "size": float(size[i]), "data": int(i),
                                "brush": pg.mkBrush(*KIND_COLOURS.get(self.kinds[i], (0, 0, 0))),
                                "pen": pg.mkPen("k", width=0.5)} for i in shown])
-        for item in self.logit_labels:
-            self.plot.removeItem(item)
-        self.logit_labels = []
         for i in shown:
             if self.kinds[i] == "logit":
                 label = pg.TextItem(self.logit_label(i), color=KIND_COLOURS["logit"], anchor=(0.5, 1.0))
                 label.setPos(self.xy[i, 0], self.xy[i, 1] + 0.15)
                 self.plot.addItem(label)
                 self.logit_labels.append(label)
-        pinned_features = [p for p in self.pinned if self.kinds[self.ids.index(p)] == "feature"]
-        self.clamp.set_target(self.result, pinned_features[-1] if pinned_features else None,
-                              {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
         pins = [i for i in shown if pinned[i]]
         self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,
                                 "pen": pg.mkPen((200, 0, 0), width=2)} for i in pins])
+        self.layer.draw_boxes(self, selected)
+        self._update_clamp()
+
+    def _update_clamp(self) -> None:
+        pinned_features = [p for p in self.pinned if self.kinds[self.ids.index(p)] == "feature"]
+        self.clamp.set_target(self.result, pinned_features[-1] if pinned_features else None,
+                              {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
 
     def logit_label(self, i: int) -> str:
         """The token text a logit node stands for (its id only when the result carries no text)."""
@@ -271,24 +306,139 @@ class GraphView(QWidget):
         if d[j] <= HOVER_PIXELS ** 2:
             self.hover_node(int(shown[j]))
 
-    def _clicked(self, _item, points, _ev=None) -> None:
+    def _clicked(self, _item, points, ev=None) -> None:
+        if not len(points):
+            return
+        node_id = self.ids[int(points[0].data())]
+        if ev is not None and ev.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier) and node_id in self.pinned:
+            self.panel.select_node(node_id, not self.panel.is_selected(node_id))  # select for Group…
+        else:
+            self.toggle_pin(node_id)
+
+    def _unit_clicked(self, _item, points, _ev=None) -> None:
         if len(points):
-            self.toggle_pin(self.ids[int(points[0].data())])
+            _label, idx = self.layer.units[int(points[0].data())]
+            self.panel.tree.clearSelection()
+            self.panel.select_node(self.ids[idx[0]])
+
+    # ---- pins and supernodes: undoable edits of the result's params ----------------------------------------------
+    def attach_session(self, session) -> None:
+        """Edits go to `session`'s undo stack, and its undo / redo of them redraw this view."""
+        self.session = session
+        session.subscribe(self._session_event)
+
+    def _session_event(self, _session, event, detail) -> None:
+        if event == "document" and detail[0] == "result_params" and detail[1] == self._analysis_name():
+            self.subgraph_changed()
+
+    def _analysis_name(self) -> str | None:
+        if self.session is None or self.result is None:
+            return None
+        return next((e.name for e in self.session.project.analyses if e.result is self.result), None)
+
+    def edit_subgraph(self, state: tuple[list, list], text: str) -> None:
+        """Make (pinned, supernodes) the graph's subgraph: a command on the window's undo stack, or a plain edit of
+        the result when this view shows a result outside a window's project."""
+        name = self._analysis_name()
+        if name is None:
+            self.result.params.update(sg.as_params(*state))
+            self.subgraph_changed()
+        else:
+            self.session.push(sg.SetSubgraph(self.session.project, name, *state, text))
+
+    def subgraph_changed(self) -> None:
+        """Show the params' pins and supernodes (after an edit, undo or redo)."""
+        describe = {n: f"{n}  ({self.logit_label(i) if self.kinds[i] == 'logit' else self.kinds[i]})"
+                    for i, n in enumerate(self.ids)}
+        self.panel.fill(self.pinned, self.supernodes(), lambda n: describe.get(n, f"{n} (not in this graph)"))
+        self.redraw()
+
+    def _state(self) -> tuple[list, list]:
+        return sg.pinned_of(self.result.params), self.supernodes()
 
     def toggle_pin(self, node_id: str) -> None:
-        pinned = list(self.pinned)
-        pinned.remove(node_id) if node_id in pinned else pinned.append(node_id)
-        self.result.params["pinned_ids"] = pinned
-        self.redraw()
+        pinning = node_id not in self.pinned
+        self.edit_subgraph(sg.toggled(*self._state(), node_id), f"{'Pin' if pinning else 'Unpin'} {node_id}")
         self.hover_node(self.ids.index(node_id))
 
+    def group(self, node_ids: list[str], label: str) -> None:
+        self.edit_subgraph(sg.grouped(*self._state(), label, node_ids), f"Group {len(node_ids)} nodes as {label}")
+
+    def ungroup(self, index: int) -> None:
+        self.edit_subgraph(sg.ungrouped(*self._state(), index), f"Ungroup {self.supernodes()[index][0]}")
+
+    def rename_group(self, index: int, label: str) -> None:
+        self.edit_subgraph(sg.renamed(*self._state(), index, label), f"Rename supernode to {label}")
+
+    def group_selected(self, label: str | None = None) -> None:
+        ids = self.panel.selected_node_ids()
+        if label is None:
+            label, ok = QInputDialog.getText(self, "Group into a supernode", f"Label of the {len(ids)} nodes:")
+            if not ok:
+                return
+        self._try(lambda: self.group(ids, label))
+
+    def _ungroup_selected(self) -> None:
+        g = self.panel.selected_group_index()
+        if g is not None:
+            self._try(lambda: self.ungroup(g))
+
+    def rename_selected(self, label: str | None = None) -> None:
+        g = self.panel.selected_group_index()
+        if g is None:
+            return
+        if label is None:
+            label, ok = QInputDialog.getText(self, "Rename the supernode", "Label:", text=self.supernodes()[g][0])
+            if not ok:
+                return
+        self._try(lambda: self.rename_group(g, label))
+
+    def _try(self, edit) -> None:
+        try:
+            edit()
+        except SpecError as err:
+            self.card.setText(escape(str(err)))
+
     # ---- export ----------------------------------------------------------------------------------------------
-    def export_png(self, path: str) -> None:
+    def export(self, path) -> None:
+        """Write the plot to `path` as PNG, SVG or PDF, by its suffix."""
+        suffix = str(path).lower().rsplit(".", 1)[-1]
+        if suffix == "svg":
+            from pyqtgraph.exporters import SVGExporter
+
+            SVGExporter(self.plot).export(str(path))
+        elif suffix == "pdf":
+            self.export_pdf(path)
+        elif suffix == "png":
+            self.export_png(path)
+        else:
+            raise SpecError(f"cannot export the graph as .{suffix}; choose a .png, .svg or .pdf file.")
+
+    def export_png(self, path) -> None:
         from pyqtgraph.exporters import ImageExporter
 
         ImageExporter(self.plot).export(str(path))
 
+    def export_pdf(self, path) -> None:
+        """One page of vector drawing: the plot's part of the scene painted into a PDF of its own aspect."""
+        from PySide6.QtCore import QMarginsF, QSizeF
+        from PySide6.QtGui import QPageLayout, QPageSize, QPainter, QPdfWriter
+
+        source = self.plot.sceneBoundingRect()
+        writer = QPdfWriter(str(path))
+        writer.setResolution(96)
+        size = QPageSize(QSizeF(source.width(), source.height()), QPageSize.Point, "graph")
+        writer.setPageLayout(QPageLayout(size, QPageLayout.Portrait, QMarginsF(0, 0, 0, 0)))
+        painter = QPainter(writer)
+        try:
+            target = QRectF(0, 0, writer.width(), writer.height())
+            self.plot.scene().render(painter, target, source)
+        finally:
+            painter.end()
+
     def _ask_export(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the graph as PNG", "graph.png", "PNG (*.png)")
+        path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png", ";;".join(EXPORT_FILTERS))
         if path:
-            self.export_png(path)
+            if "." not in path.rsplit("/", 1)[-1]:
+                path += EXPORT_FILTERS.get(chosen, ".png")
+            self._try(lambda: self.export(path))
