@@ -11,18 +11,18 @@ from html import escape
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QRectF, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPushButton, QSlider, QVBoxLayout,
                                QWidget)
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.project import graph_subgraph as sg
+from desktop_app.ui import graph_export
 from desktop_app.ui.graph_groups import SubgraphLayer, SubgraphPanel, edge_curves
 
 KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
                 "logit": (60, 110, 200)}
 POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
-EXPORT_FILTERS = {"PNG image (*.png)": ".png", "SVG vector image (*.svg)": ".svg", "PDF document (*.pdf)": ".pdf"}
 HOVER_PIXELS = 12
 
 
@@ -401,44 +401,14 @@ class GraphView(QWidget):
 
     # ---- export ----------------------------------------------------------------------------------------------
     def export(self, path) -> None:
-        """Write the plot to `path` as PNG, SVG or PDF, by its suffix."""
-        suffix = str(path).lower().rsplit(".", 1)[-1]
-        if suffix == "svg":
-            from pyqtgraph.exporters import SVGExporter
-
-            SVGExporter(self.plot).export(str(path))
-        elif suffix == "pdf":
-            self.export_pdf(path)
-        elif suffix == "png":
-            self.export_png(path)
-        else:
-            raise SpecError(f"cannot export the graph as .{suffix}; choose a .png, .svg or .pdf file.")
+        """Write the plot to `path` as PNG, SVG or PDF, by its suffix (ui.graph_export)."""
+        graph_export.export_plot(self.plot, path)
 
     def export_png(self, path) -> None:
-        from pyqtgraph.exporters import ImageExporter
-
-        ImageExporter(self.plot).export(str(path))
-
-    def export_pdf(self, path) -> None:
-        """One page of vector drawing: the plot's part of the scene painted into a PDF of its own aspect."""
-        from PySide6.QtCore import QMarginsF, QSizeF
-        from PySide6.QtGui import QPageLayout, QPageSize, QPainter, QPdfWriter
-
-        source = self.plot.sceneBoundingRect()
-        writer = QPdfWriter(str(path))
-        writer.setResolution(96)
-        size = QPageSize(QSizeF(source.width(), source.height()), QPageSize.Point, "graph")
-        writer.setPageLayout(QPageLayout(size, QPageLayout.Portrait, QMarginsF(0, 0, 0, 0)))
-        painter = QPainter(writer)
-        try:
-            target = QRectF(0, 0, writer.width(), writer.height())
-            self.plot.scene().render(painter, target, source)
-        finally:
-            painter.end()
+        graph_export.export_png(self.plot, path)
 
     def _ask_export(self) -> None:
-        path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png", ";;".join(EXPORT_FILTERS))
+        path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png",
+                                                   ";;".join(graph_export.FILTERS))
         if path:
-            if "." not in path.rsplit("/", 1)[-1]:
-                path += EXPORT_FILTERS.get(chosen, ".png")
-            self._try(lambda: self.export(path))
+            self._try(lambda: self.export(graph_export.with_suffix(path, chosen)))
