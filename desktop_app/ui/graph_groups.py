@@ -137,6 +137,11 @@ class SubgraphPanel(QWidget):
             found.add(key if what == "group" else None)
         return found.pop() if len(found) == 1 and None not in found else None
 
+    def select_group(self, index: int) -> None:
+        for item in self._items():
+            if item.data(0, KEY) == ("group", index):
+                item.setSelected(True)
+
     def select_node(self, node_id: str, on: bool = True) -> None:
         for item in self._items():
             if item.data(0, KEY) == ("node", node_id):
@@ -197,7 +202,9 @@ class SubgraphLayer:
         self.unit_xy = np.zeros((0, 2))
         self.unit_weights = np.zeros((0, 0))
         self.drawn_edges: list[tuple[int, int, float]] = []  # (target unit, source unit, summed weight)
+        self.unit_group: list[int] = []
         self.unit_scatter = pg.ScatterPlotItem(pxMode=True, hoverable=True)
+        self.unit_scatter.setZValue(3)
         plot.addItem(self.unit_scatter)
 
     def _add(self, item, z: float = 0.0):
@@ -215,7 +222,7 @@ class SubgraphLayer:
     # ---- the full graph: a dashed labelled box around each supernode's members --------------------------------
     def draw_boxes(self, view, selected: int | None) -> None:
         placed = Placer()
-        for g, (label, idx) in enumerate(self.groups_as_units(view)):
+        for g, label, idx in self.present_groups(view):
             x0, y0 = view.xy[idx].min(axis=0) - (0.22, 0.2)
             x1, y1 = view.xy[idx].max(axis=0) + (0.22, 0.2)
             colour = group_colour(g)
@@ -227,8 +234,12 @@ class SubgraphLayer:
             self._add(text, 3)
 
     @staticmethod
-    def groups_as_units(view) -> list[tuple[str, list[int]]]:
-        return units(view.ids, [], view.supernodes())
+    def present_groups(view) -> list[tuple[int, str, list[int]]]:
+        """(index in the supernodes list, label, node indices) of the supernodes with a node in this graph."""
+        index = {n: i for i, n in enumerate(view.ids)}
+        groups = [(g, label, [index[m] for m in members if m in index])
+                  for g, (label, members) in enumerate(view.supernodes())]
+        return [g for g in groups if g[2]]
 
     # ---- subgraph mode ------------------------------------------------------------------------------------------
     def draw_subgraph(self, view, min_fraction: float, selected: int | None, positive, negative, kind_colours):
@@ -243,7 +254,8 @@ class SubgraphLayer:
         self.drawn_edges = [(int(t), int(s), float(w)) for t, s, w in zip(targets, sources, weights)]
         for item in edge_curves(self.unit_xy[sources], self.unit_xy[targets], weights, positive, negative):
             self._add(item, -1)
-        n_groups = len(self.groups_as_units(view))
+        self.unit_group = [g for g, _, _ in self.present_groups(view)]  # units[u] is supernode unit_group[u]
+        n_groups = len(self.unit_group)
         placed = Placer([(x, y, *((0.9, 0.3) if u < n_groups else (0.6, 0.12))) for u, (x, y) in
                          enumerate(self.unit_xy)])  # a supernode's box; a dot with its name beside it
         for t, s, w in self.drawn_edges:  # the summed weight, where along its edge no other label or unit sits
@@ -256,14 +268,16 @@ class SubgraphLayer:
         spots = []
         for u, (label, idx) in enumerate(self.units):
             if u < n_groups:
-                colour = group_colour(u)
+                colour = group_colour(self.unit_group[u])
                 box = pg.TextItem(html=f'<b>{escape(label)}</b><br><small>{len(idx)} nodes</small>', anchor=(0.5, 0.5),
-                                  border=pg.mkPen(colour, width=3 if u == selected else 1.5),
+                                  border=pg.mkPen(colour, width=3 if self.unit_group[u] == selected else 1.5),
                                   fill=pg.mkBrush(*(int(0.15 * c + 0.85 * 255) for c in colour)))
                 box.setColor(colour)
                 box.setPos(*self.unit_xy[u])
                 box.setToolTip(self.unit_tip(view, u))
                 self._add(box, 2)
+                spots.append({"pos": self.unit_xy[u], "size": 30, "data": u, "symbol": "s",  # clickable centre
+                              "brush": pg.mkBrush(0, 0, 0, 0), "pen": pg.mkPen(None)})
             else:
                 i = idx[0]
                 spots.append({"pos": self.unit_xy[u], "size": 14, "data": u,

@@ -106,6 +106,9 @@ class GraphView(QWidget):
         self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
         self.layer = SubgraphLayer(self.plot)
         self.layer.unit_scatter.sigClicked.connect(self._unit_clicked)
+        self.layer.unit_scatter.sigHovered.connect(
+            lambda _item, points, _ev: len(points) and self.card.setText(
+                escape(self.layer.unit_tip(self, int(points[0].data()))).replace("\n", "<br>")))
         self.panel = SubgraphPanel()
         self.panel.setFixedWidth(250)
         self.panel.group_button.clicked.connect(lambda: self.group_selected())
@@ -232,7 +235,8 @@ class GraphView(QWidget):
                                      KIND_COLOURS)
             self._update_clamp()
             return
-        pinned = np.array([i in set(self.pinned) for i in self.ids], dtype=bool)
+        keep = set(self.pinned).union(*(members for _, members in self.supernodes()))  # a file's groups may hold
+        pinned = np.array([i in keep for i in self.ids], dtype=bool)  # nodes it did not pin: show them too
         self.node_mask = visible_nodes(self.kinds, self.influence, self.node_slider.value() / 100, pinned)
         self.edge_mask = visible_edges(self.adjacency, self.node_mask, self.edge_slider.value() / 100)
         targets, sources = np.where(self.edge_mask)
@@ -315,11 +319,16 @@ class GraphView(QWidget):
         else:
             self.toggle_pin(node_id)
 
-    def _unit_clicked(self, _item, points, _ev=None) -> None:
+    def _unit_clicked(self, _item, points, ev=None) -> None:
+        """Select the unit in the panel (a supernode through one of its members); Ctrl / Shift adds to it."""
         if len(points):
-            _label, idx = self.layer.units[int(points[0].data())]
-            self.panel.tree.clearSelection()
-            self.panel.select_node(self.ids[idx[0]])
+            u = int(points[0].data())
+            if ev is None or not ev.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier):
+                self.panel.tree.clearSelection()
+            if u < len(self.layer.unit_group):
+                self.panel.select_group(self.layer.unit_group[u])
+            else:
+                self.panel.select_node(self.ids[self.layer.units[u][1][0]])
 
     # ---- pins and supernodes: undoable edits of the result's params ----------------------------------------------
     def attach_session(self, session) -> None:

@@ -2,6 +2,7 @@
 commands on the window's undo stack that restore the exact params, tree and boxes; subgraph mode draws the summed
 edges a plain loop over the adjacency gives; SVG / PDF export; a written JSON re-opens with its groups."""
 import copy
+import json
 import re
 import xml.etree.ElementTree as ET
 
@@ -146,6 +147,11 @@ def test_subgraph_edges_are_the_summed_adjacency(qtbot, demo_graph):
         drawn = {it.toPlainText() for it in view.layer.items if isinstance(it, pg.TextItem)}
         assert {f"{w:+.3g}" for w in expected.values()} <= drawn and {"name mover", "subject"} <= {
             t.split("\n")[0] for t in drawn}
+    spots = {int(p.data()): p for p in view.layer.unit_scatter.points()}
+    view._unit_clicked(None, [spots[1]])  # a click on the second supernode's box selects it
+    assert view.selected_group() == view.supernodes()[1]
+    view._unit_clicked(None, [spots[len(labels) - 1]])  # a pinned node outside the supernodes
+    assert view.selected_group() is None and view.panel.selected_node_ids() == [labels[-1]]
     view.panel.subgraph_check.setChecked(False)
     assert view.shown_counts()[0] == len(ids)
 
@@ -194,3 +200,13 @@ def test_written_json_reopens_with_its_groups(qtbot, demo_graph, tmp_path):
     assert again.supernodes() == view.supernodes() and len(view.supernodes()) == 2
     assert again.pinned == view.pinned
     assert _tree(again) == _tree(view) and _drawn_labels(again) == _drawn_labels(view)
+
+    # a file's supernode of a node this graph lacks is kept (and written back) but drawn nowhere
+    doc = json.loads((tmp_path / "g.json").read_text())
+    doc["qParams"]["supernodes"].insert(0, ["ghost", "9_9_9"])
+    (tmp_path / "h.json").write_text(json.dumps(doc))
+    third = _view(qtbot, read_graph_json(tmp_path / "h.json", int(ex["model_n_layers"]), int(ex["model_vocab_size"])))
+    assert third.supernodes() == [("ghost", ["9_9_9"])] + view.supernodes()
+    assert _drawn_labels(third) == _drawn_labels(view) and _tree(third)[0] == ("ghost  (1)", ["9_9_9 (not in this graph)"])
+    third.panel.subgraph_check.setChecked(True)
+    assert third.layer.unit_group == [1, 2] and len(third.layer.units) == len(view.pinned) - 5 + 2
