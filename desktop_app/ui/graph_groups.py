@@ -11,7 +11,7 @@ from html import escape
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPushButton, QTreeWidget, QTreeWidgetItem,
+from PySide6.QtWidgets import (QCheckBox, QHBoxLayout, QPushButton, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
 from desktop_app.project.graph_subgraph import unit_adjacency, units
@@ -67,8 +67,9 @@ class SubgraphPanel(QWidget):
         self.subgraph_check = QCheckBox("Subgraph only")
         self.subgraph_check.setObjectName("graphSubgraphCheck")
         self.subgraph_check.setToolTip("Show only the pinned nodes and supernodes, joined by their summed edges")
-        self.hint = QLabel("Click a node to pin it; Ctrl+click a pinned node to select it here.")
-        self.hint.setWordWrap(True)
+        self.tree.setToolTip("Click a node in the graph to pin it; Ctrl+click a pinned node (or select rows here) to "
+                             "choose the nodes to group")
+        self.tree.setMinimumHeight(80)
         buttons = QHBoxLayout()
         for b in (self.group_button, self.ungroup_button, self.rename_button):
             buttons.addWidget(b)
@@ -77,7 +78,6 @@ class SubgraphPanel(QWidget):
         layout.addWidget(self.tree, 1)
         layout.addLayout(buttons)
         layout.addWidget(self.subgraph_check)
-        layout.addWidget(self.hint)
         self.tree.itemSelectionChanged.connect(self._enable)
         self._enable()
 
@@ -158,37 +158,44 @@ class SubgraphPanel(QWidget):
 
 
 class Placer:
-    """Keeps labels apart: remembers the rectangles (centre x, y, half width, half height; in token positions x
-    layer rows) where labels and units sit."""
+    """Keeps labels apart at the plot's current scale: remembers where labels and units sit (centres in data units,
+    half widths and heights in pixels)."""
 
-    LABEL = (0.5, 0.1)
+    LABEL = (28.0, 9.0)  # a short number's label
 
-    def __init__(self, taken=()):
+    def __init__(self, pixel_size, taken=()):
+        sx, sy = pixel_size  # data units per pixel
+        ok = np.isfinite([sx, sy]).all() and sx > 0 and sy > 0
+        self.sx, self.sy = (float(sx), float(sy)) if ok else (1 / 60, 1 / 50)
         self.taken = list(taken)
 
-    def _clear(self, x, y) -> bool:
-        w, h = self.LABEL
-        return all(abs(x - tx) >= w + tw or abs(y - ty) >= h + th for tx, ty, tw, th in self.taken)
+    def _clear(self, x, y, size) -> bool:
+        w, h = size
+        return all(abs(x - tx) / self.sx >= w + tw or abs(y - ty) / self.sy >= h + th for tx, ty, tw, th in self.taken)
 
-    def free(self, x, y) -> float:
-        """The first height from y (stepping up) where a label at x overlaps none placed."""
-        while not self._clear(x, y):
-            y += self.LABEL[1]
-        self.taken.append((x, y, *self.LABEL))
+    def _take(self, x, y, size):
+        self.taken.append((x, y, *size))
+
+    def free(self, x, y, size=LABEL) -> float:
+        """The first height from y (stepping up a label's height) where a label at x overlaps none placed."""
+        while not self._clear(x, y, size):
+            y += 2 * size[1] * self.sy
+        self._take(x, y, size)
         return y
 
     def along(self, a, b) -> tuple[float, float]:
-        """(fraction along a -> b, rows above it) where a label overlaps nothing placed."""
+        """(fraction along a -> b, data units above it) where a label overlaps nothing placed."""
         for f in (0.5, 0.35, 0.65, 0.25, 0.75, 0.15, 0.85):
             x, y = a + f * (b - a)
-            if self._clear(x, y):
-                self.taken.append((x, y, *self.LABEL))
+            if self._clear(x, y, self.LABEL):
+                self._take(x, y, self.LABEL)
                 return f, 0.0
         mid = a + 0.5 * (b - a)
-        for dy in (0.25, -0.25, 0.45, -0.45, 0.65, -0.65):  # no room on the edge: above or below its middle
-            if self._clear(mid[0], mid[1] + dy):
-                self.taken.append((mid[0], mid[1] + dy, *self.LABEL))
-                return 0.5, dy
+        step = 2.2 * self.LABEL[1] * self.sy
+        for k in (1, -1, 2, -2, 3, -3):  # no room on the edge: above or below its middle
+            if self._clear(mid[0], mid[1] + k * step, self.LABEL):
+                self._take(mid[0], mid[1] + k * step, self.LABEL)
+                return 0.5, k * step
         return 0.5, self.free(mid[0], mid[1]) - mid[1]
 
 
@@ -221,7 +228,7 @@ class SubgraphLayer:
 
     # ---- the full graph: a dashed labelled box around each supernode's members --------------------------------
     def draw_boxes(self, view, selected: int | None) -> None:
-        placed = Placer()
+        placed = Placer(self.plot.getViewBox().viewPixelSize())
         for g, label, idx in self.present_groups(view):
             x0, y0 = view.xy[idx].min(axis=0) - (0.22, 0.2)
             x1, y1 = view.xy[idx].max(axis=0) + (0.22, 0.2)
@@ -230,7 +237,8 @@ class SubgraphLayer:
             self._add(pg.PlotCurveItem([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], pen=pen), 0.5)
             text = pg.TextItem(label, color=colour, anchor=(0.0, 1.0), fill=pg.mkBrush(255, 255, 255, 220),
                                border=pg.mkPen(colour))
-            text.setPos(x0, placed.free(x0, y1))  # labels of boxes with the same corner stack up
+            half = (4 + 3.6 * len(label), 10.0)  # labels of boxes with the same corner stack up
+            text.setPos(x0, placed.free(x0 + half[0] * placed.sx, y1 + half[1] * placed.sy, half) - half[1] * placed.sy)
             self._add(text, 3)
 
     @staticmethod
@@ -256,7 +264,8 @@ class SubgraphLayer:
             self._add(item, -1)
         self.unit_group = [g for g, _, _ in self.present_groups(view)]  # units[u] is supernode unit_group[u]
         n_groups = len(self.unit_group)
-        placed = Placer([(x, y, *((0.9, 0.3) if u < n_groups else (0.6, 0.12))) for u, (x, y) in
+        placed = Placer(self.plot.getViewBox().viewPixelSize(),
+                        [(x, y, *((60.0, 18.0) if u < n_groups else (40.0, 10.0))) for u, (x, y) in
                          enumerate(self.unit_xy)])  # a supernode's box; a dot with its name beside it
         for t, s, w in self.drawn_edges:  # the summed weight, where along its edge no other label or unit sits
             a, b = self.unit_xy[s], self.unit_xy[t]
@@ -285,11 +294,11 @@ class SubgraphLayer:
                               "pen": pg.mkPen((200, 0, 0), width=2)})
                 x, y = self.unit_xy[u]
                 if view.kinds[i] == "logit":  # above the logit row, below the embedding row, else to the right
-                    text, anchor, at = view.logit_label(i), (0.5, 1.0), (x, y + 0.1)
+                    text, anchor, at = view.logit_label(i), (0.5, 1.0), (x, y + 9 * placed.sy)
                 elif view.kinds[i] == "embedding":
-                    text, anchor, at = label, (0.5, 0.0), (x, y - 0.1)
+                    text, anchor, at = label, (0.5, 0.0), (x, y - 9 * placed.sy)
                 else:
-                    text, anchor, at = label, (0.0, 0.5), (x + 0.12, y)
+                    text, anchor, at = label, (0.0, 0.5), (x + 9 * placed.sx, y)
                 name = pg.TextItem(text, color=(40, 40, 40), anchor=anchor, fill=pg.mkBrush(255, 255, 255, 210))
                 name.setPos(*at)
                 self._add(name, 2)

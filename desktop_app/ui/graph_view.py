@@ -12,8 +12,8 @@ from html import escape
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPushButton, QSlider, QVBoxLayout,
-                               QWidget)
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPushButton, QScrollArea, QSlider,
+                               QSplitter, QVBoxLayout, QWidget)
 
 from desktop_app.engine.errors import SpecError
 from desktop_app.project import graph_subgraph as sg
@@ -106,35 +106,47 @@ class GraphView(QWidget):
         self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
         self.layer = SubgraphLayer(self.plot)
         self.layer.unit_scatter.sigClicked.connect(self._unit_clicked)
+        # the subgraph's edge labels are placed apart in pixels: place them again when the plot's size changes
+        self.plot.getViewBox().sigResized.connect(lambda _vb: self.subgraph_mode() and self.redraw())
         self.layer.unit_scatter.sigHovered.connect(
             lambda _item, points, _ev: len(points) and self.card.setText(
                 escape(self.layer.unit_tip(self, int(points[0].data()))).replace("\n", "<br>")))
         self.panel = SubgraphPanel()
-        self.panel.setFixedWidth(250)
         self.panel.group_button.clicked.connect(lambda: self.group_selected())
         self.panel.ungroup_button.clicked.connect(self._ungroup_selected)
         self.panel.rename_button.clicked.connect(lambda: self.rename_selected())
         self.panel.tree.itemDoubleClicked.connect(lambda *_: self.rename_selected())
         self.panel.tree.itemSelectionChanged.connect(self.redraw)
-        self.panel.subgraph_check.toggled.connect(lambda _on: self.redraw())
-        middle = QHBoxLayout()
-        middle.addWidget(self.plot_widget, 1)
-        middle.addWidget(self.panel)
+        self.panel.subgraph_check.toggled.connect(self._mode_changed)
         controls = QHBoxLayout()
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
             controls.addWidget(w)
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.title)
-        layout.addWidget(self.legend)
-        layout.addLayout(controls)
-        layout.addLayout(middle, 1)
-        layout.addWidget(self.card)
         from desktop_app.ui.graph_clamp import ClampPanel
 
         self.clamp = ClampPanel()
         self.clamp.button.clicked.connect(self.clamp.run)
-        layout.addWidget(self.clamp)
+        # the plot takes the height; the pins, the hovered node's card and the clamp check share a side column
+        side = QSplitter(Qt.Vertical)
+        card_scroll = QScrollArea()
+        card_scroll.setWidget(self.card)
+        card_scroll.setWidgetResizable(True)
+        card_scroll.setFrameShape(QScrollArea.NoFrame)
+        for w in (self.panel, card_scroll, self.clamp):
+            side.addWidget(w)
+        side.setSizes([300, 150, 250])
+        split = QSplitter(Qt.Horizontal)
+        split.setObjectName("graphSplitter")
+        split.addWidget(self.plot_widget)
+        split.addWidget(side)
+        split.setStretchFactor(0, 1)
+        split.setSizes([800, 330])
+        self.plot_widget.setMinimumSize(360, 240)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.title)
+        layout.addWidget(self.legend)
+        layout.addLayout(controls)
+        layout.addWidget(split, 1)
 
     def _slider(self, name: str, value: int, tip: str) -> QSlider:
         s = QSlider(Qt.Horizontal)
@@ -213,9 +225,21 @@ class GraphView(QWidget):
         left.setWidth(48)  # room for "logits"
         self.plot.setLabel("bottom", "token position")
         self.plot.setXRange(-0.6, max(len(self.tokens), int(self.pos.max()) + 1) - 0.4, padding=0.02)
-        self.plot.setYRange(-0.5, self.n_layers + 1.5, padding=0.02)
+        self.plot.setYRange(-0.5, self.n_layers + 2.0, padding=0.02)  # room above the logits for their labels
 
     # ---- drawing ---------------------------------------------------------------------------------------------
+    def _mode_changed(self, subgraph: bool) -> None:
+        """Subgraph mode zooms to the units (the full graph's range comes back when it ends)."""
+        self.redraw()
+        if self.result is None:
+            return
+        if subgraph and len(self.layer.unit_xy):
+            xs = self.layer.unit_xy[:, 0]
+            self.plot.setXRange(xs.min() - 1.0, xs.max() + 1.5, padding=0.02)  # room for the names on the right
+            self.redraw()
+        elif not subgraph:
+            self._axes()
+
     def redraw(self) -> None:
         self.node_label.setText(f"{self.node_slider.value()}%")
         self.edge_label.setText(f"≥{self.edge_slider.value()}%")
