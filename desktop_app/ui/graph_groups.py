@@ -332,3 +332,4 @@ class SubgraphLayer:
         members = ", ".join(view.ids[i] for i in idx[:8]) + (" …" if len(idx) > 8 else "")
         return (f"{label}: {len(idx)} node(s) ({members})\nsummed weight into the other units {out_w:+.4g}, "
                 f"from them {in_w:+.4g}")
+

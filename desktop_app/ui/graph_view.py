@@ -12,13 +12,12 @@ from html import escape
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPushButton, QScrollArea, QSlider,
-                               QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSlider, QSplitter,
+                               QVBoxLayout, QWidget)
 
-from desktop_app.engine.errors import SpecError
-from desktop_app.project import graph_subgraph as sg
 from desktop_app.ui import graph_export
 from desktop_app.ui.graph_groups import SubgraphLayer, SubgraphPanel, edge_curves
+from desktop_app.ui.graph_pins import SubgraphEdits
 
 KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
                 "logit": (60, 110, 200)}
@@ -60,7 +59,7 @@ def visible_edges(adjacency: np.ndarray, nodes: np.ndarray, min_fraction: float)
     return (a > 0) & (a >= min_fraction * top)
 
 
-class GraphView(QWidget):
+class GraphView(SubgraphEdits, QWidget):
     view_type = "graph"
 
     def __init__(self, parent=None):
@@ -191,19 +190,6 @@ class GraphView(QWidget):
             return []
         return [p for p in self.result.params.get("pinned_ids", []) or [] if p in set(self.ids)]
 
-    def supernodes(self) -> list[tuple[str, list[str]]]:
-        """(label, member node ids) of each supernode, as the JSON's qParams.supernodes lists them."""
-        return sg.supernodes_of(self.result.params if self.result is not None else None)
-
-    def selected_group(self) -> tuple[str, list[str]] | None:
-        """The supernode selected in the panel (its row or a member's), else None."""
-        g = self.panel.selected_group_index()
-        groups = self.supernodes()
-        return groups[g] if g is not None and g < len(groups) else None
-
-    def subgraph_mode(self) -> bool:
-        return self.panel.subgraph_check.isChecked()
-
     def _layout(self) -> np.ndarray:
         """x: the position, nodes sharing a (row, position) cell spread over +-0.4; y: layer + 1 (embeddings 0)."""
         rows = self.layers + 1
@@ -228,18 +214,6 @@ class GraphView(QWidget):
         self.plot.setYRange(-0.5, self.n_layers + 2.0, padding=0.02)  # room above the logits for their labels
 
     # ---- drawing ---------------------------------------------------------------------------------------------
-    def _mode_changed(self, subgraph: bool) -> None:
-        """Subgraph mode zooms to the units (the full graph's range comes back when it ends)."""
-        self.redraw()
-        if self.result is None:
-            return
-        if subgraph and len(self.layer.unit_xy):
-            xs = self.layer.unit_xy[:, 0]
-            self.plot.setXRange(xs.min() - 1.0, xs.max() + 1.5, padding=0.02)  # room for the names on the right
-            self.redraw()
-        elif not subgraph:
-            self._axes()
-
     def redraw(self) -> None:
         self.node_label.setText(f"{self.node_slider.value()}%")
         self.edge_label.setText(f"≥{self.edge_slider.value()}%")
@@ -342,95 +316,6 @@ class GraphView(QWidget):
             self.panel.select_node(node_id, not self.panel.is_selected(node_id))  # select for Group…
         else:
             self.toggle_pin(node_id)
-
-    def _unit_clicked(self, _item, points, ev=None) -> None:
-        """Select the unit in the panel (a supernode through one of its members); Ctrl / Shift adds to it."""
-        if len(points):
-            u = int(points[0].data())
-            if ev is None or not ev.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier):
-                self.panel.tree.clearSelection()
-            if u < len(self.layer.unit_group):
-                self.panel.select_group(self.layer.unit_group[u])
-            else:
-                self.panel.select_node(self.ids[self.layer.units[u][1][0]])
-
-    # ---- pins and supernodes: undoable edits of the result's params ----------------------------------------------
-    def attach_session(self, session) -> None:
-        """Edits go to `session`'s undo stack, and its undo / redo of them redraw this view."""
-        self.session = session
-        session.subscribe(self._session_event)
-
-    def _session_event(self, _session, event, detail) -> None:
-        if event == "document" and detail[0] == "result_params" and detail[1] == self._analysis_name():
-            self.subgraph_changed()
-
-    def _analysis_name(self) -> str | None:
-        if self.session is None or self.result is None:
-            return None
-        return next((e.name for e in self.session.project.analyses if e.result is self.result), None)
-
-    def edit_subgraph(self, state: tuple[list, list], text: str) -> None:
-        """Make (pinned, supernodes) the graph's subgraph: a command on the window's undo stack, or a plain edit of
-        the result when this view shows a result outside a window's project."""
-        name = self._analysis_name()
-        if name is None:
-            self.result.params.update(sg.as_params(*state))
-            self.subgraph_changed()
-        else:
-            self.session.push(sg.SetSubgraph(self.session.project, name, *state, text))
-
-    def subgraph_changed(self) -> None:
-        """Show the params' pins and supernodes (after an edit, undo or redo)."""
-        describe = {n: f"{n}  ({self.logit_label(i) if self.kinds[i] == 'logit' else self.kinds[i]})"
-                    for i, n in enumerate(self.ids)}
-        self.panel.fill(self.pinned, self.supernodes(), lambda n: describe.get(n, f"{n} (not in this graph)"))
-        self.redraw()
-
-    def _state(self) -> tuple[list, list]:
-        return sg.pinned_of(self.result.params), self.supernodes()
-
-    def toggle_pin(self, node_id: str) -> None:
-        pinning = node_id not in self.pinned
-        self.edit_subgraph(sg.toggled(*self._state(), node_id), f"{'Pin' if pinning else 'Unpin'} {node_id}")
-        self.hover_node(self.ids.index(node_id))
-
-    def group(self, node_ids: list[str], label: str) -> None:
-        self.edit_subgraph(sg.grouped(*self._state(), label, node_ids), f"Group {len(node_ids)} nodes as {label}")
-
-    def ungroup(self, index: int) -> None:
-        self.edit_subgraph(sg.ungrouped(*self._state(), index), f"Ungroup {self.supernodes()[index][0]}")
-
-    def rename_group(self, index: int, label: str) -> None:
-        self.edit_subgraph(sg.renamed(*self._state(), index, label), f"Rename supernode to {label}")
-
-    def group_selected(self, label: str | None = None) -> None:
-        ids = self.panel.selected_node_ids()
-        if label is None:
-            label, ok = QInputDialog.getText(self, "Group into a supernode", f"Label of the {len(ids)} nodes:")
-            if not ok:
-                return
-        self._try(lambda: self.group(ids, label))
-
-    def _ungroup_selected(self) -> None:
-        g = self.panel.selected_group_index()
-        if g is not None:
-            self._try(lambda: self.ungroup(g))
-
-    def rename_selected(self, label: str | None = None) -> None:
-        g = self.panel.selected_group_index()
-        if g is None:
-            return
-        if label is None:
-            label, ok = QInputDialog.getText(self, "Rename the supernode", "Label:", text=self.supernodes()[g][0])
-            if not ok:
-                return
-        self._try(lambda: self.rename_group(g, label))
-
-    def _try(self, edit) -> None:
-        try:
-            edit()
-        except SpecError as err:
-            self.card.setText(escape(str(err)))
 
     # ---- export ----------------------------------------------------------------------------------------------
     def export(self, path) -> None:
