@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 
 from desktop_app.demo_assets import resources_dir
 
@@ -23,6 +24,14 @@ def demo_graph():
     lm = load_model(demo / "model", dtype="float32", device="cpu")
     tokens = lm.tokenize("When Mary and John went to the store, John gave a drink to", True)
     return drive(attribution_graph_job(lm, tokens, str(demo / "transcoders"), max_n_logits=5))
+
+
+class _Click:
+    def __init__(self, modifiers):
+        self._modifiers = modifiers
+
+    def modifiers(self):
+        return self._modifiers
 
 
 def _top(graph, kind, n):
@@ -88,7 +97,9 @@ def test_group_rename_ungroup_undo_through_the_window(qtbot, window, demo_graph)
 
     for n in feats:
         step(lambda n=n: view.toggle_pin(n))
-    view.panel.select_node(feats[0])
+    spots = {view.ids[int(p.data())]: p for p in view.scatter.points()}
+    view._clicked(None, [spots[feats[0]]], _Click(Qt.ControlModifier))  # Ctrl+click selects, does not unpin
+    assert view.panel.selected_node_ids() == [feats[0]] and feats[0] in view.pinned
     view.panel.select_node(feats[2])
     step(lambda: view.group_selected("name mover"))
     assert view.supernodes() == [("name mover", [feats[0], feats[2]])]
@@ -148,6 +159,11 @@ def test_subgraph_edges_are_the_summed_adjacency(qtbot, demo_graph):
         assert {f"{w:+.3g}" for w in expected.values()} <= drawn and {"name mover", "subject"} <= {
             t.split("\n")[0] for t in drawn}
     spots = {int(p.data()): p for p in view.layer.unit_scatter.points()}
+    view.layer.unit_scatter.sigHovered.emit(view.layer.unit_scatter, [spots[0]], None)  # hover a supernode
+    card = view.card.text()
+    assert card.startswith(f"{labels[0]}: ") and "summed weight into the other units" in card
+    w = view.layer.unit_weights
+    assert f"{w[:, 0].sum() - w[0, 0]:+.4g}" in card
     view._unit_clicked(None, [spots[1]])  # a click on the second supernode's box selects it
     assert view.selected_group() == view.supernodes()[1]
     view._unit_clicked(None, [spots[len(labels) - 1]])  # a pinned node outside the supernodes
