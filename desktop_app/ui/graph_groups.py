@@ -265,8 +265,9 @@ class SubgraphLayer:
         self.unit_group = [g for g, _, _ in self.present_groups(view)]  # units[u] is supernode unit_group[u]
         n_groups = len(self.unit_group)
         placed = Placer(self.plot.getViewBox().viewPixelSize(),
-                        [(x, y, *((60.0, 18.0) if u < n_groups else (40.0, 10.0))) for u, (x, y) in
-                         enumerate(self.unit_xy)])  # a supernode's box; a dot with its name beside it
+                        [(x, y, *((60.0, 18.0) if u < n_groups else (9.0, 9.0))) for u, (x, y) in
+                         enumerate(self.unit_xy)])  # a supernode's box; a dot
+        names = [self._name(view, u, placed) for u in range(n_groups, len(self.units))]  # placed before the weights
         for t, s, w in self.drawn_edges:  # the summed weight, where along its edge no other label or unit sits
             a, b = self.unit_xy[s], self.unit_xy[t]
             f, dy = placed.along(a, b)
@@ -275,34 +276,42 @@ class SubgraphLayer:
             label.setPos(*(a + f * (b - a) + (0.0, dy)))
             self._add(label, 1)
         spots = []
-        for u, (label, idx) in enumerate(self.units):
-            if u < n_groups:
-                colour = group_colour(self.unit_group[u])
-                box = pg.TextItem(html=f'<b>{escape(label)}</b><br><small>{len(idx)} nodes</small>', anchor=(0.5, 0.5),
-                                  border=pg.mkPen(colour, width=3 if self.unit_group[u] == selected else 1.5),
-                                  fill=pg.mkBrush(*(int(0.15 * c + 0.85 * 255) for c in colour)))
-                box.setColor(colour)
-                box.setPos(*self.unit_xy[u])
-                box.setToolTip(self.unit_tip(view, u))
-                self._add(box, 2)
-                spots.append({"pos": self.unit_xy[u], "size": 30, "data": u, "symbol": "s",  # clickable centre
-                              "brush": pg.mkBrush(0, 0, 0, 0), "pen": pg.mkPen(None)})
-            else:
-                i = idx[0]
-                spots.append({"pos": self.unit_xy[u], "size": 14, "data": u,
-                              "brush": pg.mkBrush(*kind_colours.get(view.kinds[i], (0, 0, 0))),
-                              "pen": pg.mkPen((200, 0, 0), width=2)})
-                x, y = self.unit_xy[u]
-                if view.kinds[i] == "logit":  # above the logit row, below the embedding row, else to the right
-                    text, anchor, at = view.logit_label(i), (0.5, 1.0), (x, y + 9 * placed.sy)
-                elif view.kinds[i] == "embedding":
-                    text, anchor, at = label, (0.5, 0.0), (x, y - 9 * placed.sy)
-                else:
-                    text, anchor, at = label, (0.0, 0.5), (x + 9 * placed.sx, y)
-                name = pg.TextItem(text, color=(40, 40, 40), anchor=anchor, fill=pg.mkBrush(255, 255, 255, 210))
-                name.setPos(*at)
-                self._add(name, 2)
+        for u, (label, idx) in enumerate(self.units[:n_groups]):
+            colour = group_colour(self.unit_group[u])
+            box = pg.TextItem(html=f'<b>{escape(label)}</b><br><small>{len(idx)} nodes</small>', anchor=(0.5, 0.5),
+                              border=pg.mkPen(colour, width=3 if self.unit_group[u] == selected else 1.5),
+                              fill=pg.mkBrush(*(int(0.15 * c + 0.85 * 255) for c in colour)))
+            box.setColor(colour)
+            box.setPos(*self.unit_xy[u])
+            box.setToolTip(self.unit_tip(view, u))
+            self._add(box, 2)
+            spots.append({"pos": self.unit_xy[u], "size": 30, "data": u, "symbol": "s",  # its clickable centre
+                          "brush": pg.mkBrush(0, 0, 0, 0), "pen": pg.mkPen(None)})
+        for u, name in zip(range(n_groups, len(self.units)), names):
+            i = self.units[u][1][0]
+            spots.append({"pos": self.unit_xy[u], "size": 14, "data": u,
+                          "brush": pg.mkBrush(*kind_colours.get(view.kinds[i], (0, 0, 0))),
+                          "pen": pg.mkPen((200, 0, 0), width=2)})
+            self._add(name, 2)
         self.unit_scatter.setData(spots, tip=lambda x, y, data: self.unit_tip(view, int(data)))
+
+    def _name(self, view, u: int, placed: Placer):
+        """The name of a pinned node's unit: a logit's token above it, an embedding's id below, else its id to the
+        right; its place is taken in `placed`."""
+        i = self.units[u][1][0]
+        text = view.logit_label(i) if view.kinds[i] == "logit" else self.units[u][0]
+        x, y = self.unit_xy[u]
+        w, h = 4 + 3.6 * len(text), 9.0  # half sizes in pixels
+        if view.kinds[i] == "logit":
+            anchor, at, centre = (0.5, 1.0), (x, y + h * placed.sy), (x, y + 2 * h * placed.sy)
+        elif view.kinds[i] == "embedding":
+            anchor, at, centre = (0.5, 0.0), (x, y - h * placed.sy), (x, y - 2 * h * placed.sy)
+        else:
+            anchor, at, centre = (0.0, 0.5), (x + h * placed.sx, y), (x + (h + w) * placed.sx, y)
+        placed.taken.append((*centre, w, h))
+        name = pg.TextItem(text, color=(40, 40, 40), anchor=anchor, fill=pg.mkBrush(255, 255, 255, 210))
+        name.setPos(*at)
+        return name
 
     def _layout(self, view) -> np.ndarray:
         """A unit sits at the mean position of its members; units of one row are pushed at least UNIT_GAP token
