@@ -201,6 +201,10 @@ def test_svg_and_pdf_export(qtbot, demo_graph, tmp_path):
 
     with pytest.raises(SpecError, match=r"\.png, \.svg or \.pdf"):
         view.export(tmp_path / "g.bmp")
+    from desktop_app.ui.graph_export import with_suffix
+
+    assert with_suffix("/a/graph", "PDF document (*.pdf)") == "/a/graph.pdf"  # the dialog's filter adds it
+    assert with_suffix("/a.b/graph.svg", "PDF document (*.pdf)") == "/a.b/graph.svg"
 
 
 def test_written_json_reopens_with_its_groups(qtbot, demo_graph, tmp_path):
