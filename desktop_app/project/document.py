@@ -204,6 +204,18 @@ class Project:
             entry.result_model = model if isinstance(model, dict) else model_fingerprint(model or self.model)
         self._changed("result", name)
 
+    def set_result_params(self, name: str, changes: dict) -> None:
+        """Set (a value None: remove) entries of the params of `name`'s result that a view annotates it with (an
+        attribution graph's pinned ids and supernodes): saved with the result, an edit that does not make it stale."""
+        _check_jsonable(changes, "result params")
+        params = self.entry(name).result.params
+        for key, value in changes.items():
+            if value is None:
+                params.pop(key, None)
+            else:
+                params[key] = copy.deepcopy(value)
+        self._changed("result_params", name)
+
     def stale_reason(self, name: str, loaded: ModelRef | None = None) -> str:
         """Why the result of `name` no longer matches (empty when it does): its spec was edited, or it was
         computed with another model than `loaded` (default: the project's model)."""

@@ -1,8 +1,10 @@
 """View type `graph`: an attribution graph laid out layer x token (x: the prompt's positions, y: embeddings at the
 bottom, one row per layer, the logits on top). Nodes are coloured by kind and sized by influence; edges go from
 source to target, width by |weight|, orange positive, blue negative. Hover shows a node card, a click pins or
-unpins a node (the pinned ids live in the result's params, which the Neuronpedia JSON writes as qParams pinnedIds),
-and two sliders re-prune what is shown from the stored adjacency without recomputing the graph."""
+unpins a node, pinned nodes group into labelled supernodes and "Subgraph only" shows just them (ui.graph_groups; the
+pins and supernodes live in the result's params, which the Neuronpedia JSON writes as qParams pinnedIds / supernodes,
+and change through undoable commands on the window's undo stack), and two sliders re-prune what is shown from the
+stored adjacency without recomputing the graph. Export writes the plot as PNG, SVG or PDF."""
 from __future__ import annotations
 
 from html import escape
@@ -10,14 +12,18 @@ from html import escape
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSlider, QSplitter,
+                               QVBoxLayout, QWidget)
+
+from desktop_app.ui import graph_export
+from desktop_app.ui.graph_groups import SubgraphLayer, SubgraphPanel, edge_curves
+from desktop_app.ui.graph_pins import SubgraphEdits
 
 from desktop_app.ui.graph_clamp import ClampPanel, clamp_targets
 
 KIND_COLOURS = {"embedding": (90, 160, 90), "feature": (230, 140, 40), "error": (150, 150, 150),
                 "logit": (60, 110, 200)}
 POSITIVE, NEGATIVE = (220, 110, 30), (40, 100, 220)
-WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # |w| / max |w| up to these -> pen widths 1..4
 HOVER_PIXELS = 12
 
 
@@ -55,13 +61,14 @@ def visible_edges(adjacency: np.ndarray, nodes: np.ndarray, min_fraction: float)
     return (a > 0) & (a >= min_fraction * top)
 
 
-class GraphView(QWidget):
+class GraphView(SubgraphEdits, QWidget):
     view_type = "graph"
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setObjectName("graphView")
         self.result = None
+        self.session = None  # the window's session (attach_session): pins and supernodes become undoable commands
         self.node_mask = np.zeros(0, dtype=bool)
         self.edge_mask = np.zeros((0, 0), dtype=bool)
         self.xy = np.zeros((0, 2))
@@ -79,10 +86,12 @@ class GraphView(QWidget):
                                         "Show the fewest features carrying this % of the features' influence")
         self.edge_slider = self._slider("edgeThresholdSlider", 0, "Hide edges weaker than this % of the strongest")
         self.node_label, self.edge_label = QLabel(), QLabel()
-        self.export_button = QPushButton("Save PNG…")
+        self.export_button = QPushButton("Export…")
         self.export_button.setObjectName("graphExportButton")
         self.export_button.clicked.connect(self._ask_export)
-        self.plot_widget = pg.PlotWidget()
+        from desktop_app.ui.token_axis import TokenAxis  # every token labelled, rotated when they do not fit
+
+        self.plot_widget = pg.PlotWidget(axisItems={"bottom": TokenAxis("bottom")})
         self.plot_widget.setObjectName("graphPlot")
         self.plot_widget.setBackground("w")
         self.plot = self.plot_widget.getPlotItem()
@@ -96,19 +105,47 @@ class GraphView(QWidget):
         self.plot.addItem(self.scatter)
         self.plot.addItem(self.pin_item)
         self.plot.scene().sigMouseMoved.connect(self._mouse_moved)
+        self.layer = SubgraphLayer(self.plot)
+        self.layer.unit_scatter.sigClicked.connect(self._unit_clicked)
+        # the subgraph's edge labels are placed apart in pixels: place them again when the plot's size changes
+        self.plot.getViewBox().sigResized.connect(lambda _vb: self.subgraph_mode() and self.redraw())
+        self.layer.unit_scatter.sigHovered.connect(
+            lambda _item, points, _ev: len(points) and self.card.setText(
+                escape(self.layer.unit_tip(self, int(points[0].data()))).replace("\n", "<br>")))
+        self.panel = SubgraphPanel()
+        self.panel.group_button.clicked.connect(lambda: self.group_selected())
+        self.panel.ungroup_button.clicked.connect(self._ungroup_selected)
+        self.panel.rename_button.clicked.connect(lambda: self.rename_selected())
+        self.panel.tree.itemDoubleClicked.connect(lambda *_: self.rename_selected())
+        self.panel.tree.itemSelectionChanged.connect(self.redraw)
+        self.panel.subgraph_check.toggled.connect(self._mode_changed)
         controls = QHBoxLayout()
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
             controls.addWidget(w)
+        self.clamp = ClampPanel()
+        self.clamp.button.clicked.connect(self.clamp.run)
+        # the plot takes the height; the pins, the hovered node's card and the clamp check share a side column
+        side = QSplitter(Qt.Vertical)
+        card_scroll = QScrollArea()
+        card_scroll.setWidget(self.card)
+        card_scroll.setWidgetResizable(True)
+        card_scroll.setFrameShape(QScrollArea.NoFrame)
+        for w in (self.panel, card_scroll, self.clamp):
+            side.addWidget(w)
+        side.setSizes([300, 150, 250])
+        split = QSplitter(Qt.Horizontal)
+        split.setObjectName("graphSplitter")
+        split.addWidget(self.plot_widget)
+        split.addWidget(side)
+        split.setStretchFactor(0, 1)
+        split.setSizes([800, 330])
+        self.plot_widget.setMinimumSize(360, 240)
         layout = QVBoxLayout(self)
         layout.addWidget(self.title)
         layout.addWidget(self.legend)
         layout.addLayout(controls)
-        layout.addWidget(self.plot_widget, 1)
-        layout.addWidget(self.card)
-        self.clamp = ClampPanel()
-        self.clamp.button.clicked.connect(self.clamp.run)
-        layout.addWidget(self.clamp)
+        layout.addWidget(split, 1)
 
     def _slider(self, name: str, value: int, tip: str) -> QSlider:
         s = QSlider(Qt.Horizontal)
@@ -145,7 +182,7 @@ class GraphView(QWidget):
         self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
-        self.redraw()
+        self.subgraph_changed()
 
     @property
     def pinned(self) -> list[str]:
@@ -167,14 +204,14 @@ class GraphView(QWidget):
 
     def _axes(self) -> None:
         bottom = self.plot.getAxis("bottom")
-        bottom.setTicks([[(i, t) for i, t in enumerate(self.tokens)]])
+        bottom.set_labels(self.tokens, offset=0.0)
         rows = [(0, "emb")] + [(L + 1, f"L{L}") for L in range(self.n_layers)] + [(self.n_layers + 1, "logits")]
         left = self.plot.getAxis("left")
         left.setTicks([rows])
         left.setWidth(48)  # room for "logits"
         self.plot.setLabel("bottom", "token position")
         self.plot.setXRange(-0.6, max(len(self.tokens), int(self.pos.max()) + 1) - 0.4, padding=0.02)
-        self.plot.setYRange(-0.5, self.n_layers + 1.5, padding=0.02)
+        self.plot.setYRange(-0.5, self.n_layers + 2.0, padding=0.02)  # room above the logits for their labels
 
     # ---- drawing ---------------------------------------------------------------------------------------------
     def redraw(self) -> None:
@@ -182,50 +219,50 @@ class GraphView(QWidget):
         self.edge_label.setText(f"≥{self.edge_slider.value()}%")
         if self.result is None:
             return
-        pinned = np.array([i in set(self.pinned) for i in self.ids], dtype=bool)
+        for item in self.edge_items + self.logit_labels:
+            self.plot.removeItem(item)
+        self.edge_items, self.logit_labels = [], []
+        self.layer.clear()
+        selected = self.panel.selected_group_index()
+        if self.subgraph_mode():
+            self.node_mask = np.zeros(len(self.ids), dtype=bool)
+            self.edge_mask = np.zeros((len(self.ids),) * 2, dtype=bool)
+            self.scatter.setData([])
+            self.pin_item.setData([])
+            self.layer.draw_subgraph(self, self.edge_slider.value() / 100, selected, POSITIVE, NEGATIVE,
+                                     KIND_COLOURS)
+            self._update_clamp()
+            return
+        keep = set(self.pinned).union(*(members for _, members in self.supernodes()))  # a file's groups may hold
+        pinned = np.array([i in keep for i in self.ids], dtype=bool)  # nodes it did not pin: show them too
         self.node_mask = visible_nodes(self.kinds, self.influence, self.node_slider.value() / 100, pinned)
         self.edge_mask = visible_edges(self.adjacency, self.node_mask, self.edge_slider.value() / 100)
-        for item in self.edge_items:
-            self.plot.removeItem(item)
-        self.edge_items = []
         targets, sources = np.where(self.edge_mask)
-        weights = self.adjacency[targets, sources]
-        top = np.abs(weights).max() if len(weights) else 1.0
-        rel = np.abs(weights) / top
-        lower = 0.0
-        for width, upper in enumerate(WIDTH_BUCKETS, start=1):
-            in_bucket = (rel > lower) & (rel <= upper) if lower else (rel <= upper)
-            lower = upper
-            for sign, colour in ((1, POSITIVE), (-1, NEGATIVE)):
-                sel = in_bucket & (np.sign(weights) == sign)
-                if not sel.any():
-                    continue
-                x = np.column_stack([self.xy[sources[sel], 0], self.xy[targets[sel], 0]]).ravel()
-                y = np.column_stack([self.xy[sources[sel], 1], self.xy[targets[sel], 1]]).ravel()
-                item = pg.PlotCurveItem(x, y, connect="pairs", pen=pg.mkPen((*colour, 150), width=width))
-                item.setZValue(-1)
-                self.plot.addItem(item)
-                self.edge_items.append(item)
+        for item in edge_curves(self.xy[sources], self.xy[targets], self.adjacency[targets, sources], POSITIVE,
+                                NEGATIVE):
+            self.plot.addItem(item)
+            self.edge_items.append(item)
         shown = np.where(self.node_mask)[0]
         infl = np.clip(self.influence, 0, None)
         size = 7 + 15 * np.sqrt(infl / infl.max()) if infl.max() > 0 else np.full(len(infl), 8.0)
         self.scatter.setData([{"pos": self.xy[i], "size": float(size[i]), "data": int(i),
                                "brush": pg.mkBrush(*KIND_COLOURS.get(self.kinds[i], (0, 0, 0))),
                                "pen": pg.mkPen("k", width=0.5)} for i in shown])
-        for item in self.logit_labels:
-            self.plot.removeItem(item)
-        self.logit_labels = []
         for i in shown:
             if self.kinds[i] == "logit":
                 label = pg.TextItem(self.logit_label(i), color=KIND_COLOURS["logit"], anchor=(0.5, 1.0))
                 label.setPos(self.xy[i, 0], self.xy[i, 1] + 0.15)
                 self.plot.addItem(label)
                 self.logit_labels.append(label)
-        self.clamp.set_target(self.result, clamp_targets(self),
-                              {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
         pins = [i for i in shown if pinned[i]]
         self.pin_item.setData([{"pos": self.xy[i], "size": float(size[i]) + 8, "brush": None,
                                 "pen": pg.mkPen((200, 0, 0), width=2)} for i in pins])
+        self.layer.draw_boxes(self, selected)
+        self._update_clamp()
+
+    def _update_clamp(self) -> None:
+        self.clamp.set_target(self.result, clamp_targets(self),
+                              {int(self.feature[i]): self.logit_label(i) for i in np.where(self.kinds == "logit")[0]})
 
     def logit_label(self, i: int) -> str:
         """The token text a logit node stands for (its id only when the result carries no text)."""
@@ -270,24 +307,25 @@ class GraphView(QWidget):
         if d[j] <= HOVER_PIXELS ** 2:
             self.hover_node(int(shown[j]))
 
-    def _clicked(self, _item, points, _ev=None) -> None:
-        if len(points):
-            self.toggle_pin(self.ids[int(points[0].data())])
-
-    def toggle_pin(self, node_id: str) -> None:
-        pinned = list(self.pinned)
-        pinned.remove(node_id) if node_id in pinned else pinned.append(node_id)
-        self.result.params["pinned_ids"] = pinned
-        self.redraw()
-        self.hover_node(self.ids.index(node_id))
+    def _clicked(self, _item, points, ev=None) -> None:
+        if not len(points):
+            return
+        node_id = self.ids[int(points[0].data())]
+        if ev is not None and ev.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier) and node_id in self.pinned:
+            self.panel.select_node(node_id, not self.panel.is_selected(node_id))  # select for Group…
+        else:
+            self.toggle_pin(node_id)
 
     # ---- export ----------------------------------------------------------------------------------------------
-    def export_png(self, path: str) -> None:
-        from pyqtgraph.exporters import ImageExporter
+    def export(self, path) -> None:
+        """Write the plot to `path` as PNG, SVG or PDF, by its suffix (ui.graph_export)."""
+        graph_export.export_plot(self.plot, path)
 
-        ImageExporter(self.plot).export(str(path))
+    def export_png(self, path) -> None:
+        graph_export.export_png(self.plot, path)
 
     def _ask_export(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the graph as PNG", "graph.png", "PNG (*.png)")
+        path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png",
+                                                   ";;".join(graph_export.FILTERS))
         if path:
-            self.export_png(path)
+            self._try(lambda: self.export(graph_export.with_suffix(path, chosen)))

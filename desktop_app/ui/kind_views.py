@@ -65,6 +65,7 @@ def show_detail(window, result, record) -> None:
         if hasattr(view, "clamp"):  # the graph view's one-click check runs in the window's runner
             view.clamp.submit = window._submit
             view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
+            view.attach_session(window.session)  # pins and supernodes are undoable edits
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))

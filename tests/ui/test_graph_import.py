@@ -129,7 +129,7 @@ def test_clamp_button_shows_clamp_check_numbers(qtbot, demo_window, demo_graph):
 
 
 def test_clamp_a_supernode_by_a_multiplier(qtbot, demo_window, demo_graph):
-    """A list of nodes (the integrator wires GraphView.selected_group() through graph_clamp.clamp_targets) clamped
+    """A supernode (GraphView.selected_group() through graph_clamp.clamp_targets) clamped
     together: the table equals the engine's all-at-once check with each activation doubled."""
     from PySide6.QtCore import Qt
     from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QPushButton, QTableWidget
@@ -143,7 +143,10 @@ def test_clamp_a_supernode_by_a_multiplier(qtbot, demo_window, demo_graph):
     nodes = [str(ex["node_ids"][i]) for i in f[np.argsort(-ex["node_influence"][f])][:3]]
     view.toggle_pin(nodes[0])
     assert clamp_targets(view) == [nodes[0]]
-    view.selected_group = lambda: nodes + [str(ex["node_ids"][np.where(ex["node_kind"] == "logit")[0][0]])]
+    logit = str(ex["node_ids"][np.where(ex["node_kind"] == "logit")[0][0]])
+    view.group(nodes + [logit], "candidate circuit")
+    view.panel.select_group(0)
+    assert view.selected_group() == ("candidate circuit", nodes + [logit])
     assert clamp_targets(view) == nodes  # a logit in the group is not clamped
     view.redraw()
     assert view.clamp.node_ids == nodes
