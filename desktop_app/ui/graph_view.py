@@ -98,6 +98,10 @@ class GraphView(QWidget):
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
             controls.addWidget(w)
+        from desktop_app.ui.graph_card import FeatureCards
+
+        self.cards = FeatureCards(self)
+        controls.addWidget(self.cards)
         layout = QVBoxLayout(self)
         layout.addWidget(self.title)
         layout.addWidget(self.legend)
@@ -146,6 +150,7 @@ class GraphView(QWidget):
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
         self.redraw()
+        self.cards.set_graph(result)
 
     @property
     def pinned(self) -> list[str]:
@@ -253,7 +258,7 @@ class GraphView(QWidget):
             lines.append(f"token id {int(self.feature[i])}")
         lines.append(f"influence on the logits {self.influence[i]:.4g}")
         if kind == "feature":
-            lines.append("top contexts / promoted tokens: none (no dashboard of this transcoder set)")
+            lines.append(self.cards.html(i))
         lines.append("pinned" if self.ids[i] in self.pinned else "click to pin")
         return "<br>".join(lines)
 

@@ -65,6 +65,8 @@ def show_detail(window, result, record) -> None:
         if hasattr(view, "clamp"):  # the graph view's one-click check runs in the window's runner
             view.clamp.submit = window._submit
             view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
+        if hasattr(view, "cards"):  # the graph view's feature cards are built in the runner, stored in the project
+            view.cards.attach(window)
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))
