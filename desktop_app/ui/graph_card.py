@@ -13,13 +13,16 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSplitter, QVBoxLayout,
+                               QWidget)
 
 from desktop_app.project.feature_cards import attach_cards, cards_info, cards_of, graph_features
 
 N_CONTEXTS = 5  # top contexts kept per feature
 WINDOW = 6  # tokens shown on each side of a context's peak
 N_TOKENS = 6  # promoted / suppressed output tokens
+CARD_MIN_WIDTH = 320  # pixels
 PEAK = (244, 153, 40)  # the most activating token's background
 UP, DOWN = "#b35806", "#2166ac"
 CORPUS_FILTERS = "Text corpora (*.txt *.text *.md *.jsonl *.ndjson);;All files (*)"
@@ -34,7 +37,8 @@ def _tint(value: float, top: float) -> str:
 
 
 def _token(text: str) -> str:
-    return escape(text.replace("·", " ")).replace(" ", "&nbsp;")
+    """A token as text: its shown '·' is the space it stands for (ordinary spaces, so a long context wraps)."""
+    return escape(text.replace("·", " "))
 
 
 def context_html(ctx) -> str:
@@ -63,7 +67,7 @@ def card_html(card, corpus: str = "") -> str:
     lines = [f"density {100 * card.density:.3g}%{where}, max activation {card.max_activation:.4g}"]
     if card.top_contexts:
         rows = "".join(f'<tr><td align="right" style="color:#555">{c.activation:.3g}&nbsp;</td>'
-                       f'<td style="font-family:monospace">{context_html(c)}</td></tr>'
+                       f'<td>{context_html(c)}</td></tr>'
                        for c in card.top_contexts[:N_CONTEXTS])
         lines.append(f"<table cellspacing=0 cellpadding=0>{rows}</table>")
     else:
@@ -71,6 +75,32 @@ def card_html(card, corpus: str = "") -> str:
     lines.append(_tokens_line("promotes", UP, card.promoted))
     lines.append(_tokens_line("suppresses", DOWN, card.suppressed))
     return "<br>".join(lines)
+
+
+def column_beside_card(view: QWidget, card: QLabel) -> QVBoxLayout:
+    """Lay `view` out as a column (returned: the view adds its widgets to it) and, to its right, the hover card in
+    a scroll area, the two in a splitter: a long card scrolls and never squeezes the plot."""
+    card.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+    card.setMargin(6)
+    card.setStyleSheet("QLabel { background-color: white; }")
+    scroll = QScrollArea()
+    scroll.setObjectName("graphCardScroll")
+    scroll.setWidgetResizable(True)
+    scroll.setWidget(card)
+    scroll.setMinimumWidth(CARD_MIN_WIDTH)
+    left = QWidget()
+    column = QVBoxLayout(left)
+    column.setContentsMargins(0, 0, 0, 0)
+    splitter = QSplitter(Qt.Horizontal)
+    splitter.setObjectName("graphCardSplitter")
+    splitter.addWidget(left)
+    splitter.addWidget(scroll)
+    splitter.setStretchFactor(0, 3)
+    splitter.setStretchFactor(1, 1)
+    splitter.setChildrenCollapsible(False)
+    outer = QVBoxLayout(view)
+    outer.addWidget(splitter)
+    return column
 
 
 def default_corpus(transcoders: str) -> str | None:

@@ -98,16 +98,15 @@ class GraphView(QWidget):
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
             controls.addWidget(w)
-        from desktop_app.ui.graph_card import FeatureCards
+        from desktop_app.ui.graph_card import FeatureCards, column_beside_card
 
         self.cards = FeatureCards(self)
         controls.addWidget(self.cards)
-        layout = QVBoxLayout(self)
+        layout = column_beside_card(self, self.card)  # the view's widgets go in a column; the hover card beside it
         layout.addWidget(self.title)
         layout.addWidget(self.legend)
         layout.addLayout(controls)
         layout.addWidget(self.plot_widget, 1)
-        layout.addWidget(self.card)
         from desktop_app.ui.graph_clamp import ClampPanel
 
         self.clamp = ClampPanel()

@@ -1,6 +1,8 @@
 """Feature cards in the graph view: hovering a feature node shows its top contexts (peak token highlighted, with its
 activation), promoted / suppressed tokens and density; without cards one line says how to build them; in the
 window the demo graph gets its cards built in the runner (equal to a fresh computation) and saved with the project."""
+from html import escape
+
 import numpy as np
 import pytest
 from PySide6.QtCore import QPoint, Qt
@@ -84,13 +86,13 @@ def test_hovering_a_feature_node_shows_its_contexts(qtbot, demo):
         assert f"{float(graph.extras['node_activation'][i]):.4g}" in text
         assert f"density {100 * card.density:.3g}%" in text and "corpus.txt" in text
         top = card.top_contexts[0]
-        peak = top.tokens[top.max_index].replace("·", " ").replace(" ", "&nbsp;")
+        peak = escape(top.tokens[top.max_index].replace("·", " "))
         assert f"<b>{peak}</b>" in text and f"{top.activation:.3g}" in text  # the peak token, highlighted
         assert text.count("<tr>") == min(len(card.top_contexts), N_CONTEXTS)
         word, value = card.promoted[0]
-        assert "promotes" in text and f"{word.replace('·', ' ').replace(' ', '&nbsp;')}&nbsp;{value:+.3g}" in text
+        assert "promotes" in text and f"{escape(word.replace('·', ' '))}&nbsp;{value:+.3g}" in text
         word, value = card.suppressed[0]
-        assert "suppresses" in text and f"{word.replace('·', ' ').replace(' ', '&nbsp;')}&nbsp;{value:+.3g}" in text
+        assert "suppresses" in text and f"{escape(word.replace('·', ' '))}&nbsp;{value:+.3g}" in text
         status = view.findChild(QLabel, "graphCardsStatus").text()
         assert f"{len(graph_features(graph))} cards from corpus.txt" in status
         # a non-feature node keeps its plain card
