@@ -124,3 +124,43 @@ def test_cancel_keeps_what_was_scanned(setup):
     assert [(d.layer, d.feature) for d in partial] == FEATURES
     docs = tokenize_documents(lm, texts, 128)
     assert partial[0].n_tokens == sum(len(d) for d in docs[:8])  # the first batch of 8 documents, not all 37
+
+
+def test_llama_rmsnorm_model(lm_llama, tmp_path):
+    """Grouped-query Llama: the MLP input is post_attention_layernorm's output; the final RMSNorm is not centred."""
+    texts = demo_task.corpus(12, seed=5)
+    ids = [i[:10] for i in (lm_llama.tokenize(t, True).ids for t in texts) if len(i) >= 10]
+    tset = drive(fit_transcoders(lm_llama, [torch.tensor(ids)], d_transcoder=16, k=3, steps=40))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(demo_task.corpus(9, seed=6)))
+    features = [(1, 2), (0, 4), (1, 9)]
+    dash = drive(transcoder_dashboards_job(lm_llama, tset, corpus, features=features, n_top=3, context=2,
+                                           batch_size=4, n_logit=4))
+    docs = tokenize_documents(lm_llama, demo_task.corpus(9, seed=6), 128)
+    layers = lm_llama.model.model.layers
+    per_doc = []
+    for doc in docs:
+        got = {}
+        handles = [layers[L].post_attention_layernorm.register_forward_hook(
+            lambda _m, _a, out, L=L: got.__setitem__(L, out[0])) for L in range(len(layers))]
+        try:
+            with torch.no_grad():
+                lm_llama.model(input_ids=torch.tensor([doc]))
+        finally:
+            for h in handles:
+                h.remove()
+        per_doc.append({L: tset.layers[L].encode(got[L]).numpy() for L in got})
+    w_u = lm_llama.model.lm_head.weight.detach().numpy().astype(np.float64)
+    gamma = lm_llama.model.model.norm.weight.detach().numpy().astype(np.float64)
+    n_tokens = sum(len(d) for d in docs)
+    assert sum(d.density > 0 for d in dash) >= 2  # not vacuous
+    for d in dash:
+        acts = [a[d.layer][:, d.feature] for a in per_doc]
+        assert d.density == pytest.approx(sum(int((a > 0).sum()) for a in acts) / n_tokens, abs=1e-12)
+        best = np.array([a.max() for a in acts])
+        np.testing.assert_allclose([c.activation for c in d.top_contexts],
+                                   sorted(best[best > 0], reverse=True)[:3], atol=1e-5)
+        effect = w_u @ (tset.layers[d.layer].W_dec[d.feature].numpy().astype(np.float64) * gamma)
+        up = np.argsort(-effect)[:4]
+        assert [t for t, _ in d.promoted] == lm_llama.tokens_of_ids(up.tolist()).display
+        np.testing.assert_allclose([v for _, v in d.promoted], effect[up], atol=1e-5)
