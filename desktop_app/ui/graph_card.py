@@ -42,9 +42,10 @@ def _token(text: str) -> str:
 
 
 def context_html(ctx) -> str:
-    """One context: its tokens tinted by activation, the peak token bold on the full highlight."""
+    """One context: its tokens tinted by activation, the peak token bold on the full highlight; '…' when it starts
+    inside its document."""
     top = max(ctx.activation, 1e-12)
-    parts = []
+    parts = ["…"] if ctx.position - ctx.max_index > 0 else []  # the window starts inside its document
     for j, tok in enumerate(ctx.tokens):
         act = ctx.activations[j] if j < len(ctx.activations) else 0.0
         if j == ctx.max_index:

@@ -57,6 +57,7 @@ class ClampPanel(QWidget):
         self.table.setHorizontalHeaderLabels(["logit", "predicted Δ", "measured Δ"])
         self.table.verticalHeader().setVisible(False)
         self.table.setMaximumHeight(150)
+        self.table.setVisible(False)  # until a check fills it: an empty table would take the graph's room
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for w in (self.button, self.status, self.table):
@@ -89,6 +90,7 @@ class ClampPanel(QWidget):
 
     def show_check(self, check: dict) -> None:
         self.check = check
+        self.table.setVisible(True)
         tokens = [int(t) for t in check["logit_tokens"]]
         self.table.setRowCount(len(tokens))
         for r, (t, p, m) in enumerate(zip(tokens, check["predicted"], check["measured"])):
