@@ -252,7 +252,7 @@ class FeatureCards(QWidget):
         self.job_id = self.submit(
             cards_job(transcoders, str(corpus), features), "feature_cards", finished=done, errored=failed,
             cancelled=cancelled,
-            progress=lambda d, t, m: self.status.setText(f"feature cards: {m} ({d}/{t})"))
+            progress=lambda _done, _total, message: self.status.setText(f"feature cards: {message}…"))
         return self.job_id
 
     def _problem(self, result) -> str:
