@@ -159,6 +159,16 @@ def test_window_builds_the_demo_cards_and_saves_them(qtbot, demo, tmp_path):
         from desktop_app.engine.sae.corpus import tokenize_documents
         n_tokens = len(tokenize_documents(lm, [corpus.read_text().strip()])[0])
         assert next(iter(cards_of(graph).values())).n_tokens == n_tokens
+        # a second click while it runs cancels it, and the cards already there stay
+        big = tmp_path / "big.txt"
+        big.write_text(demo_corpus_path().read_text() * 40)
+        status = view.findChild(QLabel, "graphCardsStatus")
+        assert view.cards.build(str(big)) is not None
+        qtbot.waitUntil(lambda: "batch" in status.text(), timeout=30_000)
+        qtbot.mouseClick(view.cards.button, Qt.LeftButton)
+        qtbot.waitUntil(lambda: "cancelled" in status.text(), timeout=30_000)
+        assert next(iter(cards_of(graph).values())).n_tokens == n_tokens
+        assert view.cards.button.text() == "Feature cards…"
     finally:
         window.close()
         window.runner.shutdown()
