@@ -78,3 +78,14 @@ def test_demo_corpus_is_what_train_demo_writes(tmp_path):
     spec.loader.exec_module(train_demo)
     train_demo.write_cards_corpus(tmp_path / "corpus.txt")
     assert (tmp_path / "corpus.txt").read_bytes() == demo_corpus_path().read_bytes()
+
+
+def test_feature_cards_import_without_qt_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in ('PySide6', 'pyqtgraph', 'torch', 'transformers'):\n    sys.modules[m] = None\n"
+            "import desktop_app.project.feature_cards\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=resources_dir().parent, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
