@@ -1,7 +1,8 @@
 """Where the bundled demo lives: resources/demo/ in a source checkout, or inside a PyInstaller bundle.
 
 Qt-free and torch-free. INTERP_WORKBENCH_DEMO_DIR overrides the location (tests, custom installs).
-The demo folder holds model/ (a Hugging Face GPT-2 folder), sae/ (an SAELens folder) and experiment.json;
+The demo folder holds model/ (a Hugging Face GPT-2 folder), sae/ (an SAELens folder), transcoders/ (a
+circuit-tracer set), corpus.txt (the feature cards' corpus) and experiment.json;
 packaging/train_demo.py builds them.
 """
 from __future__ import annotations
@@ -36,6 +37,15 @@ def demo_model_dir() -> Path:
 
 def demo_sae_dir() -> Path:
     return demo_dir() / "sae"
+
+
+def demo_corpus_path() -> Path:
+    """corpus.txt: the default corpus for the demo graph's feature cards."""
+    return demo_dir() / "corpus.txt"
+
+
+def demo_transcoders_dir() -> Path:
+    return demo_dir() / "transcoders"
 
 
 def icon_path(kind: str = "png") -> Path:

@@ -1,11 +1,12 @@
 """Screenshots of the real demo window for the README: runs the demo's resid patching, a logit lens, attention
-patterns and token attribution, and captures the X screen after each (`import -window root`, ImageMagick).
+patterns, token attribution and the attribution graph (hovering a feature node for its card), and captures the X
+screen after each (`import -window root`, ImageMagick).
 
     Xvfb :99 -screen 0 1600x1000x24 &
     DISPLAY=:99 QT_QPA_PLATFORM=xcb PYTHONPATH=$PWD python packaging/take_screenshots.py OUT_FOLDER
 
 Needs the Debian packages xvfb, imagemagick, libxcb-icccm4 and libxcb-keysyms1. Files: patching.png,
-logit_lens.png, attention.png, token_attribution.png (docs/screenshots/ keeps them under other names)."""
+logit_lens.png, attention.png, token_attribution.png, graph_card.png (docs/screenshots/ keeps them under other names)."""
 import os
 import subprocess
 import sys
@@ -66,7 +67,31 @@ plan = [("wait_model", None), ("do", run_named("resid")), ("wait_run", None), ("
         ("do", run_kind("logit_lens")), ("wait_run", None), ("settle", None), ("shot", "logit_lens"),
         ("do", run_kind("attention_patterns")), ("wait_run", None), ("settle", None), ("shot", "attention"),
         ("do", run_kind("token_attribution")), ("wait_run", None), ("settle", None), ("shot", "token_attribution"),
+        ("do", run_named("graph")), ("wait_run", None), ("wait_cards", None), ("do", lambda: hover_feature()),
+        ("settle", None), ("shot", "graph_card"),
         ("quit", None)]
+
+
+def graph_cards():
+    from desktop_app.project.feature_cards import cards_of
+
+    entry = window.project.entry("graph")
+    return cards_of(entry.result) if entry.result is not None else {}
+
+
+def hover_feature():
+    """Show the card of the most influential feature node that has top contexts, with room for the graph."""
+    import numpy as np
+    from PySide6.QtCore import Qt
+
+    window.resizeDocks([window.docks["detailDock"]], [560], Qt.Vertical)
+    view = window.detail_views["graph"]
+    ex, cards = view.result.extras, graph_cards()
+    for i in np.argsort(-np.asarray(ex["node_influence"], dtype=float)):
+        card = cards.get((int(ex["node_layer"][i]), int(ex["node_feature"][i])))
+        if ex["node_kind"][i] == "feature" and card is not None and card.top_contexts:
+            view.hover_node(int(i))
+            return
 
 
 def tick():
@@ -87,6 +112,8 @@ def tick():
         done = state["ended"] is not None
         if done:
             print("ended", state["ended"], flush=True)
+    elif what == "wait_cards":  # the demo graph's feature cards are built in the runner right after it is shown
+        done = bool(graph_cards())
     elif what == "settle":
         state.setdefault("settle_t", time.time())
         done = time.time() - state["settle_t"] > 1.5

@@ -38,6 +38,8 @@ SAE_CORPUS_SENTENCES = 4000
 # per-layer TopK transcoders (circuit-tracer set format) for the demo's attribution graph; ~400 KB on disk
 TRANSCODER_CONFIG = dict(d_transcoder=256, k=16, steps=600, seed=0)
 TRANSCODER_CORPUS = dict(sentences=400, seed=3, batch=50)
+# corpus.txt: the default corpus of the demo graph's feature cards (top contexts of its transcoder features)
+CARDS_CORPUS = dict(sentences=300, seed=11)
 MIN_ACCURACY = 0.90
 
 PROMPTS = {
@@ -234,6 +236,13 @@ def train_demo_transcoders(lm, folder: Path) -> dict:
             "bytes": sum(f.stat().st_size for f in folder.iterdir())}
 
 
+def write_cards_corpus(path: Path) -> dict:
+    """One IOI sentence per line: the corpus the demo graph's feature cards are built from."""
+    texts = demo_task.corpus(CARDS_CORPUS["sentences"], seed=CARDS_CORPUS["seed"])
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return {**CARDS_CORPUS, "bytes": path.stat().st_size}
+
+
 def write_experiment(path: Path) -> None:
     experiment = {"version": 1, "model": {"path": "model", "dtype": "float32", "device": "auto"},
                   "prompts": PROMPTS, "analyses": ANALYSES}
@@ -246,10 +255,15 @@ def main(argv=None) -> int:
                         help="demo folder to write (default: resources/demo)")
     parser.add_argument("--facts", type=Path, default=REPO / "packaging" / "demo-facts.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--corpus-only", action="store_true",
+                        help="rewrite only the feature cards' corpus (corpus.txt)")
     parser.add_argument("--transcoders-only", action="store_true",
                         help="refit only the transcoders on the existing demo model (and rewrite the experiment)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.corpus_only:
+        log(f"cards corpus: {write_cards_corpus(args.out / 'corpus.txt')}")
+        return 0
     if args.transcoders_only:
         from desktop_app.engine.loading import load_model
 
@@ -292,6 +306,7 @@ def main(argv=None) -> int:
         f"dead {facts['sae']['dead_fraction']:.3f} ({time.perf_counter() - t0:.1f} s)")
     facts["transcoders"] = train_demo_transcoders(lm, out / "transcoders")
     log(f"transcoders: {facts['transcoders']}")
+    facts["cards_corpus"] = write_cards_corpus(out / "corpus.txt")
     write_experiment(out / "experiment.json")
     facts["build"] = {"total_seconds": round(time.perf_counter() - started, 1), "torch_threads": args.threads,
                       "torch": torch.__version__, "python": platform.python_version(),

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QS
                                QVBoxLayout, QWidget)
 
 from desktop_app.ui import graph_export
+from desktop_app.ui.graph_card import FeatureCards
 from desktop_app.ui.graph_groups import SubgraphLayer, SubgraphPanel, edge_curves
 from desktop_app.ui.graph_pins import SubgraphEdits
 
@@ -123,17 +124,22 @@ class GraphView(SubgraphEdits, QWidget):
         for w in (QLabel("Nodes"), self.node_slider, self.node_label, QLabel("Edges"), self.edge_slider,
                   self.edge_label, self.export_button):
             controls.addWidget(w)
+        self.cards = FeatureCards(self)
+        controls.addWidget(self.cards)
         self.clamp = ClampPanel()
         self.clamp.button.clicked.connect(self.clamp.run)
         # the plot takes the height; the pins, the hovered node's card and the clamp check share a side column
         side = QSplitter(Qt.Vertical)
+        self.card.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+        self.card.setMargin(6)
         card_scroll = QScrollArea()
+        card_scroll.setObjectName("graphCardScroll")
         card_scroll.setWidget(self.card)
         card_scroll.setWidgetResizable(True)
         card_scroll.setFrameShape(QScrollArea.NoFrame)
-        for w in (self.panel, card_scroll, self.clamp):
+        for w in (card_scroll, self.panel, self.clamp):
             side.addWidget(w)
-        side.setSizes([300, 150, 250])
+        side.setSizes([320, 160, 220])
         split = QSplitter(Qt.Horizontal)
         split.setObjectName("graphSplitter")
         split.addWidget(self.plot_widget)
@@ -183,6 +189,7 @@ class GraphView(SubgraphEdits, QWidget):
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
         self.subgraph_changed()
+        self.cards.set_graph(result)
 
     @property
     def pinned(self) -> list[str]:
@@ -289,7 +296,7 @@ class GraphView(SubgraphEdits, QWidget):
             lines.append(f"token id {int(self.feature[i])}")
         lines.append(f"influence on the logits {self.influence[i]:.4g}")
         if kind == "feature":
-            lines.append("top contexts / promoted tokens: none (no dashboard of this transcoder set)")
+            lines.append(self.cards.html(i))
         lines.append("pinned" if self.ids[i] in self.pinned else "click to pin")
         return "<br>".join(lines)
 

@@ -66,6 +66,8 @@ def show_detail(window, result, record) -> None:
             view.clamp.submit = window._submit
             view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
             view.attach_session(window.session)  # pins and supernodes are undoable edits
+        if hasattr(view, "cards"):  # the graph view's feature cards are built in the runner, stored in the project
+            view.cards.attach(window)
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))

@@ -78,7 +78,7 @@ def test_hover_card_and_pins_reach_the_json(qtbot, demo_graph, tmp_path):
     view.hover_node(f)
     card = view.findChild(QLabel, "graphNodeCard").text()
     assert str(ex["node_ids"][f]) in card and f"feature {int(ex['node_feature'][f])}" in card
-    assert "none (no dashboard" in card and f"{float(ex['node_activation'][f]):.4g}" in card
+    assert "No feature cards yet" in card and f"{float(ex['node_activation'][f]):.4g}" in card
     node_id = str(ex["node_ids"][f])
     view.findChild(QSlider, "nodeThresholdSlider").setValue(0)
     view.toggle_pin(node_id)

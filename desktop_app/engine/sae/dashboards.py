@@ -1,8 +1,8 @@
 """Feature dashboards: per feature its top activating contexts, activation histogram, density and the output
 tokens its decoder direction promotes / suppresses. Built by one pass over a local corpus.
 
-The running top-n per feature is a vectorised heap: each batch's best (document, position) per feature is merged
-with the kept ones by one top-k over their concatenation, so all features are updated at once.
+One implementation serves SAEs and transcoders: `scan_corpus` takes the function that encodes a batch, and
+`direction_token_effects` the decoder directions in the residual stream.
 
 Output tokens: the decoder row W_dec[i] (through the attention output projection for hook_z SAEs, bias removed)
 is multiplied elementwise by the final norm's weight (1 + weight for Gemma-style norms), centred first when the
@@ -36,6 +36,7 @@ class TopContext:
 @dataclass
 class FeatureDashboard:
     feature: int
+    layer: int | None = None  # a transcoder feature's layer (None for an SAE's)
     max_activation: float = 0.0
     density: float = 0.0  # fraction of tokens on which the feature is active
     n_tokens: int = 0
@@ -83,22 +84,33 @@ def search(dashboards: list[FeatureDashboard], text: str) -> list[FeatureDashboa
 def output_token_effects(lm, sae, features: list[int], n: int = 10):
     """Per feature the n most promoted and n most suppressed output tokens: [(promoted, suppressed)]."""
     import torch
-    from torch import nn
 
     from desktop_app.engine.hooknames import parse_hook_name
 
     a = lm.adapter
-    w_u = a.unembed.weight.detach().float().cpu()  # [vocab, d_model]
     dirs = sae.W_dec.detach().float().cpu()[features]  # [n_feat, d_in]
     layer, kind = parse_hook_name(sae.cfg.hook_name) if sae.cfg.hook_name else (None, "")
-    with torch.inference_mode():
-        if dirs.shape[-1] != w_u.shape[-1]:
-            if kind != "attn.hook_z" or layer is None:
-                return [([], []) for _ in features]
-            o_proj = a.o_proj(layer)
-            dev = next(o_proj.parameters()).device
-            dtype = next(o_proj.parameters()).dtype
+    if dirs.shape[-1] != a.unembed.weight.shape[-1]:
+        if kind != "attn.hook_z" or layer is None:
+            return [([], []) for _ in features]
+        o_proj = a.o_proj(layer)
+        dev = next(o_proj.parameters()).device
+        dtype = next(o_proj.parameters()).dtype
+        with torch.inference_mode():
             dirs = (o_proj(dirs.to(dev, dtype)) - o_proj(torch.zeros_like(dirs[:1]).to(dev, dtype))).float().cpu()
+    return direction_token_effects(lm, dirs, n)
+
+
+def direction_token_effects(lm, dirs, n: int = 10):
+    """Per residual-stream direction (rows of dirs [n_dirs, d_model]) the n most promoted and n most suppressed
+    output tokens through the final norm's weight and the unembedding: [(promoted, suppressed)]."""
+    import torch
+    from torch import nn
+
+    a = lm.adapter
+    w_u = a.unembed.weight.detach().float().cpu()  # [vocab, d_model]
+    dirs = torch.as_tensor(dirs).detach().float().cpu()
+    with torch.inference_mode():
         norm = a.final_norm
         if isinstance(norm, nn.LayerNorm):
             dirs = dirs - dirs.mean(-1, keepdim=True)
@@ -111,7 +123,7 @@ def output_token_effects(lm, sae, features: list[int], n: int = 10):
         top = effects.topk(k, dim=-1)
         bottom = (-effects).topk(k, dim=-1)
     out = []
-    for i in range(len(features)):
+    for i in range(dirs.shape[0]):
         up_ids, down_ids = top.indices[i].tolist(), bottom.indices[i].tolist()
         up = lm.tokens_of_ids(up_ids).display
         down = lm.tokens_of_ids(down_ids).display
@@ -131,7 +143,6 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
     import torch
 
     from desktop_app.engine.capture import run_with_cache
-    from desktop_app.engine.errors import JobCancelled
     from desktop_app.engine.sae import corpus as corpus_mod
     from desktop_app.engine.sae.jobs import _as_sae, trusted_sae
 
@@ -145,7 +156,55 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
         raise SAEError(f"Feature {bad[0]} does not exist; this SAE has features 0-{sae.d_sae - 1}.")
     docs = corpus_mod.tokenize_documents(lm, corpus_mod.read_corpus(corpus_path), seq_len, max_tokens)
     feat_idx = torch.tensor(features, dtype=torch.long)
-    n_f, width = len(features), 2 * context + 1
+    sae.to("cpu")
+    act_cache = None
+    if cache_dir is not False and docs:
+        from desktop_app.engine.sae.activation_cache import collect_activations_cached
+        act_cache = yield from collect_activations_cached(lm, hook, docs, seq_len, cache_dir=cache_dir,
+                                                          batch_size=batch_size, cancel=cancel)
+
+    def encode(doc_ids, ids):
+        if act_cache is not None:
+            x = act_cache.doc_batch(doc_ids[0], doc_ids[-1] + 1)
+        else:
+            _, cache = run_with_cache(lm, ids, [hook], cancel=cancel)
+            x = cache[hook].float()
+            x = x.reshape(*x.shape[:2], -1)
+        with torch.inference_mode():
+            return sae.encode(x)[..., feat_idx].float()
+
+    scan = yield from scan_corpus(docs, encode, len(features), n_top, context, batch_size, cancel)
+    yield Progress(scan.n_batches, scan.n_batches, "output tokens")
+    return assemble_dashboards(lm, docs, features, scan, output_token_effects(lm, sae, features, n_logit), context)
+
+
+@dataclass
+class CorpusScan:
+    """What one pass over a corpus kept per feature: its n_top best (document, position) with the activations
+    of the window around each, how often it fired, its maximum and its histogram."""
+    top_val: object  # [n_f, n_top]; -1 where nothing was kept
+    top_doc: object
+    top_pos: object
+    top_win: object  # [n_f, n_top, 2 * context + 1]
+    fired: object  # [n_f]
+    max_act: object
+    hist: np.ndarray  # [n_f, bins]
+    n_tokens: int
+    n_batches: int
+
+
+def scan_corpus(docs: list[list[int]], encode, n_f: int, n_top: int, context: int, batch_size: int,
+                cancel: CancelToken):
+    """Job: one pass over `docs` in right-padded batches; encode(doc_ids, ids [B, L]) gives the features'
+    activations [B, L, n_f] (positions past a document's length are ignored). Cancelling returns what the
+    batches scanned so far give. The running top-n per feature is a vectorised heap: each batch's best
+    (document, position) per feature is merged with the kept ones by one top-k over their concatenation."""
+    import torch
+
+    from desktop_app.engine.errors import JobCancelled
+    from desktop_app.engine.sae import corpus as corpus_mod
+
+    width = 2 * context + 1
     top_val = torch.full((n_f, n_top), -1.0)
     top_doc = torch.full((n_f, n_top), -1, dtype=torch.long)
     top_pos = torch.zeros((n_f, n_top), dtype=torch.long)
@@ -157,24 +216,11 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
     n_tokens = 0
     n_batches = (len(docs) + batch_size - 1) // batch_size
     offsets = torch.arange(-context, context + 1)
-    sae.to("cpu")
-    act_cache = None
-    if cache_dir is not False and docs:
-        from desktop_app.engine.sae.activation_cache import collect_activations_cached
-        act_cache = yield from collect_activations_cached(lm, hook, docs, seq_len, cache_dir=cache_dir,
-                                                          batch_size=batch_size, cancel=cancel)
     try:
         for b, (doc_ids, ids, lengths) in enumerate(corpus_mod.padded_batches(docs, batch_size)):
             cancel.check()
             yield Progress(b, n_batches, f"dashboards: batch {b + 1} of {n_batches}")
-            if act_cache is not None:
-                x = act_cache.doc_batch(doc_ids[0], doc_ids[-1] + 1)
-            else:
-                _, cache = run_with_cache(lm, ids, [hook], cancel=cancel)
-                x = cache[hook].float()
-                x = x.reshape(*x.shape[:2], -1)
-            with torch.inference_mode():
-                f = sae.encode(x)[..., feat_idx].float()  # [B, L, n_f]
+            f = encode(doc_ids, ids)
             valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
             f = torch.where(valid[..., None], f, torch.full_like(f, -1.0))
             n_tokens += int(valid.sum())
@@ -202,25 +248,31 @@ def build_dashboards_job(lm, sae, corpus_path, features=None, n_top: int = 10, c
             top_win = torch.cat([top_win, cand_win], 1).gather(1, keep[..., None].expand(-1, -1, width))
     except JobCancelled:
         pass
-    yield Progress(n_batches, n_batches, "output tokens")
-    effects = output_token_effects(lm, sae, features, n_logit)
+    return CorpusScan(top_val, top_doc, top_pos, top_win, fired, max_act, hist, n_tokens, n_batches)
+
+
+def assemble_dashboards(lm, docs, features: list[int], scan: CorpusScan, effects, context: int,
+                        layers: list[int] | None = None) -> list[FeatureDashboard]:
+    """The dashboards of a finished scan; effects: per feature (promoted, suppressed) output tokens."""
     out = []
+    n_top = scan.top_val.shape[1]
     for i, feat in enumerate(features):
         contexts = []
         for j in range(n_top):
-            val, doc = float(top_val[i, j]), int(top_doc[i, j])
+            val, doc = float(scan.top_val[i, j]), int(scan.top_doc[i, j])
             if doc < 0 or val <= 0:
                 continue
-            pos = int(top_pos[i, j])
+            pos = int(scan.top_pos[i, j])
             lo, hi = max(0, pos - context), min(len(docs[doc]), pos + context + 1)
             shown = lm.tokens_of_ids(docs[doc][lo:hi]).display
-            acts = top_win[i, j, lo - pos + context: hi - pos + context].tolist()
+            acts = scan.top_win[i, j, lo - pos + context: hi - pos + context].tolist()
             contexts.append(TopContext(tokens=shown, max_index=pos - lo, activation=val, activations=acts,
                                        document=doc, position=pos))
         out.append(FeatureDashboard(
-            feature=feat, max_activation=float(max_act[i]), density=float(fired[i]) / max(n_tokens, 1),
-            n_tokens=n_tokens, top_contexts=contexts, histogram_counts=hist[i].tolist(),
-            histogram_edges=HIST_EDGES.tolist(), promoted=effects[i][0], suppressed=effects[i][1]))
+            feature=feat, layer=None if layers is None else int(layers[i]), max_activation=float(scan.max_act[i]),
+            density=float(scan.fired[i]) / max(scan.n_tokens, 1), n_tokens=scan.n_tokens, top_contexts=contexts,
+            histogram_counts=scan.hist[i].tolist(), histogram_edges=HIST_EDGES.tolist(),
+            promoted=effects[i][0], suppressed=effects[i][1]))
     return out
 
 
