@@ -64,6 +64,7 @@ def visible_edges(adjacency: np.ndarray, nodes: np.ndarray, min_fraction: float)
 
 class GraphView(SubgraphEdits, QWidget):
     view_type = "graph"
+    PREFERRED_HEIGHT = 560  # pixels of the detail dock: layers x tokens, the card and the clamp table readable
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -128,8 +129,7 @@ class GraphView(SubgraphEdits, QWidget):
         controls.addWidget(self.cards)
         self.clamp = ClampPanel()
         self.clamp.button.clicked.connect(self.clamp.run)
-        # the plot takes the height; the pins, the hovered node's card and the clamp check share a side column
-        side = QSplitter(Qt.Vertical)
+        # the plot takes the height; beside it the hovered node's card, then the pins over the clamp check
         self.card.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.card.setMargin(6)
         card_scroll = QScrollArea()
@@ -137,15 +137,17 @@ class GraphView(SubgraphEdits, QWidget):
         card_scroll.setWidget(self.card)
         card_scroll.setWidgetResizable(True)
         card_scroll.setFrameShape(QScrollArea.NoFrame)
-        for w in (card_scroll, self.panel, self.clamp):
-            side.addWidget(w)
-        side.setSizes([320, 160, 220])
+        card_scroll.setMinimumWidth(220)
+        side = QSplitter(Qt.Vertical)
+        side.addWidget(self.panel)
+        side.addWidget(self.clamp)
+        side.setSizes([200, 260])
         split = QSplitter(Qt.Horizontal)
         split.setObjectName("graphSplitter")
-        split.addWidget(self.plot_widget)
-        split.addWidget(side)
+        for w in (self.plot_widget, card_scroll, side):
+            split.addWidget(w)
         split.setStretchFactor(0, 1)
-        split.setSizes([800, 330])
+        split.setSizes([800, 300, 340])
         self.plot_widget.setMinimumSize(360, 240)
         layout = QVBoxLayout(self)
         layout.addWidget(self.title)

@@ -73,3 +73,6 @@ def show_detail(window, result, record) -> None:
     view.show_result(result, _comparable(window, result))
     dock.show()
     dock.raise_()
+    wanted = min(getattr(view, "PREFERRED_HEIGHT", 0), int(window.height() * 0.6))
+    if dock.height() < wanted:  # a graph needs room: grow the dock once, the user's own size is kept after that
+        window.resizeDocks([dock], [wanted], Qt.Vertical)

@@ -415,6 +415,7 @@ class MainWindow(QMainWindow):
         prompts_scroll.setWidgetResizable(True)
         prompts_scroll.setFrameShape(QScrollArea.NoFrame)
         prompts_scroll.setWidget(self.prompts_panel)
+        prompts_scroll.setMinimumHeight(175)  # both prompts and their first chip lines stay in view
         prompts_row.addWidget(prompts_scroll, 2)
         prompts_row.addWidget(self.dataset_panel, 3)
         self.layer_panel = LayerTreePanel()
