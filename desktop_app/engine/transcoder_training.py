@@ -37,7 +37,8 @@ from desktop_app.engine.sae import corpus as corpus_mod
 from desktop_app.engine.sae.metrics import explained_variance
 from desktop_app.engine.sae.training import (TrainMetrics, _aux_k_loss, _grad_mode, _JumpReLU, _lr_at, _Step,
                                              optimizer_step)
-from desktop_app.engine.transcoders import Transcoder, TranscoderSet, load_transcoder_set, save_transcoder_set
+from desktop_app.engine.transcoders import (Transcoder, TranscoderSet, load_transcoder_set, parse_flat_yaml,
+                                            save_transcoder_set)
 
 ARCHITECTURES = ("topk", "jumprelu")
 CURVES = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "aux_loss", "lr")
@@ -307,13 +308,24 @@ def train_transcoders(lm, docs: list[list[int]], cfg: TranscoderTrainConfig, can
     return result
 
 
+def _is_set(folder: Path) -> bool:
+    cfg = folder / "config.yaml"
+    if not cfg.is_file() or cfg.stat().st_size > 1_000_000:
+        return False
+    try:
+        return parse_flat_yaml(cfg.read_text(encoding="utf-8", errors="replace"), str(cfg)).get(
+            "model_kind", "transcoder_set") == "transcoder_set"
+    except SAEError:
+        return False
+
+
 def write_set(tset: TranscoderSet, folder, model_name: str, info: dict) -> Path:
     """Write a circuit-tracer set to `folder` by way of a sibling temporary folder (a crash leaves the old set),
     with training.json beside it; a folder that holds something else than a transcoder set is refused."""
     import json
 
     folder = Path(folder).expanduser()
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.yaml").is_file())):
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _is_set(folder))):
         raise SAEError(f"{folder} exists and is not a transcoder set; choose a new or empty output folder.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -329,16 +341,19 @@ def write_set(tset: TranscoderSet, folder, model_name: str, info: dict) -> Path:
     return folder
 
 
-def corpus_documents(lm, corpus_path, context: int, max_tokens: int, prepend_bos: bool = True) -> list[list[int]]:
-    """The corpus' token ids cut into pieces of at most `context`; with prepend_bos every piece starts with the
-    tokenizer's BOS (as the prompts of an attribution graph do), which is read but never trained on."""
+def corpus_documents(lm, corpus_path, context: int, max_tokens: int,
+                     prepend_bos: bool | None = True) -> list[list[int]]:
+    """The corpus' token ids cut into pieces of at most `context`, starting as the prompts of an analysis start
+    (LoadedModel.tokenize): prepend_bos True puts the tokenizer's BOS before every piece, False none, None
+    what the tokenizer adds. A BOS is read as context but never trained on (a special token)."""
     texts = corpus_mod.read_corpus(corpus_path)
     bos = getattr(lm.tokenizer, "bos_token_id", None)
-    if not prepend_bos or bos is None:
+    if prepend_bos is None or bos is None:
         return corpus_mod.tokenize_documents(lm, texts, context, max_tokens)
     context = max(3, min(int(context), int(lm.info.n_ctx)))
     docs = corpus_mod.tokenize_documents(lm, texts, context - 1, max_tokens)
-    return [d if d[0] == bos else [int(bos)] + d for d in docs]
+    docs = [d[1:] if d[0] == bos else d for d in docs]
+    return [[int(bos)] + d if prepend_bos else d for d in docs if d]
 
 
 def _existing_set(lm, folder, cfg: TranscoderTrainConfig) -> TranscoderSet:
@@ -360,7 +375,7 @@ def _existing_set(lm, folder, cfg: TranscoderTrainConfig) -> TranscoderSet:
 
 def transcoder_training_job(lm, corpus_path, config: TranscoderTrainConfig | dict | None = None, out_folder=None,
                             cancel: CancelToken | None = None, context: int = 128, max_tokens: int = 200_000,
-                            name: str = "transcoder_training", prepend_bos: bool = True):
+                            name: str = "transcoder_training", prepend_bos: bool | None = None):
     """The `transcoder_training` analysis: trains on a local corpus and writes a circuit-tracer set of every layer
     to out_folder (also when cancelled: the transcoders so far, a set that loads). With `layers`, only those are
     trained and replaced in the set already at out_folder. values [layer, step] (the loss of each trained layer);
