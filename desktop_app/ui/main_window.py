@@ -105,7 +105,7 @@ class MainWindow(QMainWindow):
             run_spec=self.analysis_ctl.run_spec)
         self.transcoder_trainer = TranscoderTrainer(
             lambda: self.model_ctl.loaded, self.analysis_ctl.run_spec, lambda: self.project, self.training_view,
-            self.docks["trainDock"], messages, self.job_label, self.file_ctl.start_dir, self)
+            self.docks["trainDock"], self.resizeDocks, messages, self.job_label, self.file_ctl.start_dir, self)
         self._restore_layout()
         self._update_title()
 

@@ -128,6 +128,7 @@ class TrainingView(QWidget):
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setObjectName("trainCurves")
         self.graphics.setBackground(None)
+        self.graphics.setMinimumHeight(170)  # below this the two rows of titled plots lose their axes
         self.curves, self.plots = {}, {}
         for i, (key, title) in enumerate(CURVES):
             plot = self.graphics.addPlot(row=i // 2, col=i % 2, title=title)
@@ -137,6 +138,26 @@ class TrainingView(QWidget):
             self.plots[key] = plot
             self.curves[key] = plot.plot([], [], pen=pg.mkPen((178, 24, 43), width=2))
         self._layout.addWidget(self.graphics, 1)
+        self._wide = False
+        self._arrange()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self._arrange()
+
+    def _arrange(self):
+        """Four plots in a row when the pane is wide and short (docked at the bottom), else two by two."""
+        if self.graphics is None:
+            return
+        wide = self.width() > 2.5 * self.height()
+        if wide == self._wide:
+            return
+        self._wide = wide
+        layout = self.graphics.ci
+        for plot in self.plots.values():
+            layout.removeItem(plot)
+        for i, (key, _) in enumerate(CURVES):
+            layout.addItem(self.plots[key], row=0 if wide else i // 2, col=i if wide else i % 2)
 
     def start(self, text: str):
         self._ensure_graphics()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
                                QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QWidget)
 
@@ -114,10 +114,12 @@ class TranscoderTrainDialog(QDialog):
 
 class TranscoderTrainer:
     """Dependencies: `model()` (the loaded model or None), `run_spec(spec, finished=, note=, ended=)`, `project()`,
-    the training view and its dock, `messages`, the job label, `start_dir()` and the dialogs' parent."""
+    the training view and its dock, `resize_docks` (the window's resizeDocks), `messages`, the job label,
+    `start_dir()` and the dialogs' parent."""
 
-    def __init__(self, model, run_spec, project, training_view, train_dock, messages, job_label, start_dir, parent):
-        self.model, self.run_spec, self.project = model, run_spec, project
+    def __init__(self, model, run_spec, project, training_view, train_dock, resize_docks, messages, job_label,
+                 start_dir, parent):
+        self.model, self.run_spec, self.project, self.resize_docks = model, run_spec, project, resize_docks
         self.view, self.dock, self.messages, self.job_label = training_view, train_dock, messages, job_label
         self.start_dir, self.parent = start_dir, parent
 
@@ -153,7 +155,10 @@ class TranscoderTrainer:
         self.view.start(f"training {architecture} transcoders ({width} features"
                         f"{', layers ' + ', '.join(map(str, chosen)) if chosen else ', every layer'})…")
         self.dock.setWindowTitle("Transcoder training")
-        self.dock.show()
+        if not self.dock.isVisible():
+            self.dock.show()
+            # the curves need the room (after the dock is laid out, or Qt ignores it)
+            QTimer.singleShot(0, lambda: self.resize_docks([self.dock], [340], Qt.Vertical))
         self.dock.raise_()
         self.job_label.setText("training transcoders")
 
