@@ -300,6 +300,8 @@ def train_transcoders(lm, docs: list[list[int]], cfg: TranscoderTrainConfig, can
                 yield m
             worst = min(m.explained_variance for m in metrics)
             yield Progress(step, cfg.steps, f"step {step}/{cfg.steps}  lowest explained variance {worst:.3f}")
+    if result.cancelled and step == 0:
+        raise JobCancelled()  # nothing trained: no set of initial weights is written
     result.tset = TranscoderSet([fit.transcoder() for fit in fits],
                                 {"activation": cfg.architecture, "k": cfg.k if cfg.architecture == "topk" else None})
     result.history = {fit.layer: fit.history for fit in fits}
