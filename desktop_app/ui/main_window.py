@@ -540,9 +540,9 @@ class MainWindow(QMainWindow):
         self.act_sae_metrics = self._action("SAE &metrics…", lambda: self.sae_ctl.build_metrics_dialog(), None,
                                             "L0, explained variance, CE recovered and KL of the attached SAE over a "
                                             "corpus", "actionSaeMetrics")
-        self.act_train_transcoders = self._action("Train t&ranscoders…", lambda: self.train_transcoders_dialog(), None,
-                                                  "Train per-layer transcoders (for attribution graphs) on a corpus",
-                                                  "actionTrainTranscoders")
+        self.act_train_transcoders = self._action(
+            "Train t&ranscoders…", lambda: self.train_transcoders_dialog(), None,
+            "Train per-layer transcoders (for attribution graphs) on a corpus", "actionTrainTranscoders")
         for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae, self.act_sae_metrics,
                     self.act_train_transcoders):
             s.addAction(act)
