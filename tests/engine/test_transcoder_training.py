@@ -91,7 +91,7 @@ def test_training_reduces_the_loss_and_explains_the_mlp_output(lm_gpt2, corpus_f
 def test_jumprelu_threshold_pseudo_gradients():
     """d/dtheta of sum(H(pre - theta)) is the slope of its rectangle-kernel smoothing, which finite differences
     of clamp((pre - theta) / eps + 1/2, 0, 1) give exactly; JumpReLU's is -(theta / eps) K((pre - theta) / eps)
-    times the incoming gradient (Rajamanoharan et al. 2024, eq. 11-12)."""
+    times the incoming gradient (the pseudo-derivatives of Rajamanoharan et al. 2024, arXiv 2407.14435)."""
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(200, 6, generator=gen, dtype=torch.float64)
     theta = torch.rand(6, generator=gen, dtype=torch.float64) * 0.5 + 0.1
