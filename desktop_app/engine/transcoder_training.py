@@ -99,6 +99,10 @@ class TranscoderTrainResult:
 
 # ---- the corpus as a stream of MLP input / output rows ------------------------------------------------------
 
+class _Enough(Exception):
+    """Raised by the last chosen layer's hook to end the forward pass there."""
+
+
 class MLPRowStream:
     """Shuffled batches of (MLP input, MLP output) rows [batch, d_model] per chosen layer, read from the model a
     buffer at a time over the corpus' documents (cycling)."""
@@ -120,10 +124,14 @@ class MLPRowStream:
         caught: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = []
 
+        last = max(range(len(self.layers)), key=lambda slot: self.layers[slot])
+
         def grab(slot):
             def hook(_mod, args, output):
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 caught[slot] = (args[0].detach().float(), out.detach().float())
+                if slot == last:
+                    raise _Enough()  # the layers after the last chosen one are not needed
             return hook
 
         n, empty_epochs = 0, 0
@@ -145,7 +153,10 @@ class MLPRowStream:
                     keep = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
                     if self.skip_ids:
                         keep &= ~torch.isin(ids, torch.tensor(self.skip_ids))
-                    self.lm.model(input_ids=ids.to(self.lm.input_device))
+                    try:
+                        self.lm.model(input_ids=ids.to(self.lm.input_device))
+                    except _Enough:
+                        pass
                     for slot in range(len(self.layers)):
                         x, y = caught[slot]
                         ins[slot].append(x.cpu()[keep])

@@ -62,6 +62,10 @@ def test_streamed_rows_are_the_mlp_rows_of_each_document(lm_gpt2, corpus_file):
     for L in range(2):
         torch.testing.assert_close(stream.x[L][:n], torch.cat(ref_in[L]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stream.y[L][:n], torch.cat(ref_out[L]), atol=1e-5, rtol=1e-5)
+    # reading only layer 0 stops the forward pass there, with the same rows
+    first = MLPRowStream(lm_gpt2, docs, [0], buffer_tokens=10_000, gen=torch.Generator().manual_seed(0), doc_batch=4)
+    assert first.fill(CancelToken())
+    assert torch.equal(first.x[0], stream.x[0]) and torch.equal(first.y[0], stream.y[0])
     # the buffer holds about buffer_tokens rows (at most one batch of documents more), never the whole corpus
     small = MLPRowStream(lm_gpt2, _docs(lm_gpt2, corpus_file), [0], buffer_tokens=100,
                          gen=torch.Generator().manual_seed(0), doc_batch=4)
