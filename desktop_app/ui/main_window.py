@@ -30,6 +30,7 @@ from desktop_app.ui.runner import Runner
 from desktop_app.ui.sae_controller import SAEController
 from desktop_app.ui.sae_panel import SAEFeatureView
 from desktop_app.ui.training_view import TrainingView
+from desktop_app.ui.transcoder_trainer import TranscoderTrainer
 
 WINDOW_KEYS = (QKeySequence("Ctrl+E"), QKeySequence("Ctrl+R"), QKeySequence("Ctrl+Shift+C"))
 
@@ -102,6 +103,9 @@ class MainWindow(QMainWindow):
             self.training_view, self.docks["saeDock"], self.docks["trainDock"], self.resizeDocks, self.layer_panel,
             self.analysis_panel, messages, self.job_label, self.run_analysis, self.file_ctl.start_dir, self,
             run_spec=self.analysis_ctl.run_spec)
+        self.transcoder_trainer = TranscoderTrainer(
+            lambda: self.model_ctl.loaded, self.analysis_ctl.run_spec, lambda: self.project, self.training_view,
+            self.docks["trainDock"], self.resizeDocks, messages, self.job_label, self.file_ctl.start_dir, self)
         self._restore_layout()
         self._update_title()
 
@@ -356,6 +360,12 @@ class MainWindow(QMainWindow):
     def train_sae_dialog(self, hook: str | None = None):
         self.sae_ctl.train_sae_dialog(hook)
 
+    def train_transcoders(self, corpus, out_folder, **settings):
+        return self.transcoder_trainer.train(corpus, out_folder, **settings)
+
+    def train_transcoders_dialog(self):
+        self.transcoder_trainer.dialog()
+
     def restore_saes(self):
         self.sae_ctl.restore_saes()
 
@@ -535,7 +545,11 @@ class MainWindow(QMainWindow):
         self.act_sae_metrics = self._action("SAE &metrics…", lambda: self.sae_ctl.build_metrics_dialog(), None,
                                             "L0, explained variance, CE recovered and KL of the attached SAE over a "
                                             "corpus", "actionSaeMetrics")
-        for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae, self.act_sae_metrics):
+        self.act_train_transcoders = self._action(
+            "Train t&ranscoders…", lambda: self.train_transcoders_dialog(), None,
+            "Train per-layer transcoders (for attribution graphs) on a corpus", "actionTrainTranscoders")
+        for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae, self.act_sae_metrics,
+                    self.act_train_transcoders):
             s.addAction(act)
         v = mb.addMenu("&View")
         for dock in self.docks.values():

@@ -316,6 +316,7 @@ class SAEController:
             return None
         view = self.training_view
         view.start(f"training a {architecture} SAE with {width} features at {hook}…")
+        self.train_dock.setWindowTitle("SAE training")
         self.train_dock.show()
         self.train_dock.raise_()
         self.job_label.setText("training an SAE")

@@ -1,7 +1,8 @@
-"""SAE training: the dialog that asks for the settings, and the pane that plots the run live.
+"""SAE and transcoder training: the dialog that asks for an SAE's settings, and the pane that plots a run live.
 
 The pane receives TrainMetrics events (step, loss, l0, explained_variance, dead_fraction) from the runner and
-repaints at most ~30 times a second; pyqtgraph is imported when the pane is first built.
+repaints at most ~30 times a second; events with a `layer` (transcoder training) get one curve per layer.
+pyqtgraph is imported when the pane is first built.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class TrainingView(QWidget):
         self.status_label = _named(QLabel("No SAE is being trained."), "trainStatusLabel", "The training run")
         self.status_label.setWordWrap(True)
         self.cancel_button = _named(QPushButton("Stop"), "trainCancelButton",
-                                    "Stop training; the SAE trained so far is saved")
+                                    "Stop training; what is trained so far is saved")
         self.cancel_button.setEnabled(False)
         top = QHBoxLayout()
         top.addWidget(self.status_label, 1)
@@ -109,6 +110,10 @@ class TrainingView(QWidget):
         self.graphics = None
         self.history: dict[str, list[float]] = {key: [] for key, _ in CURVES}
         self.steps: list[int] = []
+        # transcoder training: per layer, its steps and curves (the SAE's single run uses steps / history)
+        self.layer_steps: dict[int, list[int]] = {}
+        self.layer_history: dict[int, dict[str, list[float]]] = {}
+        self.layer_curves: dict[int, dict] = {}
         self._dirty = False
         self._timer = QTimer(self)
         self._timer.setInterval(33)
@@ -123,28 +128,64 @@ class TrainingView(QWidget):
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setObjectName("trainCurves")
         self.graphics.setBackground(None)
-        self.curves = {}
+        self.graphics.setMinimumHeight(170)  # below this the two rows of titled plots lose their axes
+        self.curves, self.plots = {}, {}
         for i, (key, title) in enumerate(CURVES):
             plot = self.graphics.addPlot(row=i // 2, col=i % 2, title=title)
             plot.setMenuEnabled(False)
             plot.hideButtons()
             plot.setLabel("bottom", "step")
+            self.plots[key] = plot
             self.curves[key] = plot.plot([], [], pen=pg.mkPen((178, 24, 43), width=2))
         self._layout.addWidget(self.graphics, 1)
+        self._wide = False
+        self._arrange()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self._arrange()
+
+    def _arrange(self):
+        """Four plots in a row when the pane is wide and short (docked at the bottom), else two by two."""
+        if self.graphics is None:
+            return
+        wide = self.width() > 2.5 * self.height()
+        if wide == self._wide:
+            return
+        self._wide = wide
+        layout = self.graphics.ci
+        for plot in self.plots.values():
+            layout.removeItem(plot)
+        for i, (key, _) in enumerate(CURVES):
+            layout.addItem(self.plots[key], row=0 if wide else i // 2, col=i if wide else i % 2)
 
     def start(self, text: str):
         self._ensure_graphics()
         self.steps.clear()
         for values in self.history.values():
             values.clear()
+        for curves in self.layer_curves.values():
+            for key, item in curves.items():
+                self.plots[key].removeItem(item)
+        self.layer_steps.clear()
+        self.layer_history.clear()
+        self.layer_curves.clear()
+        if self.plots["loss"].legend is not None:
+            self.plots["loss"].legend.clear()
         self._dirty = True
         self.status_label.setText(text)
         self.cancel_button.setEnabled(True)
 
     def add_metrics(self, m) -> None:
-        self.steps.append(int(m.step))
+        layer = getattr(m, "layer", None)
+        if layer is None:
+            steps, history = self.steps, self.history
+        else:
+            steps = self.layer_steps.setdefault(int(layer), [])
+            history = self.layer_history.setdefault(int(layer), {key: [] for key, _ in CURVES})
+        steps.append(int(m.step))
         for key, _ in CURVES:
-            self.history[key].append(float(getattr(m, key)))
+            history[key].append(float(getattr(m, key)))
         self._dirty = True
 
     def finish(self, text: str):
@@ -158,3 +199,18 @@ class TrainingView(QWidget):
         self._dirty = False
         for key, curve in self.curves.items():
             curve.setData(self.steps, self.history[key])
+        for layer in sorted(self.layer_history):
+            if layer not in self.layer_curves:
+                self.layer_curves[layer] = self._layer_items(layer)
+            for key, item in self.layer_curves[layer].items():
+                item.setData(self.layer_steps[layer], self.layer_history[layer][key])
+
+    def _layer_items(self, layer: int) -> dict:
+        import pyqtgraph as pg
+
+        pen = pg.mkPen(pg.intColor(layer, hues=max(8, len(self.layer_history)), values=1, maxValue=200), width=2)
+        loss = self.plots["loss"]
+        if loss.legend is None:
+            loss.addLegend(offset=(-4, 4), labelTextSize="8pt")
+        return {key: plot.plot([], [], pen=pen, name=f"layer {layer}" if key == "loss" else None)
+                for key, plot in self.plots.items()}

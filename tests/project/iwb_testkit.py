@@ -57,6 +57,7 @@ def sae_workflow_specs():
     kinds.load()  # built-in kinds first: importing a kind module directly would register it ahead of them
     from desktop_app.project.kinds.sae_workflows import (SAEDashboardsSpec, SAEEditSpec, SAEMetricsSpec,
                                                          SAETrainingSpec)
+    from desktop_app.project.kinds.transcoder_training import TranscoderTrainingSpec
     return [
         SAETrainingSpec("train", hook="blocks.1.hook_mlp_out", corpus="/c.txt", out="/saes/new", architecture="jumprelu",
                         width=64, k=4, l1=1.0, l0=0.5, tokens=5000, context=32, steps=10, batch_size=64, lr=1e-2,
@@ -69,6 +70,9 @@ def sae_workflow_specs():
                     force_hook=True),
         SAEMetricsSpec("metrics", sae="/saes/res_0", corpus="/c.jsonl", hook="blocks.0.hook_resid_post",
                        max_texts=7, force_hook=True),
+        TranscoderTrainingSpec("tc", corpus="/c.txt", out="/tc/new", architecture="jumprelu", width=48, k=4, l0=0.3,
+                               skip=True, layers=[0, 1], tokens=5000, context=32, steps=10, batch_size=64, lr=1e-2,
+                               buffer_tokens=2048, seed=3),
     ]
 
 

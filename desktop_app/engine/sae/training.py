@@ -386,6 +386,16 @@ def _grad_mode():
         yield
 
 
+def optimizer_step(opt: torch.optim.Adam, params: list, loss: torch.Tensor, step: int) -> None:
+    """One Adam step on `loss` with the gradient norm clipped to 1 (the SAE and transcoder trainers' update)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if step % 32 == 31:
+        _flush_tiny_optimizer_state(opt)
+
+
 def _train_step(st: _State, rows, batch: int, step: int):
     """One optimiser step (data, loss, update, decoder norm, dead-feature bookkeeping, resampling)."""
     cfg = st.cfg
@@ -397,12 +407,7 @@ def _train_step(st: _State, rows, batch: int, step: int):
     for group in st.opt.param_groups:
         group["lr"] = lr
     loss, mse, aux, f, x_hat = _loss(st, x, step)
-    st.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(st.params.values()), 1.0)
-    st.opt.step()
-    if step % 32 == 31:
-        _flush_tiny_optimizer_state(st.opt)
+    optimizer_step(st.opt, list(st.params.values()), loss, step)
     with torch.no_grad():
         if cfg.architecture != "standard":
             st.sae.W_dec /= st.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
