@@ -38,7 +38,7 @@ def measured_logit_change(lm, token_ids, tset, layer: int, pos: int, feature: in
     """The real model's change of the given next-token logits when delta * W_dec[feature] is added to layer's
     MLP output at pos."""
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    vec = (delta * tset.layers[layer].W_dec[feature]).float()
+    vec = delta * tset.decoder_rows(layer, [feature])[0]
 
     def write(_mod, _args, output):
         out = output[0] if isinstance(output, tuple) else output
