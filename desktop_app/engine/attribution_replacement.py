@@ -105,8 +105,10 @@ class ReplacementContext:
         self.mlp_in: list = [None] * len(self.a.blocks)
         self.mlp_inject: list = [None] * len(self.a.blocks)  # frozen: what the MLP writes besides W_skip x
         self.errors: list = [None] * len(self.a.blocks)
+        self.mlp_plain: list = [False] * len(self.a.blocks)  # the MLP returns a plain tensor
         self.handles = []
         self.configs = []
+        self.skipped: list[torch.nn.Module] = []
 
     def __enter__(self):
         for m in self.norms:
@@ -120,6 +122,7 @@ class ReplacementContext:
 
     def __exit__(self, *exc):
         torch.set_grad_enabled(self.grad_at_enter)  # an error inside a frozen MLP left autograd off
+        self._skip_mlps(False)
         for h in self.handles:
             h.remove()
         self._attention("restore")
@@ -157,6 +160,18 @@ class ReplacementContext:
             self.patterns[id(module)] = weights.detach().clone()
         return None
 
+    def _skip_mlps(self, skip: bool):
+        """Frozen: an MLP whose output is a plain tensor is not computed at all (its output is replaced by the hook
+        below), its forward stood in for by the identity on the instance; restored when leaving frozen mode."""
+        for m in self.skipped:
+            m.__dict__.pop("forward", None)
+        self.skipped = []
+        if skip:
+            for L in range(len(self.a.blocks)):
+                if self.mlp_plain[L] and "forward" not in self.a.mlp(L).__dict__:
+                    self.a.mlp(L).forward = _identity
+                    self.skipped.append(self.a.mlp(L))
+
     def _mlp_pre_hook(self, _mod, args):
         # frozen: the MLP's own output is replaced, so its insides are computed without autograd (no memory kept
         # for a backward pass that never reaches them); the hook below turns autograd back on
@@ -173,6 +188,7 @@ class ReplacementContext:
             if self.mode == "record":
                 self.mlp_in0[layer] = x.detach().clone()
                 self.mlp_out0[layer] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
+                self.mlp_plain[layer] = isinstance(output, torch.Tensor)
                 return None
             self.mlp_in[layer] = x
             tc = self.tset.layers[layer]
@@ -188,7 +204,12 @@ class ReplacementContext:
             self.norm_states = {i: _NormState(m, *self.norm_io[id(m)]) for m in self.norms
                                 for i in [id(m)]}
         self._attention("freeze" if mode == "frozen" else "restore")
+        self._skip_mlps(mode == "frozen")
         self.mode = mode
+
+
+def _identity(x, *args, **kwargs):
+    return x
 
 
 def _detached_run(run):
