@@ -118,6 +118,9 @@ class ReplacementContext:
             self.handles.append(self.a.mlp(L).register_forward_pre_hook(self._mlp_pre_hook))
             self.handles.append(self.a.mlp(L).register_forward_hook(self._mlp_hook(L)))
             self.handles.append(self.a.attn(L).register_forward_hook(self._attn_hook))
+            qkv = _fused_qkv(self.a.attn(L))
+            if qkv is not None:
+                self.handles.append(qkv.register_forward_hook(self._value_only_hook))
         return self
 
     def __exit__(self, *exc):
@@ -159,6 +162,17 @@ class ReplacementContext:
                 raise SpecError("attribution graphs need eager attention (the pattern of each head); reload the model.")
             self.patterns[id(module)] = weights.detach().clone()
         return None
+
+    def _value_only_hook(self, module, args, output):
+        # frozen: a fused [query | key | value] projection (GPT-2's c_attn) where only the values reach the output
+        # (the pattern is fixed), so only the value columns are kept in the autograd graph: the backward passes
+        # then multiply by a third of the weight
+        if self.mode != "frozen" or not torch.is_grad_enabled():
+            return None
+        x = args[0]
+        d = output.shape[-1] // 3
+        v = torch.addmm(module.bias[2 * d:], x.reshape(-1, x.shape[-1]), module.weight[:, 2 * d:])
+        return torch.cat([output[..., :2 * d].detach(), v.reshape(*x.shape[:-1], d).to(output.dtype)], -1)
 
     def _skip_mlps(self, skip: bool):
         """Frozen: an MLP whose output is a plain tensor is not computed at all (its output is replaced by the hook
@@ -210,6 +224,17 @@ class ReplacementContext:
 
 def _identity(x, *args, **kwargs):
     return x
+
+
+def _fused_qkv(attn: torch.nn.Module):
+    """GPT-2's fused projection (a Conv1D `c_attn` with weight [d, 3 d] split into query, key, value thirds), or
+    None for attention of another layout."""
+    c = getattr(attn, "c_attn", None)
+    w = getattr(c, "weight", None)
+    if (type(c).__name__ != "Conv1D" or getattr(attn, "is_cross_attention", False) or w is None or w.dim() != 2
+            or w.shape[1] != 3 * w.shape[0] or getattr(attn, "split_size", None) != w.shape[0]):
+        return None
+    return c
 
 
 def _detached_run(run):
