@@ -3,11 +3,14 @@ model's own MLPs (demo-task corpus), then builds and prunes the graph of one pro
 
     PYTHONPATH=$PWD python -m desktop_app.bench_graph resources/demo/model [--out FOLDER]
     PYTHONPATH=$PWD python -m desktop_app.bench_graph resources/demo/model --gpt2-small-shape [--width 6144]
+        [--eager-decoders] [--max-feature-nodes 7500]
 
 The second builds a randomly initialised model of GPT-2 small's shape (12 layers, d_model 768, vocabulary 50257)
 with the demo tokenizer and random TopK transcoders (k 32; not fitted: the error nodes carry what they miss), writes
 them as a circuit-tracer set and reads it back with lazy decoders, for the time and memory of a graph of that shape
-only. Peak memory is the resident set's high-water mark (VmHWM), reset at the start of each phase on Linux.
+only. Peak memory is the resident set's high-water mark (VmHWM), reset at the start of each phase on Linux. Each
+phase also gives its CPU time (all threads of the process), which a machine shared with other work inflates less
+than the wall time.
 """
 from __future__ import annotations
 
@@ -50,21 +53,22 @@ class PhaseMeter:
 
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
-        self.rows: list[tuple[str, float, int]] = []
-        self.phase, self.t_phase = None, None
+        self.rows: list[tuple[str, float, float, int]] = []
+        self.phase, self.t_phase, self.cpu_phase = None, None, None
         self.resettable = _reset_peak()
         self.t0 = time.perf_counter()
 
     def _close(self):
         if self.phase is not None:
-            self.rows.append((self.NAMES[self.phase], time.perf_counter() - self.t_phase, _peak_bytes()))
+            self.rows.append((self.NAMES[self.phase], time.perf_counter() - self.t_phase,
+                              time.process_time() - self.cpu_phase, _peak_bytes()))
 
     def __call__(self, event):
         done = getattr(event, "done", None)
         if done is not None and done != self.phase and done < len(self.NAMES):
             self._close()
             _reset_peak()
-            self.phase, self.t_phase = done, time.perf_counter()
+            self.phase, self.t_phase, self.cpu_phase = done, time.perf_counter(), time.process_time()
         if self.verbose and getattr(event, "message", ""):
             print(f"{time.perf_counter() - self.t0:7.1f} s  {event.message}", flush=True)
 
@@ -72,7 +76,7 @@ class PhaseMeter:
         self._close()
         self.phase = None
         what = "peak RSS" if self.resettable else "peak RSS since start"
-        return "; ".join(f"{name} {s:.2f} s, {what} {_mib(peak)}" for name, s, peak in self.rows)
+        return "; ".join(f"{name} {s:.2f} s (CPU {cpu:.2f} s), {what} {_mib(peak)}" for name, s, cpu, peak in self.rows)
 
 
 def _load_line() -> str:
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the transcoder set here")
     p.add_argument("--max-feature-nodes", type=int, default=7500)
     p.add_argument("--gpt2-small-shape", action="store_true")
+    p.add_argument("--eager-decoders", action="store_true", help="GPT-2-small shape: read whole decoders at load")
     args = p.parse_args(argv)
     if args.gpt2_small_shape:
         return _gpt2_small_shape(args)
@@ -165,7 +170,7 @@ def _gpt2_small_shape(args) -> int:
             (Path(tmp) / f"part{L}" / "layer_0.safetensors").rename(Path(tmp) / f"layer_{L}.safetensors")
         (Path(tmp) / "config.yaml").write_text("model_kind: transcoder_set\nactivation: topk\n"
                                                f"k: {k}\n", encoding="utf-8")
-        tset = load_transcoder_set(tmp, n_layers=n_layers, d_model=d)
+        tset = load_transcoder_set(tmp, n_layers=n_layers, d_model=d, lazy_decoders=not args.eager_decoders)
         decoder_bytes = sum(tc.decoder_shape.numel() * 4 for tc in tset.layers)
         tokens = lm.tokenize(args.prompt, True)
         before = _peak_bytes()
