@@ -227,8 +227,12 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
         n_f, n_e = min(max(max_feature_nodes, 0), n_active), n_layers * n_pos
         n = n_f + n_e + n_pos + n_logits
         all_kept = n_f == n_active
-        need = estimate_bytes(n, n_active, 0 if all_kept else n_f + n_logits)
         memory_budget = default_budget() if memory_budget is None else memory_budget
+        # the kept forward pass holds about 8 float32 [pos, d_model] tensors per layer and row: rows within a quarter
+        # of the budget
+        per_row = 32 * n_layers * n_pos * lm.info.d_model
+        batch_size = max(1, min(batch_size, n_logits + n_f, memory_budget // 4 // per_row))
+        need = estimate_bytes(n, n_active, 0 if all_kept else n_f + n_logits) + batch_size * per_row
         if need > memory_budget:
             raise OutOfMemory(f"this graph would have {n} nodes and need about {human_bytes(need)}, over its "
                               f"budget of {human_bytes(memory_budget)}; shorten the prompt or lower "
@@ -244,7 +248,6 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
         row_col = torch.full((buf.shape[0],), -1, dtype=torch.long)
         visited = torch.zeros(n_active, dtype=torch.bool)
         n_rows_total = n_logits + n_f
-        batch_size = max(1, min(batch_size, n_rows_total))
         yield Progress(1, total_steps, f"{n} nodes: {n_rows_total} target rows, {batch_size} per backward pass")
         frozen = FrozenBackward(lm, run, ctx, emb0, inject0, batch_size, cancel)
         d_model, vocab = emb0.shape[-1], frozen.logits.shape[-1]

@@ -40,8 +40,13 @@ class DecoderRows:
     def _open(self):
         from safetensors import safe_open
 
-        f = safe_open(str(self.path), framework="pt")
-        if tuple(f.get_slice(self.name).get_shape()) != tuple(self.shape):
+        try:
+            f = safe_open(str(self.path), framework="pt")
+            shape = tuple(f.get_slice(self.name).get_shape())
+        except Exception as exc:  # missing, unreadable or no longer a safetensors file with this tensor
+            raise SAEError(f"{self.path.name} could not be read again for its decoder rows ({exc}); open the "
+                           "transcoder set again.") from exc
+        if shape != tuple(self.shape):
             raise SAEError(f"{self.path.name} changed on disk since it was opened ({self.name} is no longer "
                            f"{tuple(self.shape)}); open the transcoder set again.")
         return f

@@ -51,6 +51,9 @@ def test_a_decoder_changed_on_disk_is_refused(lm_gpt2, tmp_path):
     with pytest.raises(SAEError, match="changed on disk"):
         lazy.decoder_rows(0, [1])
     assert isinstance(lazy.layers[1]._W_dec, DecoderRows)
+    (folder / "layer_1.safetensors").unlink()
+    with pytest.raises(SAEError, match="could not be read again"):
+        lazy.decoder_rows(1, [1])
 
 
 def test_a_graph_reads_only_its_active_decoder_rows(lm_gpt2, tmp_path, monkeypatch):
