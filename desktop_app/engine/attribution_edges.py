@@ -202,6 +202,8 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
     """Job: yields Progress, returns the Graph of the prompt `ids` (see the module docstring)."""
     cancel = cancel or CancelToken()
     check_supported(lm)
+    if getattr(tset, "cross_layer", False):
+        raise SpecError("cross-layer transcoders are not supported by attribution graphs yet; use a per-layer set.")
     n_layers = len(lm.adapter.blocks)
     if len(tset) != n_layers or tset.d_model != lm.info.d_model:
         raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
@@ -211,7 +213,7 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
     total_steps = 3
     yield Progress(0, total_steps, "recording the real run")
     run = _detached_run(record_run(lm, ids, cancel=cancel))
-    ctx = ReplacementContext(lm, tset)
+    ctx = ReplacementContext(lm, tset, gradient_only=True)
     with ctx:
         with torch.no_grad():
             real = run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=False)[0]

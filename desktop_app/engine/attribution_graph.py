@@ -31,11 +31,13 @@ def attribution_graph_job(lm, tokens, tset_path: str, max_feature_nodes: int = 7
     from desktop_app.engine.transcoders import load_transcoder_set
 
     t0 = time.perf_counter()
-    if tset is None:
-        tset = load_transcoder_set(tset_path, n_layers=lm.info.n_layers, d_model=lm.info.d_model)
-    ids = torch.tensor([tokens.ids], dtype=torch.long)
-    graph = yield from build_graph(lm, ids, tset, max_feature_nodes, max_n_logits, desired_logit_prob,
-                                   cancel=cancel)
+    # the backward passes need grad mode, also where the caller (the window's runner) runs jobs under inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        if tset is None:
+            tset = load_transcoder_set(tset_path, n_layers=lm.info.n_layers, d_model=lm.info.d_model)
+        ids = torch.tensor([tokens.ids], dtype=torch.long)
+        graph = yield from build_graph(lm, ids, tset, max_feature_nodes, max_n_logits, desired_logit_prob,
+                                       cancel=cancel)
     node_mask, edge_mask, infl = prune(graph, node_threshold, edge_threshold)
     replacement, completeness = scores(graph)
     keep = np.where(node_mask)[0]

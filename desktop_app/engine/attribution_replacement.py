@@ -91,10 +91,15 @@ class _NormState:
 class ReplacementContext:
     """Hooks for the three ways this module runs the model: `record` (the real run, keeping what is frozen),
     `replacement` (real attention and norms, MLPs replaced by transcoder + error), `frozen` (patterns, norm
-    scales and MLP outputs fixed: affine in the embeddings and the injected MLP outputs)."""
+    scales and MLP outputs fixed: affine in the embeddings and the injected MLP outputs).
 
-    def __init__(self, lm, tset):
+    With gradient_only, frozen mode serves only the edges' backward passes, whose MLP outputs are replaced whatever
+    the MLPs compute: the MLPs are not run (or run without autograd), and a fused query/key/value projection keeps
+    only its value columns in the autograd graph. Subclasses that read the real MLPs in frozen mode leave it off."""
+
+    def __init__(self, lm, tset, gradient_only: bool = False):
         self.lm, self.tset, self.a = lm, tset, lm.adapter
+        self.gradient_only = gradient_only
         self.mode = "record"
         self.norms = _norm_modules(lm)
         self.norm_io: dict[int, tuple] = {}
@@ -115,10 +120,11 @@ class ReplacementContext:
             self.handles.append(m.register_forward_hook(self._norm_hook))
         self.grad_at_enter = self.grad_enabled = torch.is_grad_enabled()
         for L in range(len(self.a.blocks)):
-            self.handles.append(self.a.mlp(L).register_forward_pre_hook(self._mlp_pre_hook))
+            if self.gradient_only:
+                self.handles.append(self.a.mlp(L).register_forward_pre_hook(self._mlp_pre_hook))
             self.handles.append(self.a.mlp(L).register_forward_hook(self._mlp_hook(L)))
             self.handles.append(self.a.attn(L).register_forward_hook(self._attn_hook))
-            qkv = _fused_qkv(self.a.attn(L))
+            qkv = _fused_qkv(self.a.attn(L)) if self.gradient_only else None
             if qkv is not None:
                 self.handles.append(qkv.register_forward_hook(self._value_only_hook))
         return self
@@ -197,7 +203,7 @@ class ReplacementContext:
     def _mlp_hook(self, layer):
         def hook(_mod, args, output):
             x = args[0]
-            if self.mode == "frozen":
+            if self.mode == "frozen" and self.gradient_only:
                 torch.set_grad_enabled(self.grad_enabled)
             if self.mode == "record":
                 self.mlp_in0[layer] = x.detach().clone()
@@ -218,7 +224,7 @@ class ReplacementContext:
             self.norm_states = {i: _NormState(m, *self.norm_io[id(m)]) for m in self.norms
                                 for i in [id(m)]}
         self._attention("freeze" if mode == "frozen" else "restore")
-        self._skip_mlps(mode == "frozen")
+        self._skip_mlps(mode == "frozen" and self.gradient_only)
         self.mode = mode
 
 

@@ -70,3 +70,32 @@ def test_a_cancelled_graph_restores_the_mlps(setup):
         drive(build_graph(lm, prompt, tset, batch_size=4, cancel=token), on_event)
     assert all("forward" not in lm.adapter.mlp(L).__dict__ for L in range(lm.info.n_layers))
     assert torch.is_grad_enabled()
+
+
+def test_frozen_mode_without_gradient_only_runs_the_real_mlps(setup):
+    """The clamp check's context (a subclass) reads the real MLPs in frozen mode: at the recorded input, the frozen
+    model with real MLPs is the real model."""
+    from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run
+    from desktop_app.engine.replay import record_run, run_from_layer
+
+    lm, tset, prompt, _ = setup
+    seen = []
+
+    class RealMLPs(ReplacementContext):
+        def _mlp_hook(self, layer):
+            recording = super()._mlp_hook(layer)
+
+            def hook(mod, args, output):
+                if self.mode == "record":
+                    return recording(mod, args, output)
+                seen.append(layer)
+                return output
+            return hook
+
+    run = _detached_run(record_run(lm, prompt))
+    with RealMLPs(lm, tset) as ctx, torch.no_grad():
+        real = run_from_layer(lm, run, 0, run.resid_pre[0])
+        ctx.set_mode("frozen")
+        frozen = run_from_layer(lm, run, 0, run.resid_pre[0])
+    assert seen == list(range(lm.info.n_layers))
+    torch.testing.assert_close(frozen, real, rtol=1e-5, atol=1e-5)
