@@ -26,16 +26,96 @@ INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")  # the MLP's input after it
 OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 
 
-@dataclass
+class DecoderRows:
+    """A decoder matrix [d_transcoder, d_model] left in its safetensors file: only the rows asked for are read
+    (float32), so a graph holds the rows of its active features, not every layer's whole decoder."""
+
+    def __init__(self, path, name: str = "W_dec"):
+        from safetensors import safe_open
+
+        self.path, self.name = Path(path), name
+        with safe_open(str(self.path), framework="pt") as f:
+            self.shape = torch.Size(f.get_slice(name).get_shape())
+
+    def _open(self):
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(self.path), framework="pt")
+            shape = tuple(f.get_slice(self.name).get_shape())
+        except Exception as exc:  # missing, unreadable or no longer a safetensors file with this tensor
+            raise SAEError(f"{self.path.name} could not be read again for its decoder rows ({exc}); open the "
+                           "transcoder set again.") from exc
+        if shape != tuple(self.shape):
+            raise SAEError(f"{self.path.name} changed on disk since it was opened ({self.name} is no longer "
+                           f"{tuple(self.shape)}); open the transcoder set again.")
+        return f
+
+    def rows(self, idx) -> torch.Tensor:
+        """Rows `idx` (any order, repeats allowed) as float32 [len(idx), d_model]; contiguous runs read at once."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.shape[0]):
+            raise SAEError(f"decoder row out of range: {self.path.name} has {self.shape[0]} features.")
+        unique = torch.unique(idx)
+        out = torch.empty(len(unique), self.shape[1], dtype=torch.float32)
+        with self._open() as f:
+            sl = f.get_slice(self.name)
+            start = 0
+            for stop in range(1, len(unique) + 1):
+                if stop == len(unique) or int(unique[stop]) != int(unique[stop - 1]) + 1:
+                    a, b = int(unique[start]), int(unique[stop - 1]) + 1
+                    out[start:stop] = sl[a:b].float()
+                    start = stop
+        return out[torch.searchsorted(unique, idx)]
+
+    def load(self) -> torch.Tensor:
+        with self._open() as f:
+            return f.get_tensor(self.name).float()
+
+
 class Transcoder:
-    W_enc: torch.Tensor  # [d_transcoder, d_model]
-    W_dec: torch.Tensor  # [d_transcoder, d_model]
-    b_enc: torch.Tensor
-    b_dec: torch.Tensor
-    activation: str = "relu"
-    threshold: torch.Tensor | None = None  # jumprelu
-    k: int | None = None  # topk
-    W_skip: torch.Tensor | None = None  # [d_model, d_model]
+    """One layer's transcoder. W_dec may be given as a tensor or as DecoderRows (read lazily): `decoder_rows`
+    and `decode` then read only the rows they need, and the `W_dec` property reads the whole matrix on first
+    use and keeps it."""
+
+    def __init__(self, W_enc: torch.Tensor, W_dec, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                 activation: str = "relu", threshold: torch.Tensor | None = None, k: int | None = None,
+                 W_skip: torch.Tensor | None = None):
+        self.W_enc = W_enc  # [d_transcoder, d_model]
+        self._W_dec = W_dec  # [d_transcoder, d_model], a tensor or DecoderRows
+        self.b_enc, self.b_dec = b_enc, b_dec
+        self.activation = activation
+        self.threshold = threshold  # jumprelu
+        self.k = k  # topk
+        self.W_skip = W_skip  # [d_model, d_model]
+
+    def __repr__(self) -> str:
+        return (f"Transcoder(d_transcoder={self.d_transcoder}, d_model={self.d_model}, activation={self.activation!r}, "
+                f"k={self.k}, skip={self.W_skip is not None}, decoder_loaded={self.decoder_loaded})")
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        if isinstance(self._W_dec, DecoderRows):
+            self._W_dec = self._W_dec.load()
+        return self._W_dec
+
+    @W_dec.setter
+    def W_dec(self, value) -> None:
+        self._W_dec = value
+
+    @property
+    def decoder_loaded(self) -> bool:
+        return not isinstance(self._W_dec, DecoderRows)
+
+    @property
+    def decoder_shape(self) -> torch.Size:
+        return self._W_dec.shape
+
+    def decoder_rows(self, idx) -> torch.Tensor:
+        """Decoder rows `idx` as float32 [len(idx), d_model], read from the file when the decoder is not loaded."""
+        if isinstance(self._W_dec, DecoderRows):
+            return self._W_dec.rows(idx)
+        return self._W_dec[torch.as_tensor(idx, dtype=torch.long).reshape(-1)].float()
 
     @property
     def d_model(self) -> int:
@@ -63,7 +143,12 @@ class Transcoder:
         return x @ self.W_skip.T if self.W_skip is not None else torch.zeros_like(x[..., :self.b_dec.shape[0]])
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return acts @ self.W_dec + self.b_dec + self.skip(x)
+        if isinstance(self._W_dec, DecoderRows):  # only the rows of features active somewhere in acts
+            used = torch.nonzero(acts.reshape(-1, acts.shape[-1]).ne(0).any(0)).reshape(-1)
+            out = acts[..., used] @ self._W_dec.rows(used)
+        else:
+            out = acts @ self._W_dec
+        return out + self.b_dec + self.skip(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
@@ -73,6 +158,7 @@ class Transcoder:
 class TranscoderSet:
     layers: list[Transcoder]
     config: dict
+    path: Path | None = None  # the folder it was read from (decoders are read from its files on demand)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -80,6 +166,10 @@ class TranscoderSet:
     @property
     def d_model(self) -> int:
         return self.layers[0].d_model
+
+    def decoder_rows(self, layer: int, idx) -> torch.Tensor:
+        """Rows `idx` of layer `layer`'s decoder, float32 [len(idx), d_model], without loading the whole decoder."""
+        return self.layers[layer].decoder_rows(idx)
 
 
 def parse_flat_yaml(text: str, where: str) -> dict:
@@ -123,7 +213,8 @@ def _scalar(text: str):
     return text
 
 
-def _read_layer(path: Path, layer: int, activation: str | None, k: int | None) -> Transcoder:
+def _read_layer(path: Path, layer: int, activation: str | None, k: int | None,
+                lazy_decoder: bool = True) -> Transcoder:
     from safetensors import safe_open
 
     from desktop_app.engine.file_checks import safetensors_problem
@@ -132,32 +223,36 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None) -
     if problem:
         raise SAEError(f"transcoder layer {layer} ({path.name}) {problem}.")
     with safe_open(str(path), framework="pt") as f:
-        t = {name: f.get_tensor(name).float() for name in f.keys()}
-    missing = [name for name in ("W_enc", "W_dec", "b_enc", "b_dec") if name not in t]
+        names = list(f.keys())
+        t = {name: f.get_tensor(name).float() for name in names if name != "W_dec" or not lazy_decoder}
+    missing = [name for name in ("W_enc", "W_dec", "b_enc", "b_dec") if name not in names]
     if missing:
         raise SAEError(f"transcoder layer {layer} ({path.name}) lacks {', '.join(missing)}.")
+    w_dec = t["W_dec"] if "W_dec" in t else DecoderRows(path, "W_dec")
     threshold = t.get("activation_function.threshold", t.get("threshold"))
     if activation is None:
         activation = "jumprelu" if threshold is not None else "topk" if "k" in t else "relu"
     if activation == "topk" and k is None and "k" in t:
         k = int(t["k"].item())
-    tc = Transcoder(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], activation, threshold, k, t.get("W_skip"))
+    tc = Transcoder(t["W_enc"], w_dec, t["b_enc"], t["b_dec"], activation, threshold, k, t.get("W_skip"))
     d_t, d_m = tc.W_enc.shape
-    shapes_ok = (tc.W_dec.shape == (d_t, d_m) and tc.b_enc.shape == (d_t,) and tc.b_dec.shape == (d_m,)
+    shapes_ok = (tuple(tc.decoder_shape) == (d_t, d_m) and tc.b_enc.shape == (d_t,) and tc.b_dec.shape == (d_m,)
                  and (tc.W_skip is None or tc.W_skip.shape == (d_m, d_m))
                  and (activation != "jumprelu" or (threshold is not None and threshold.numel() in (1, d_t))))
     if not shapes_ok:
         raise SAEError(f"transcoder layer {layer} ({path.name}) has tensors of inconsistent shapes "
-                       f"(W_enc {tuple(tc.W_enc.shape)}, W_dec {tuple(tc.W_dec.shape)}).")
+                       f"(W_enc {tuple(tc.W_enc.shape)}, W_dec {tuple(tc.decoder_shape)}).")
     if activation == "topk" and not (isinstance(k, int) and 1 <= k <= d_t):
         raise SAEError(f"transcoder layer {layer} is TopK but its k ({k!r}) is not between 1 and {d_t}.")
     return tc
 
 
-def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None = None) -> TranscoderSet:
+def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None = None,
+                        lazy_decoders: bool = True) -> TranscoderSet:
     """A circuit-tracer transcoder set; refused in one sentence when it does not fit a model of n_layers /
-    d_model, misses a layer, or reads from another hook than the MLP's normalised input. Gemma Scope 2 and SAELens
-    folders and circuit-tracer cross-layer transcoders are read by `transcoder_formats`."""
+    d_model, misses a layer, or reads from another hook than the MLP's normalised input. With lazy_decoders the
+    decoders stay in their files (DecoderRows) and are read row by row when needed. Gemma Scope 2 and SAELens
+    folders and circuit-tracer cross-layer transcoders are read by `transcoder_formats` (decoders in memory)."""
     from desktop_app.engine.transcoder_formats import load_other_format
 
     other = load_other_format(folder, n_layers, d_model)
@@ -200,11 +295,12 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if n_layers is not None and len(paths) != n_layers:
         raise SAEError(f"the transcoder set has {len(paths)} layers but the model has {n_layers}.")
     k = cfg.get("k")
-    layers = [_read_layer(p, i, activation, k if isinstance(k, int) else None) for i, p in enumerate(paths)]
+    layers = [_read_layer(p, i, activation, k if isinstance(k, int) else None, lazy_decoders)
+              for i, p in enumerate(paths)]
     widths = {tc.d_model for tc in layers}
     if len(widths) != 1 or (d_model is not None and widths != {d_model}):
         raise SAEError(f"the transcoders have d_model {sorted(widths)} but the model's d_model is {d_model}.")
-    return TranscoderSet(layers, cfg)
+    return TranscoderSet(layers, cfg, folder)
 
 
 def _layer_index(path: Path) -> int:

@@ -17,8 +17,8 @@ class AttributionGraphSpec(AnalysisSpec):
                                  "folder above per-layer ones")
     prompt: str = prompt_field()
     max_feature_nodes: int = param(7500, widget="int", minimum=1, maximum=1_000_000,
-                                   tip="At most this many active features become nodes (the strongest; the rest "
-                                       "count as part of their error node)")
+                                   tip="At most this many active features become nodes (the most influential on the "
+                                       "logits; the rest count as part of their error node)")
     node_threshold: float = param(0.8, widget="float", minimum=0.0, maximum=1.0,
                                   tip="Keep the fewest features that carry this fraction of the influence on the logits")
     edge_threshold: float = param(0.98, widget="float", minimum=0.0, maximum=1.0,

@@ -1,0 +1,257 @@
+"""The frozen replacement model of an attribution graph: hooks that record the real run, then run the model with its
+MLPs replaced by transcoders plus error terms, or frozen (attention patterns, norm scales and MLP outputs fixed).
+
+Freezing the attention patterns and the norms' scales at their values in the real run, and the MLP outputs, makes
+the model affine in what the graph's nodes write (the input embeddings and what is added at each MLP output).
+Frozen attention runs through a registered transformers attention function that applies the recorded pattern to the
+values (so models that dispatch their attention through transformers' AttentionInterface work: GPT-2, Llama, NeoX,
+...); frozen norms are hooks returning y0 + J (x - x0) with J the norm's Jacobian at a fixed scale. Models whose
+MLP output is post-normed, scaled or read elsewhere are refused.
+"""
+from __future__ import annotations
+
+import torch
+
+from desktop_app.engine.dla import FrozenNorm
+from desktop_app.engine.errors import SpecError
+
+_ATTN_NAME = "iwb_frozen_pattern"
+_PATTERNS: dict[int, torch.Tensor] = {}  # id(attention module) -> recorded pattern [1, heads, query, key]
+
+
+def _frozen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    pattern = _PATTERNS.get(id(module))
+    if pattern is None:
+        raise SpecError("internal: frozen attention was asked for a layer whose pattern was not recorded.")
+    v = value
+    if v.shape[1] != pattern.shape[1]:  # grouped-query attention: each kv head serves several query heads
+        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)
+    out = torch.matmul(pattern.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous(), pattern
+
+
+def _register_attention():
+    from transformers.modeling_utils import AttentionInterface
+
+    if _ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_ATTN_NAME, _frozen_attention)
+
+
+def check_supported(lm) -> None:
+    a = lm.adapter
+    problems = [what for what, bad in (
+        ("its MLP output is post-normed", a.post_mlp_norm_name), ("its MLP output is read elsewhere", a.mlp_out_path),
+        ("it scales sub-layer outputs", a.residual_multiplier != 1.0),
+        ("it caps its logits with tanh", a.final_logit_softcap), ("it has a projection after the final norm",
+                                                                   a.final_proj is not None)) if bad]
+    if problems:
+        raise SpecError(f"attribution graphs are not supported for this {a.family} model: {problems[0]}.")
+
+
+def _norm_modules(lm) -> list[torch.nn.Module]:
+    """Every norm of the blocks outside attention and MLP (those see only what is frozen or replaced), and the
+    final norm."""
+    a = lm.adapter
+    found = []
+    for L, block in enumerate(a.blocks):
+        inner = {id(m) for sub in (a.attn(L), a.mlp(L)) for m in sub.modules()}
+        found += [m for m in block.modules() if id(m) not in inner and m is not block
+                  and ("Norm" in type(m).__name__ or isinstance(m, torch.nn.LayerNorm))]
+    if a.final_norm_in_model:
+        found.append(a.final_norm)
+    return found
+
+
+class _NormState:
+    def __init__(self, module, x0: torch.Tensor, y0: torch.Tensor):
+        fn = FrozenNorm(module, x0.reshape(-1, x0.shape[-1])[0])
+        self.x0, self.y0 = x0, y0
+        self.centred = fn.centred
+        self.gain = fn.gain.float()
+        eps = next((float(getattr(module, n)) for n in ("eps", "variance_epsilon", "epsilon")
+                    if isinstance(getattr(module, n, None), (int, float))), 0.0)
+        self.scale = torch.sqrt(self._centre(x0).pow(2).mean(-1, keepdim=True) + eps)
+        rebuilt = self.gain * self._centre(x0) / self.scale + fn.bias.float()
+        diff = float((rebuilt - y0).abs().max())
+        if diff > 1e-4 * (1.0 + float(y0.abs().max())):
+            raise SpecError(f"refused: the norm {type(module).__name__} is not a scaled LayerNorm / RMSNorm "
+                            f"(rebuilding it with a frozen scale is off by {diff:.2g}).")
+
+    def _centre(self, v):
+        return v - v.mean(-1, keepdim=True) if self.centred else v
+
+    def __call__(self, x):
+        if x.dim() == self.x0.dim() - 1:  # the final norm on the last position only (run_from_layer last_only)
+            x0, y0, scale = self.x0[:, -1], self.y0[:, -1], self.scale[:, -1]
+        else:
+            x0, y0, scale = self.x0, self.y0, self.scale
+        return y0 + self.gain * self._centre(x - x0) / scale
+
+
+class ReplacementContext:
+    """Hooks for the three ways this module runs the model: `record` (the real run, keeping what is frozen),
+    `replacement` (real attention and norms, MLPs replaced by transcoder + error), `frozen` (patterns, norm
+    scales and MLP outputs fixed: affine in the embeddings and the injected MLP outputs).
+
+    With gradient_only, frozen mode serves only the edges' backward passes, whose MLP outputs are replaced whatever
+    the MLPs compute: the MLPs are not run (or run without autograd), and a fused query/key/value projection keeps
+    only its value columns in the autograd graph. Subclasses that read the real MLPs in frozen mode leave it off."""
+
+    def __init__(self, lm, tset, gradient_only: bool = False):
+        self.lm, self.tset, self.a = lm, tset, lm.adapter
+        self.gradient_only = gradient_only
+        self.mode = "record"
+        self.norms = _norm_modules(lm)
+        self.norm_io: dict[int, tuple] = {}
+        self.norm_states: dict[int, _NormState] = {}
+        self.patterns: dict[int, torch.Tensor] = {}
+        self.mlp_in0: list = [None] * len(self.a.blocks)
+        self.mlp_out0: list = [None] * len(self.a.blocks)
+        self.mlp_in: list = [None] * len(self.a.blocks)
+        self.mlp_inject: list = [None] * len(self.a.blocks)  # frozen: what the MLP writes besides W_skip x
+        self.errors: list = [None] * len(self.a.blocks)
+        self.mlp_plain: list = [False] * len(self.a.blocks)  # the MLP returns a plain tensor
+        self.handles = []
+        self.configs = []
+        self.skipped: list[torch.nn.Module] = []
+
+    def __enter__(self):
+        for m in self.norms:
+            self.handles.append(m.register_forward_hook(self._norm_hook))
+        self.grad_at_enter = self.grad_enabled = torch.is_grad_enabled()
+        for L in range(len(self.a.blocks)):
+            if self.gradient_only:
+                self.handles.append(self.a.mlp(L).register_forward_pre_hook(self._mlp_pre_hook))
+            self.handles.append(self.a.mlp(L).register_forward_hook(self._mlp_hook(L)))
+            self.handles.append(self.a.attn(L).register_forward_hook(self._attn_hook))
+            qkv = _fused_qkv(self.a.attn(L)) if self.gradient_only else None
+            if qkv is not None:
+                self.handles.append(qkv.register_forward_hook(self._value_only_hook))
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self.grad_at_enter)  # an error inside a frozen MLP left autograd off
+        self._skip_mlps(False)
+        for h in self.handles:
+            h.remove()
+        self._attention("restore")
+        for m in list(_PATTERNS):
+            if m in self.patterns:
+                _PATTERNS.pop(m, None)
+
+    def _attention(self, what: str):
+        if what == "freeze":
+            _register_attention()
+            _PATTERNS.update(self.patterns)
+            for L in range(len(self.a.blocks)):
+                cfg = getattr(self.a.attn(L), "config", None)
+                if cfg is not None and all(cfg is not c for c, _ in self.configs):
+                    self.configs.append((cfg, cfg._attn_implementation))
+                    cfg._attn_implementation = _ATTN_NAME
+        else:
+            for cfg, impl in self.configs:
+                cfg._attn_implementation = impl
+            self.configs = []
+
+    def _norm_hook(self, module, args, output):
+        if self.mode == "record":
+            self.norm_io[id(module)] = (args[0].detach().clone(), output.detach().clone())
+            return None
+        if self.mode == "frozen":
+            return self.norm_states[id(module)](args[0])
+        return None
+
+    def _attn_hook(self, module, args, output):
+        if self.mode == "record":
+            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if weights is None:
+                raise SpecError("attribution graphs need eager attention (the pattern of each head); reload the model.")
+            self.patterns[id(module)] = weights.detach().clone()
+        return None
+
+    def _value_only_hook(self, module, args, output):
+        # frozen: a fused [query | key | value] projection (GPT-2's c_attn) where only the values reach the output
+        # (the pattern is fixed), so only the value columns are kept in the autograd graph: the backward passes
+        # then multiply by a third of the weight
+        if self.mode != "frozen" or not torch.is_grad_enabled():
+            return None
+        x = args[0]
+        d = output.shape[-1] // 3
+        v = torch.addmm(module.bias[2 * d:], x.reshape(-1, x.shape[-1]), module.weight[:, 2 * d:])
+        return torch.cat([output[..., :2 * d].detach(), v.reshape(*x.shape[:-1], d).to(output.dtype)], -1)
+
+    def _skip_mlps(self, skip: bool):
+        """Frozen: an MLP whose output is a plain tensor is not computed at all (its output is replaced by the hook
+        below), its forward stood in for by the identity on the instance; restored when leaving frozen mode."""
+        for m in self.skipped:
+            m.__dict__.pop("forward", None)
+        self.skipped = []
+        if skip:
+            for L in range(len(self.a.blocks)):
+                if self.mlp_plain[L] and "forward" not in self.a.mlp(L).__dict__:
+                    self.a.mlp(L).forward = _identity
+                    self.skipped.append(self.a.mlp(L))
+
+    def _mlp_pre_hook(self, _mod, args):
+        # frozen: the MLP's own output is replaced, so its insides are computed without autograd (no memory kept
+        # for a backward pass that never reaches them); the hook below turns autograd back on
+        if self.mode == "frozen":
+            self.grad_enabled = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+        return None
+
+    def _mlp_hook(self, layer):
+        def hook(_mod, args, output):
+            x = args[0]
+            if self.mode == "frozen" and self.gradient_only:
+                torch.set_grad_enabled(self.grad_enabled)
+            if self.mode == "record":
+                self.mlp_in0[layer] = x.detach().clone()
+                self.mlp_out0[layer] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
+                self.mlp_plain[layer] = isinstance(output, torch.Tensor)
+                return None
+            self.mlp_in[layer] = x
+            tc = self.tset.layers[layer]
+            if self.mode == "replacement":
+                new = tc(x) + self.errors[layer]
+            else:
+                new = self.mlp_inject[layer] + tc.skip(x)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def set_mode(self, mode: str):
+        if mode == "frozen" and not self.norm_states:
+            self.norm_states = {i: _NormState(m, *self.norm_io[id(m)]) for m in self.norms
+                                for i in [id(m)]}
+        self._attention("freeze" if mode == "frozen" else "restore")
+        self._skip_mlps(mode == "frozen" and self.gradient_only)
+        self.mode = mode
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def _fused_qkv(attn: torch.nn.Module):
+    """GPT-2's fused projection (a Conv1D `c_attn` with weight [d, 3 d] split into query, key, value thirds), or
+    None for attention of another layout."""
+    c = getattr(attn, "c_attn", None)
+    w = getattr(c, "weight", None)
+    if (type(c).__name__ != "Conv1D" or getattr(attn, "is_cross_attention", False) or w is None or w.dim() != 2
+            or w.shape[1] != 3 * w.shape[0] or getattr(attn, "split_size", None) != w.shape[0]):
+        return None
+    return c
+
+
+def _detached_run(run):
+    """The recorded block arguments as ordinary tensors (recorded under inference mode, which autograd refuses)."""
+    def copy(v):
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        if isinstance(v, tuple):
+            return tuple(copy(x) for x in v)
+        return v
+    run.block_kwargs = [{k: copy(v) for k, v in kw.items()} for kw in run.block_kwargs]
+    run.block_args = [tuple(copy(v) for v in args) for args in run.block_args]
+    run.resid_pre = [r.clone() for r in run.resid_pre]
+    return run
