@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from desktop_app.engine.attribution_replacement import ReplacementContext, _detached_run, check_supported
+from desktop_app.engine.attribution_replacement import (ReplacementContext, _detached_run, b_dec_of, check_supported,
+                                                        is_cross_layer, skip_of)
 from desktop_app.engine.errors import OutOfMemory, SpecError
 from desktop_app.engine.jobs import CancelToken, Progress
 from desktop_app.engine.model import human_bytes
@@ -96,6 +97,9 @@ class ActiveFeatures:
     b_enc: torch.Tensor  # [n]
     layer_bounds: list[tuple[int, int]]  # per layer, its features' index range
     groups: list[tuple[int, int, int, int]]  # (layer, position, lo, hi): the features written at one place
+    # cross-layer sets: per read layer s, [n_s, n_layers - s, d]: activation x decoder row written into layer s + j
+    # (dec_scaled is then the j = 0 slice)
+    dec_cross: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.layer)
@@ -104,6 +108,8 @@ class ActiveFeatures:
 def active_features(tset, mlp_in0, mlp_out0) -> tuple[ActiveFeatures, list[torch.Tensor]]:
     """Every layer's active features at every position of the real run, and each layer's error [pos, d] (the MLP's
     output minus the transcoder's reconstruction). Reads only the decoder rows of the features that are active."""
+    if is_cross_layer(tset):
+        return _active_cross_layer(tset, mlp_in0, mlp_out0)
     parts, errors, bounds, start = [], [], [], 0
     for L, tc in enumerate(tset.layers):
         x0, y0 = mlp_in0[L][0].float(), mlp_out0[L][0].float()
@@ -119,13 +125,40 @@ def active_features(tset, mlp_in0, mlp_out0) -> tuple[ActiveFeatures, list[torch
         errors.append(y0 - recon)
         bounds.append((start, start + len(pos)))
         start += len(pos)
+    return _collect(parts, bounds), errors
+
+
+def _collect(parts, bounds, dec_cross=None) -> ActiveFeatures:
     cat = [torch.cat([p[i] for p in parts]) for i in range(7)]
     groups = []
     for L, (lo, hi) in enumerate(bounds):
         positions, counts = torch.unique_consecutive(cat[1][lo:hi], return_counts=True)
         ends = lo + torch.cumsum(counts, 0)
         groups += [(L, int(p), int(e - c), int(e)) for p, c, e in zip(positions, counts, ends)]
-    return ActiveFeatures(*cat, bounds, groups), errors
+    return ActiveFeatures(*cat, bounds, groups, dec_cross)
+
+
+def _active_cross_layer(clt, mlp_in0, mlp_out0) -> tuple[ActiveFeatures, list[torch.Tensor]]:
+    """As active_features, for a cross-layer set: layer l's error is its MLP output minus b_dec[l] and what the
+    features read at every layer s <= l write into it."""
+    n_layers = len(clt)
+    parts, bounds, dec_cross, start = [], [], [], 0
+    recon = [clt.b_dec[L].float()[None].expand_as(mlp_out0[L][0]).clone() for L in range(n_layers)]
+    with torch.no_grad():
+        for s in range(n_layers):
+            acts = clt.encode(s, mlp_in0[s][0].float())
+            pos, feat = acts.nonzero(as_tuple=True)  # row-major: by position, then feature
+            for j in range(n_layers - s):
+                recon[s + j] += acts @ clt.W_dec[s][:, j].float()
+            a = acts[pos, feat].float()
+            scaled = a[:, None, None] * clt.W_dec[s][feat].float()  # [n_s, n_layers - s, d]
+            dec_cross.append(scaled)
+            parts.append((torch.full_like(pos, s), pos, feat, a, scaled[:, 0], clt.W_enc[s][feat].float(),
+                          clt.b_enc[s][feat].float()))
+            bounds.append((start, start + len(pos)))
+            start += len(pos)
+    errors = [mlp_out0[L][0].float() - recon[L] for L in range(n_layers)]
+    return _collect(parts, bounds, dec_cross), errors
 
 
 class FrozenBackward:
@@ -164,7 +197,13 @@ def _write_rows(out: torch.Tensor, g_emb, g_mlp, feats: ActiveFeatures, errors, 
     in active order, then errors layer-major, then embeddings)."""
     b = out.shape[0]
     n_active, n_pos = len(feats), emb0.shape[0]
-    for L, p, lo, hi in feats.groups:
+    if feats.dec_cross is not None:  # a cross-layer feature: the sum over every layer it writes into
+        for L, p, lo, hi in feats.groups:
+            first = feats.layer_bounds[L][0]
+            for j in range(len(g_mlp) - L):
+                if g_mlp[L + j] is not None:
+                    out[:, lo:hi] += g_mlp[L + j][:b, p] @ feats.dec_cross[L][lo - first:hi - first, j].T
+    for L, p, lo, hi in (feats.groups if feats.dec_cross is None else ()):
         if g_mlp[L] is not None:
             out[:, lo:hi] = g_mlp[L][:b, p] @ feats.dec_scaled[lo:hi].T
     for L, g in enumerate(g_mlp):
@@ -202,8 +241,6 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
     """Job: yields Progress, returns the Graph of the prompt `ids` (see the module docstring)."""
     cancel = cancel or CancelToken()
     check_supported(lm)
-    if getattr(tset, "cross_layer", False):
-        raise SpecError("cross-layer transcoders are not supported by attribution graphs yet; use a per-layer set.")
     n_layers = len(lm.adapter.blocks)
     if len(tset) != n_layers or tset.d_model != lm.info.d_model:
         raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
@@ -240,7 +277,7 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
                               f"budget of {human_bytes(memory_budget)}; shorten the prompt or lower "
                               "max_feature_nodes.")
         emb0 = run.resid_pre[0][0].detach().float()  # [pos, d]
-        inject0 = [(ctx.mlp_out0[L][0].float() - tset.layers[L].skip(ctx.mlp_in0[L][0].float())).detach()
+        inject0 = [(ctx.mlp_out0[L][0].float() - skip_of(tset, L, ctx.mlp_in0[L][0].float())).detach()
                    for L in range(n_layers)]
         ctx.set_mode("frozen")
         n_cols = n_active + n_e + n_pos
@@ -308,7 +345,7 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
                                    logit_tokens)
         del frozen
         with torch.no_grad():  # the biases: every source removed, one forward pass
-            ctx.mlp_inject = [tset.layers[L].b_dec.float()[None, None].expand(1, n_pos, -1) for L in range(n_layers)]
+            ctx.mlp_inject = [b_dec_of(tset, L)[None, None].expand(1, n_pos, -1) for L in range(n_layers)]
             logits = run_from_layer(lm, run, 0, torch.zeros(1, n_pos, d_model), cancel=cancel, last_only=True)
             bias_all = _inputs(feats, logits, list(ctx.mlp_in), logit_tokens)
         ctx.set_mode("replacement")

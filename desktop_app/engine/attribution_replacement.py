@@ -111,6 +111,7 @@ class ReplacementContext:
         self.mlp_inject: list = [None] * len(self.a.blocks)  # frozen: what the MLP writes besides W_skip x
         self.errors: list = [None] * len(self.a.blocks)
         self.mlp_plain: list = [False] * len(self.a.blocks)  # the MLP returns a plain tensor
+        self.clt_acts: list = [None] * len(self.a.blocks)  # replacement with a cross-layer set: features read so far
         self.handles = []
         self.configs = []
         self.skipped: list[torch.nn.Module] = []
@@ -211,13 +212,21 @@ class ReplacementContext:
                 self.mlp_plain[layer] = isinstance(output, torch.Tensor)
                 return None
             self.mlp_in[layer] = x
-            tc = self.tset.layers[layer]
             if self.mode == "replacement":
-                new = tc(x) + self.errors[layer]
+                new = self._replaced(layer, x) + self.errors[layer]
             else:
-                new = self.mlp_inject[layer] + tc.skip(x)
+                new = self.mlp_inject[layer] + skip_of(self.tset, layer, x)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
+
+    def _replaced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What the transcoders make of layer `layer`'s MLP output. A cross-layer set adds the features read at every
+        layer s <= layer (encoded earlier in the same forward pass, layers run in order) decoded into this layer."""
+        if not is_cross_layer(self.tset):
+            return self.tset.layers[layer](x)
+        self.clt_acts[layer] = self.tset.encode(layer, x)
+        return self.tset.b_dec[layer] + sum(self.clt_acts[s] @ self.tset.W_dec[s][:, layer - s]
+                                            for s in range(layer + 1))
 
     def set_mode(self, mode: str):
         if mode == "frozen" and not self.norm_states:
@@ -226,6 +235,22 @@ class ReplacementContext:
         self._attention("freeze" if mode == "frozen" else "restore")
         self._skip_mlps(mode == "frozen" and self.gradient_only)
         self.mode = mode
+
+
+def is_cross_layer(tset) -> bool:
+    return bool(getattr(tset, "cross_layer", False))
+
+
+def skip_of(tset, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The linear skip term a layer's transcoder adds (zero for a cross-layer set, which has none)."""
+    if is_cross_layer(tset):
+        return torch.zeros_like(x[..., :tset.d_model])
+    return tset.layers[layer].skip(x)
+
+
+def b_dec_of(tset, layer: int) -> torch.Tensor:
+    """The decoder bias written into layer `layer`'s MLP output."""
+    return (tset.b_dec[layer] if is_cross_layer(tset) else tset.layers[layer].b_dec).float()
 
 
 def _identity(x, *args, **kwargs):

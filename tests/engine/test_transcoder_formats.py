@@ -337,8 +337,10 @@ def test_cross_layer_transcoder_matches_numpy(tmp_path, jump):
 def test_cross_layer_transcoder_refusals(tmp_path, lm_gpt2):
     enc, dec = clt_arrays(51)
     folder = write_clt(tmp_path / "ok", enc, dec)
-    with pytest.raises(SpecError, match="cross-layer transcoders are not supported by attribution graphs") as e:
-        drive(build_graph(lm_gpt2, torch.tensor([[1, 2, 3]]), load_transcoder_set(folder, n_layers=2, d_model=D)))
+    # graphs take CLTs now (tests/engine/test_attribution_graph_clt.py); one that does not fit is refused
+    with pytest.raises(SpecError, match="does not fit this model") as e:
+        drive(build_graph(lm_gpt2, torch.tensor([[1, 2, 3]]), load_transcoder_set(write_clt(
+            tmp_path / "wide", *clt_arrays(52, n_layers=2, d=D + 1)), n_layers=2, d_model=D + 1)))
     _one_sentence(e)
     _refused(r"misses layer\(s\) \[2\]", folder, n_layers=3, d_model=D)
     _refused("encoders for 2 layers but the model has 1", folder, n_layers=1, d_model=D)

@@ -1,0 +1,190 @@
+"""Attribution graphs through cross-layer transcoders (circuit-tracer's CLT layout, random weights written in the
+test): the replacement model reproduces the real logits, every sampled edge equals the change at its target when its
+source is removed from the frozen replacement model (computed from scratch here), a logit's edges plus its bias are
+the logit, and a per-layer set written as a CLT with zero cross-layer decoders gives the per-layer set's graph."""
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from desktop_app.engine.attribution_graph import (EMBEDDING, ERROR, FEATURE, LOGIT, ReplacementContext,
+                                                  _detached_run, build_graph)
+from desktop_app.engine.jobs import drive
+from desktop_app.engine.replay import record_run, run_from_layer
+from desktop_app.engine.transcoder_formats import CrossLayerTranscoder
+from desktop_app.engine.transcoders import Transcoder, TranscoderSet, load_transcoder_set
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+D_T = 24
+
+
+def clt_arrays(seed, n_layers, d, d_t=D_T, cross=True):
+    """circuit-tracer CLT arrays: per layer i, W_enc_i [d_t, d], b_enc_i, b_dec_i, threshold_i and W_dec_i
+    [d_t, n_layers - i, d]; with cross=False only the decoder into the feature's own layer is non-zero."""
+    rng = np.random.default_rng(seed)
+    enc, dec = [], []
+    for i in range(n_layers):
+        enc.append({f"W_enc_{i}": rng.normal(size=(d_t, d)) * 0.3, f"b_enc_{i}": rng.normal(size=d_t) * 0.1,
+                    f"b_dec_{i}": rng.normal(size=d) * 0.1, f"threshold_{i}": np.abs(rng.normal(size=d_t)) * 0.5})
+        w = rng.normal(size=(d_t, n_layers - i, d)) * 0.2
+        if not cross:
+            w[:, 1:] = 0.0
+        dec.append({f"W_dec_{i}": w})
+    f32 = lambda a: {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in a.items()}  # noqa: E731
+    return [f32(e) for e in enc], [f32(x) for x in dec]
+
+
+def write_clt(folder, enc, dec):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: ln2.hook_normalized\n"
+                                        "feature_output_hook: hook_mlp_out\n")
+    for i, (e, x) in enumerate(zip(enc, dec)):
+        save_file(e, str(folder / f"W_enc_{i}.safetensors"))
+        save_file(x, str(folder / f"W_dec_{i}.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def clt_case(request, tmp_path_factory):
+    lm = request.getfixturevalue(f"lm_{request.param}")
+    n, d = lm.info.n_layers, lm.info.d_model
+    enc, dec = clt_arrays(7, n, d)
+    folder = write_clt(tmp_path_factory.mktemp("clt") / request.param, enc, dec)
+    clt = load_transcoder_set(folder, n_layers=n, d_model=d)
+    assert isinstance(clt, CrossLayerTranscoder)
+    ids = torch.tensor([lm.tokenize(PROMPT, True).ids])
+    # few feature nodes: most active features are left out and folded into their error nodes
+    graph = drive(build_graph(lm, ids, clt, max_feature_nodes=40, max_n_logits=4, desired_logit_prob=0.9,
+                              batch_size=16))
+    return lm, clt, ids, graph
+
+
+def test_clt_replacement_reproduces_real_logits(clt_case):
+    lm, clt, ids, graph = clt_case
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits[0, -1].float().numpy()
+    np.testing.assert_allclose(graph.real_logits[-1], plain, atol=1e-5)
+    np.testing.assert_allclose(graph.replacement_logits, plain, atol=1e-5)
+    run = _detached_run(record_run(lm, ids))
+    seen = {}
+    with ReplacementContext(lm, clt) as ctx, torch.no_grad():
+        run_from_layer(lm, run, 0, run.resid_pre[0])
+        ctx.errors = [torch.zeros(1) for _ in range(len(clt))]
+        ctx.set_mode("replacement")
+        # hooks registered after the context's see the MLP outputs it wrote
+        handles = [lm.adapter.mlp(L).register_forward_hook(
+            lambda m, a, o, L=L: seen.__setitem__(L, (o[0] if isinstance(o, tuple) else o).clone()))
+            for L in range(len(clt))]
+        try:
+            no_error = run_from_layer(lm, run, 0, run.resid_pre[0])[0].numpy()
+        finally:
+            for h in handles:
+                h.remove()
+        # without errors, the replacement's MLP outputs are the CLT's reconstruction from that run's MLP inputs
+        expected = clt(list(ctx.mlp_in))
+        for L in range(len(clt)):
+            np.testing.assert_allclose(seen[L].numpy(), expected[L].numpy(), atol=1e-5)
+    assert np.abs(no_error - plain).max() > 1e-3
+
+
+def test_clt_logit_and_feature_inputs_are_edges_plus_bias(clt_case):
+    _, _, _, graph = clt_case
+    kinds = np.array(graph.node_kind)
+    assert (kinds == FEATURE).sum() == 40
+    for t in np.where(np.isin(kinds, [LOGIT, FEATURE]))[0]:
+        total = graph.adjacency[t].astype(np.float64).sum() + graph.bias[t]
+        assert abs(total - graph.target_input[t]) < 1e-4 * (1 + abs(graph.target_input[t]))
+    for t, tok in zip(np.where(kinds == LOGIT)[0], graph.node_feature[kinds == LOGIT]):
+        assert abs(graph.target_input[t] - graph.real_logits[-1][tok]) < 1e-4
+
+
+def _frozen_inputs_clt(lm, clt, ids, graph, drop):
+    """Every target's input in the frozen replacement model with source `drop` removed, from scratch: a feature
+    (s, p, f) is removed from every MLP output l >= s it writes into; an error node (l, p) is layer l's error at p
+    (the MLP output minus b_dec and every active feature's write into it) plus everything the active features read at
+    (l, p) that are not graph nodes write (left-out features are folded into their error node)."""
+    run = _detached_run(record_run(lm, ids))
+    kinds = np.array(graph.node_kind)
+    n_layers = len(clt)
+    with ReplacementContext(lm, clt) as ctx, torch.no_grad():
+        run_from_layer(lm, run, 0, run.resid_pre[0])
+        emb = run.resid_pre[0].clone()
+        inject = [ctx.mlp_out0[L].clone() for L in range(n_layers)]
+        acts = [clt.encode(L, ctx.mlp_in0[L][0]) for L in range(n_layers)]
+
+        def remove_feature(s, p, f, a):
+            for j in range(n_layers - s):
+                inject[s + j][0, p] -= a * clt.W_dec[s][f, j]
+
+        if drop is not None:
+            L, p, f = int(graph.node_layer[drop]), int(graph.node_pos[drop]), int(graph.node_feature[drop])
+            if kinds[drop] == EMBEDDING:
+                emb[0, p] = 0
+            elif kinds[drop] == FEATURE:
+                remove_feature(L, p, f, float(graph.activation[drop]))
+            else:
+                written = clt.b_dec[L] + sum(acts[s][p] @ clt.W_dec[s][:, L - s] for s in range(L + 1))
+                inject[L][0, p] -= ctx.mlp_out0[L][0, p] - written
+                nodes = {int(graph.node_feature[i]) for i in np.where((kinds == FEATURE) & (graph.node_layer == L)
+                                                                      & (graph.node_pos == p))[0]}
+                for g in torch.nonzero(acts[L][p]).reshape(-1).tolist():
+                    if g not in nodes:
+                        remove_feature(L, p, g, float(acts[L][p, g]))
+        ctx.set_mode("frozen")
+        ctx.mlp_inject = inject
+        logits = run_from_layer(lm, run, 0, emb)[0].double()
+        out = np.zeros(graph.n)
+        for t in np.where(np.isin(kinds, [LOGIT, FEATURE]))[0]:
+            if kinds[t] == LOGIT:
+                out[t] = logits[graph.node_feature[t]]
+            else:
+                L, f = int(graph.node_layer[t]), int(graph.node_feature[t])
+                x = ctx.mlp_in[L][0, graph.node_pos[t]]
+                out[t] = float(x @ clt.W_enc[L][f] + clt.b_enc[L][f])
+    return out
+
+
+def test_clt_edges_equal_finite_perturbations(clt_case):
+    lm, clt, ids, graph = clt_case
+    kinds = np.array(graph.node_kind)
+    rng = np.random.default_rng(0)
+    sources = []
+    for kind in (FEATURE, ERROR, EMBEDDING):
+        idx = np.where(kinds == kind)[0]
+        strongest = idx[np.argsort(-np.abs(graph.adjacency[:, idx]).max(0))[:2]]
+        sources += list(strongest) + list(rng.choice(idx, size=min(2, len(idx)), replace=False))
+    # a feature of layer 0, whose writes reach every later layer
+    sources.append(np.where((kinds == FEATURE) & (graph.node_layer == 0))[0][0])
+    targets = np.where(np.isin(kinds, [LOGIT, FEATURE]))[0]
+    base = _frozen_inputs_clt(lm, clt, ids, graph, drop=None)
+    np.testing.assert_allclose(base[targets], graph.target_input[targets], atol=1e-4)
+    for s in sources:
+        without = _frozen_inputs_clt(lm, clt, ids, graph, drop=s)
+        np.testing.assert_allclose(graph.adjacency[targets, s], base[targets] - without[targets], atol=3e-5,
+                                   rtol=1e-4)
+    assert np.abs(graph.adjacency[np.ix_(targets, sources)]).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("max_feature_nodes", [10_000, 30])
+def test_per_layer_set_as_clt_gives_the_same_graph(family, max_feature_nodes, request, tmp_path):
+    lm = request.getfixturevalue(f"lm_{family}")
+    n, d = lm.info.n_layers, lm.info.d_model
+    enc, dec = clt_arrays(11, n, d, cross=False)
+    clt = load_transcoder_set(write_clt(tmp_path / "clt", enc, dec), n_layers=n, d_model=d)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    per_layer = TranscoderSet([Transcoder(t(enc[i][f"W_enc_{i}"]), t(dec[i][f"W_dec_{i}"][:, 0].copy()),
+                                          t(enc[i][f"b_enc_{i}"]), t(enc[i][f"b_dec_{i}"]), "jumprelu",
+                                          t(enc[i][f"threshold_{i}"])) for i in range(n)], {})
+    ids = torch.tensor([lm.tokenize(PROMPT, True).ids])
+    graphs = [drive(build_graph(lm, ids, s, max_feature_nodes=max_feature_nodes, max_n_logits=4,
+                                desired_logit_prob=0.9, batch_size=16)) for s in (per_layer, clt)]
+    a, b = graphs
+    assert a.node_kind == b.node_kind and a.node_ids() == b.node_ids()
+    if max_feature_nodes < 10_000:
+        assert (np.array(a.node_kind) == FEATURE).sum() == max_feature_nodes
+    np.testing.assert_allclose(a.activation, b.activation, atol=1e-6)
+    np.testing.assert_allclose(a.adjacency, b.adjacency, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(a.bias, b.bias, atol=1e-5)
+    np.testing.assert_allclose(a.target_input, b.target_input, atol=1e-5)
+    np.testing.assert_allclose(a.replacement_logits, b.replacement_logits, atol=1e-5)
