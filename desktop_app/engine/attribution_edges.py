@@ -15,6 +15,11 @@ layer it reads. Only the rows of features that become nodes are computed: logits
 of their influence on the logits estimated from the rows so far (re-ranked every few passes), up to
 max_feature_nodes. Features left out count as part of their error node: their columns are added to it, which is
 exact because the frozen model is linear.
+
+Cross-layer transcoders (circuit-tracer CLTs): a feature read at layer s writes activation x W_dec[s][f, l - s] into
+the MLP output of every layer l >= s, so its edge to a target sums its writes against the target's gradient at each
+of those layers; layer l's error is its MLP output minus b_dec[l] and every active feature's write into it. A
+left-out CLT feature is folded into the error node of the layer and position it reads at (with all its writes).
 """
 from __future__ import annotations
 

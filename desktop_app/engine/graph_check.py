@@ -3,7 +3,8 @@ compare the graph's linear prediction of the change of its logits with three mea
 
 A clamp sets a feature's activation to `activation + delta` (circuit-tracer's `feature_intervention` semantics: in
 every run the decoder row times (target - the feature's current activation) is added to its layer's MLP output at
-its position, so a clamped feature stays clamped whatever its inputs do). The prediction sums the paths through the
+its position, so a clamped feature stays clamped whatever its inputs do; a cross-layer transcoder's feature adds its
+decoder row for every layer it writes into, to that layer's MLP output). The prediction sums the paths through the
 graph's feature -> feature and feature -> logit edges (embeddings and error nodes held fixed; the paths into a
 clamped feature are cut, since its activation is fixed). It is measured three times, each against an unedited run
 of the same model:
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run, check_supported
+from desktop_app.engine.attribution_replacement import is_cross_layer
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.replay import record_run, run_from_layer
@@ -94,6 +96,9 @@ class _CheckContext(ReplacementContext):
                 return recording(mod, args, output)
             x = args[0]
             out = output[0] if isinstance(output, tuple) else output
+            if is_cross_layer(self.tset):
+                new = self._cross_layer(layer, x.float(), out)
+                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
             tc = self.tset.layers[layer]
             acts = tc.encode(x.float())
             if self.mlp == "graph":
@@ -107,6 +112,26 @@ class _CheckContext(ReplacementContext):
             new = new.to(out.dtype)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
+
+    def _cross_layer(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A cross-layer set: the features read here are encoded (layers run in order, so those of earlier layers
+        are known); graph mode writes every layer s <= layer's features decoded into this layer plus the error; a
+        clamp of a feature read at s adds (target - its activation in this run) x its decoder into this layer, for
+        every layer it writes into (circuit-tracer's intervention on a CLT feature)."""
+        clt = self.tset
+        self.clt_acts[layer] = acts = clt.encode(layer, x)
+        if self.mlp == "graph":
+            self.active[layer] = (acts != 0).detach().clone()
+            new = clt.b_dec[layer] + sum(self.clt_acts[s] @ clt.W_dec[s][:, layer - s]
+                                         for s in range(layer + 1)) + self.errors[layer]
+        else:
+            new = out.float()
+        for s in range(layer + 1):
+            for pos, feature, target in self.clamps.get(s, ()):
+                new = new.clone()
+                new[:, pos] += (target - self.clt_acts[s][:, pos, feature])[:, None] * clt.W_dec[s][feature,
+                                                                                                   layer - s]
+        return new.to(out.dtype)
 
 
 def _crossings(base: dict, edited: dict, clamped: set) -> list[tuple[int, int, int, bool]]:
@@ -133,14 +158,18 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
     run = _detached_run(record_run(lm, ids, cancel=cancel))
     edits: dict[int, list] = {}
     for L, p, f, target in clamps:
-        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < tset.layers[L].d_transcoder):
+        width = tset.d_transcoder if is_cross_layer(tset) else tset.layers[L].d_transcoder if 0 <= L < len(tset) else 0
+        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < width):
             raise SpecError(f"feature {L}_{f}_{p} is not in this model and transcoder set at this prompt "
                             f"({len(tset)} layers, {ids.shape[1]} tokens); check the graph was computed with them.")
         edits.setdefault(int(L), []).append((int(p), int(f), float(target)))
     out, bases = {}, []
     with _CheckContext(lm, tset) as ctx, torch.no_grad():
         run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=False)  # records what is frozen
-        for L, tc in enumerate(tset.layers):
+        if is_cross_layer(tset):
+            recon = tset([x.float() for x in ctx.mlp_in0])
+            ctx.errors = [ctx.mlp_out0[L].float() - recon[L] for L in range(len(tset))]
+        for L, tc in enumerate(() if is_cross_layer(tset) else tset.layers):
             x0, y0 = ctx.mlp_in0[L].float(), ctx.mlp_out0[L].float()
             ctx.errors[L] = y0 - tc(x0)
         for name, mode, mlp in (("measured_graph", "frozen", "graph"), ("measured_frozen", "frozen", "real"),

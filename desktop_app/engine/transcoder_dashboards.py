@@ -79,8 +79,12 @@ def transcoder_dashboards_job(lm, transcoders, corpus_path, features=None, n_top
     from desktop_app.engine.transcoders import TranscoderSet, load_transcoder_set
 
     cancel = cancel or CancelToken()
-    tset = transcoders if isinstance(transcoders, TranscoderSet) else load_transcoder_set(
-        transcoders, n_layers=lm.info.n_layers, d_model=lm.info.d_model)
+    loaded = isinstance(transcoders, TranscoderSet) or getattr(transcoders, "cross_layer", False)
+    tset = transcoders if loaded else load_transcoder_set(transcoders, n_layers=lm.info.n_layers,
+                                                          d_model=lm.info.d_model)
+    if getattr(tset, "cross_layer", False):
+        raise SAEError("feature cards are not built for cross-layer transcoders yet (a feature writes into several "
+                       "layers, so it has no single decoder direction for its promoted tokens); use a per-layer set.")
     pairs = _check_features(tset, features)
     yield Progress(0, 1, "reading the corpus")
     docs = corpus_mod.tokenize_documents(lm, corpus_mod.read_corpus(corpus_path), seq_len, max_tokens)

@@ -188,3 +188,54 @@ def test_per_layer_set_as_clt_gives_the_same_graph(family, max_feature_nodes, re
     np.testing.assert_allclose(a.bias, b.bias, atol=1e-5)
     np.testing.assert_allclose(a.target_input, b.target_input, atol=1e-5)
     np.testing.assert_allclose(a.replacement_logits, b.replacement_logits, atol=1e-5)
+
+
+# ---- clamp checks of CLT features --------------------------------------------------------------------------------
+
+def _extras(graph):
+    return {"node_ids": np.array(graph.node_ids()), "node_kind": np.array(graph.node_kind),
+            "adjacency": graph.adjacency, "node_activation": graph.activation, "node_layer": graph.node_layer,
+            "node_pos": graph.node_pos, "node_feature": graph.node_feature}
+
+
+def test_clt_clamp_check_graph_model_and_real_model(clt_case):
+    """On the full CLT graph: a small clamp of a layer-0 feature (which writes into every layer) moves the graph's own
+    model exactly as the graph's path sum predicts; the real model's change equals the project's edit mechanism
+    adding delta x the feature's decoder into every MLP output it writes (a different hook path)."""
+    from desktop_app.engine.edits import add_direction, next_token_logits
+    from desktop_app.engine.graph_check import clamp_check, predicted_logit_change
+    from desktop_app.engine.jobs import CancelToken
+
+    lm, clt, ids, _ = clt_case
+    graph = drive(build_graph(lm, ids, clt, max_feature_nodes=100_000, max_n_logits=4, desired_logit_prob=0.9))
+    ex = _extras(graph)
+    f = np.where((ex["node_kind"] == FEATURE) & (ex["node_layer"] == 0))[0]
+    size = [np.abs(predicted_logit_change(ex, str(ex["node_ids"][i]), 1.0)[0]).max() for i in f]
+    informative = 0
+    for i in f[np.argsort(size)[::-1][:3]]:
+        L, p, feat = int(ex["node_layer"][i]), int(ex["node_pos"][i]), int(ex["node_feature"][i])
+        delta = 1e-2 * float(ex["node_activation"][i])
+        c = clamp_check(lm, ids[0].tolist(), clt, ex, str(ex["node_ids"][i]), delta)
+        if not c["crossings"]:
+            np.testing.assert_allclose(c["measured_graph"], c["predicted"],
+                                       atol=2e-6 + 1e-5 * np.abs(c["predicted"]).max())
+            informative += np.abs(c["predicted"]).max() > 1e-4
+        edits = {f"blocks.{L + j}.mlp_out": add_direction(clt.W_dec[L][feat, j].numpy(), delta, [p])
+                 for j in range(len(clt) - L)}
+        base = next_token_logits(lm, ids, None, CancelToken())
+        edited = next_token_logits(lm, ids, edits, CancelToken())
+        np.testing.assert_allclose(c["measured_real"], (edited - base).double().numpy()[c["logit_tokens"]],
+                                   atol=1e-5)
+    assert informative >= 1
+
+
+def test_feature_cards_refuse_a_clt_in_one_sentence(clt_case, tmp_path):
+    from desktop_app.engine.errors import SAEError
+    from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
+
+    lm, clt, _, _ = clt_case
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Mary went to the store.\n")
+    with pytest.raises(SAEError, match="feature cards are not built for cross-layer transcoders") as e:
+        drive(transcoder_dashboards_job(lm, clt, corpus, features=[(0, 1)]))
+    assert str(e.value).count(". ") == 0
