@@ -14,6 +14,7 @@ import torch
 
 from desktop_app.engine.dla import FrozenNorm
 from desktop_app.engine.errors import SpecError
+from desktop_app.engine.transcoders import reads_resid_mid
 
 _ATTN_NAME = "iwb_frozen_pattern"
 _PATTERNS: dict[int, torch.Tensor] = {}  # id(attention module) -> recorded pattern [1, heads, query, key]
@@ -115,6 +116,14 @@ class ReplacementContext:
         self.handles = []
         self.configs = []
         self.skipped: list[torch.nn.Module] = []
+        # transcoders reading hook_resid_mid: each layer's MLP norm (found in the recording as the norm whose output is
+        # the MLP's input); the transcoders read that norm's input in every run
+        self.reads_mid = reads_resid_mid(tset)
+        if self.reads_mid and self.a.parallel_attn_mlp:
+            raise SpecError("these transcoders read hook_resid_mid, which this model does not have (its attention and "
+                            "MLP run in parallel from the same input).")
+        self.mid_norm: list = [None] * len(self.a.blocks)
+        self.norm_in: dict[int, torch.Tensor] = {}
 
     def __enter__(self):
         for m in self.norms:
@@ -155,6 +164,8 @@ class ReplacementContext:
             self.configs = []
 
     def _norm_hook(self, module, args, output):
+        if self.reads_mid:
+            self.norm_in[id(module)] = args[0]
         if self.mode == "record":
             self.norm_io[id(module)] = (args[0].detach().clone(), output.detach().clone())
             return None
@@ -207,10 +218,14 @@ class ReplacementContext:
             if self.mode == "frozen" and self.gradient_only:
                 torch.set_grad_enabled(self.grad_enabled)
             if self.mode == "record":
+                if self.reads_mid:
+                    self.mid_norm[layer] = self._find_mlp_norm(layer, x)
+                x = self.transcoder_input(layer, x)
                 self.mlp_in0[layer] = x.detach().clone()
                 self.mlp_out0[layer] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
                 self.mlp_plain[layer] = isinstance(output, torch.Tensor)
                 return None
+            x = self.transcoder_input(layer, x)
             self.mlp_in[layer] = x
             if self.mode == "replacement":
                 new = self._replaced(layer, x) + self.errors[layer]
@@ -218,6 +233,20 @@ class ReplacementContext:
                 new = self.mlp_inject[layer] + skip_of(self.tset, layer, x)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
+
+    def transcoder_input(self, layer: int, mlp_input: torch.Tensor) -> torch.Tensor:
+        """What layer `layer`'s transcoder reads in the current run: the MLP's input, or (hook_resid_mid) the input
+        of the MLP's norm."""
+        return self.norm_in[self.mid_norm[layer]] if self.reads_mid else mlp_input
+
+    def _find_mlp_norm(self, layer: int, mlp_input: torch.Tensor) -> int:
+        block = {id(m) for m in self.a.blocks[layer].modules()}
+        found = [i for i, (_x, y) in self.norm_io.items() if i in block and y.shape == mlp_input.shape
+                 and torch.equal(y, mlp_input)]
+        if len(found) != 1:
+            raise SpecError(f"these transcoders read hook_resid_mid, but layer {layer}'s MLP input is not the output "
+                            "of one norm of its block here, so the residual stream before it cannot be found.")
+        return found[0]
 
     def _replaced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What the transcoders make of layer `layer`'s MLP output. A cross-layer set adds the features read at every

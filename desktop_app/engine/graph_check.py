@@ -94,7 +94,7 @@ class _CheckContext(ReplacementContext):
         def hook(mod, args, output):
             if self.mode == "record":
                 return recording(mod, args, output)
-            x = args[0]
+            x = self.transcoder_input(layer, args[0])
             out = output[0] if isinstance(output, tuple) else output
             if is_cross_layer(self.tset):
                 new = self._cross_layer(layer, x.float(), out)

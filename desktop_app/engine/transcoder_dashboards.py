@@ -76,7 +76,7 @@ def transcoder_dashboards_job(lm, transcoders, corpus_path, features=None, n_top
     `transcoders` is a folder (a circuit-tracer set) or a loaded TranscoderSet. On cancel, the dashboards of the
     part scanned so far are returned."""
     from desktop_app.engine.sae import corpus as corpus_mod
-    from desktop_app.engine.transcoders import TranscoderSet, load_transcoder_set
+    from desktop_app.engine.transcoders import TranscoderSet, load_transcoder_set, reads_resid_mid
 
     cancel = cancel or CancelToken()
     loaded = isinstance(transcoders, TranscoderSet) or getattr(transcoders, "cross_layer", False)
@@ -85,6 +85,9 @@ def transcoder_dashboards_job(lm, transcoders, corpus_path, features=None, n_top
     if getattr(tset, "cross_layer", False):
         raise SAEError("feature cards are not built for cross-layer transcoders yet (a feature writes into several "
                        "layers, so it has no single decoder direction for its promoted tokens); use a per-layer set.")
+    if reads_resid_mid(tset):
+        raise SAEError("feature cards are not built for transcoders that read hook_resid_mid yet (the corpus scan "
+                       "reads the MLP's input after its norm); use a set that reads the MLP's input.")
     pairs = _check_features(tset, features)
     yield Progress(0, 1, "reading the corpus")
     docs = corpus_mod.tokenize_documents(lm, corpus_mod.read_corpus(corpus_path), seq_len, max_tokens)

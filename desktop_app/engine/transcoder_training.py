@@ -38,7 +38,7 @@ from desktop_app.engine.sae.metrics import explained_variance
 from desktop_app.engine.sae.training import (TrainMetrics, _aux_k_loss, _grad_mode, _JumpReLU, _lr_at, _Step,
                                              optimizer_step)
 from desktop_app.engine.transcoders import (Transcoder, TranscoderSet, load_transcoder_set, parse_flat_yaml,
-                                            save_transcoder_set)
+                                            reads_resid_mid, save_transcoder_set)
 
 ARCHITECTURES = ("topk", "jumprelu")
 CURVES = ("loss", "l0", "explained_variance", "dead_fraction", "mse", "aux_loss", "lr")
@@ -377,6 +377,9 @@ def _existing_set(lm, folder, cfg: TranscoderTrainConfig) -> TranscoderSet:
         raise SAEError(f"training only layers {list(cfg.layers)} replaces them in an existing set, but {folder} holds "
                        "none; train every layer first (leave 'layers' empty).")
     old = load_transcoder_set(Path(folder).expanduser(), n_layers=n, d_model=lm.info.d_model)
+    if getattr(old, "cross_layer", False) or reads_resid_mid(old):
+        raise SAEError(f"the set in {folder} is a cross-layer set or reads hook_resid_mid, but training writes "
+                       "per-layer transcoders that read the MLP's input; choose a new folder.")
     first = old.layers[0]
     k = cfg.k if cfg.architecture == "topk" else None
     if first.activation != cfg.architecture or (k is not None and first.k != k):

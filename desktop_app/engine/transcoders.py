@@ -23,6 +23,9 @@ from desktop_app.engine.jobs import CancelToken, Progress
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")  # the MLP's input after its norm (TransformerLens' hook_mlp_in is before it)
+# the residual stream before the MLP's norm (circuit-tracer's default for CLTs); graphs and clamp checks read it at
+# the norm's input, which the frozen model keeps linear (the norm's scale is frozen)
+RESID_MID_HOOKS = ("hook_resid_mid",)
 OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 
 
@@ -172,6 +175,12 @@ class TranscoderSet:
         return self.layers[layer].decoder_rows(idx)
 
 
+def reads_resid_mid(tset) -> bool:
+    """Whether a set (per-layer or cross-layer) reads the residual stream before the MLP's norm rather than the
+    MLP's input after it."""
+    return str((getattr(tset, "config", None) or {}).get("feature_input_hook", "")) in RESID_MID_HOOKS
+
+
 def parse_flat_yaml(text: str, where: str) -> dict:
     """`key: value` lines and `key:` followed by `- item` lines; comments and blank lines skipped. Anything
     else (nested maps, anchors, tags) is refused: the config of a transcoder set needs no more."""
@@ -270,9 +279,10 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
         raise SAEError(f"{folder} holds a {kind!r}; only per-layer transcoder sets (model_kind: transcoder_set) "
                        "are supported.")
     hook_in = str(cfg.get("feature_input_hook", "mlp.hook_in"))
-    if hook_in not in INPUT_HOOKS:
+    if hook_in not in INPUT_HOOKS + RESID_MID_HOOKS:
         raise SAEError(f"the transcoders read {hook_in!r}, but attribution graphs here need transcoders that read "
-                       f"the MLP's input after its norm ({', '.join(INPUT_HOOKS)}).")
+                       f"the MLP's input after its norm ({', '.join(INPUT_HOOKS)}) or the residual stream before it "
+                       f"({', '.join(RESID_MID_HOOKS)}).")
     hook_out = str(cfg.get("feature_output_hook", "mlp.hook_out"))
     if hook_out not in OUTPUT_HOOKS:
         raise SAEError(f"the transcoders write {hook_out!r}, but they must reconstruct the MLP's output "
@@ -317,7 +327,8 @@ def save_transcoder_set(tset: TranscoderSet, folder, model_name: str = "") -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     activation = tset.layers[0].activation
     lines = [f"model_name: {model_name or 'unknown'}", "model_kind: transcoder_set",
-             "feature_input_hook: mlp.hook_in", "feature_output_hook: mlp.hook_out", f"activation: {activation}"]
+             f"feature_input_hook: {'hook_resid_mid' if reads_resid_mid(tset) else 'mlp.hook_in'}",
+             "feature_output_hook: mlp.hook_out", f"activation: {activation}"]
     if activation == "topk":
         lines.append(f"k: {tset.layers[0].k}")
     lines.append("transcoders:")

@@ -34,9 +34,9 @@ def clt_arrays(seed, n_layers, d, d_t=D_T, cross=True):
     return [f32(e) for e in enc], [f32(x) for x in dec]
 
 
-def write_clt(folder, enc, dec):
+def write_clt(folder, enc, dec, hook_in="ln2.hook_normalized"):
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: ln2.hook_normalized\n"
+    (folder / "config.yaml").write_text(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {hook_in}\n"
                                         "feature_output_hook: hook_mlp_out\n")
     for i, (e, x) in enumerate(zip(enc, dec)):
         save_file(e, str(folder / f"W_enc_{i}.safetensors"))
@@ -44,13 +44,25 @@ def write_clt(folder, enc, dec):
     return folder
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def reader(lm, L, hook_in):
+    """The module whose input layer L's transcoders read, named here by hand: the MLP (its normalised input) or,
+    for hook_resid_mid, the MLP's norm (GPT-2's ln_2, Llama's post_attention_layernorm)."""
+    block = lm.adapter.blocks[L]
+    if hook_in == "hook_resid_mid":
+        return block.ln_2 if hasattr(block, "ln_2") else block.post_attention_layernorm
+    return lm.adapter.mlp(L)
+
+
+@pytest.fixture(scope="module", params=[("gpt2", "ln2.hook_normalized"), ("llama", "ln2.hook_normalized"),
+                                        ("gpt2", "hook_resid_mid"), ("llama", "hook_resid_mid")])
 def clt_case(request, tmp_path_factory):
-    lm = request.getfixturevalue(f"lm_{request.param}")
+    family, hook_in = request.param
+    lm = request.getfixturevalue(f"lm_{family}")
     n, d = lm.info.n_layers, lm.info.d_model
     enc, dec = clt_arrays(7, n, d)
-    folder = write_clt(tmp_path_factory.mktemp("clt") / request.param, enc, dec)
+    folder = write_clt(tmp_path_factory.mktemp("clt") / family, enc, dec, hook_in)
     clt = load_transcoder_set(folder, n_layers=n, d_model=d)
+    assert clt.config["feature_input_hook"] == hook_in
     assert isinstance(clt, CrossLayerTranscoder)
     ids = torch.tensor([lm.tokenize(PROMPT, True).ids])
     # few feature nodes: most active features are left out and folded into their error nodes
@@ -106,11 +118,18 @@ def _frozen_inputs_clt(lm, clt, ids, graph, drop):
     run = _detached_run(record_run(lm, ids))
     kinds = np.array(graph.node_kind)
     n_layers = len(clt)
+    read, mlp_out = {}, {}  # what the transcoders read (hooked here by hand), the real MLP outputs
+    handles = [reader(lm, L, clt.config["feature_input_hook"]).register_forward_pre_hook(
+        lambda m, a, L=L: read.__setitem__(L, a[0])) for L in range(n_layers)]
     with ReplacementContext(lm, clt) as ctx, torch.no_grad():
+        handles += [lm.adapter.mlp(L).register_forward_hook(
+            lambda m, a, o, L=L: None if L in mlp_out else mlp_out.__setitem__(
+                L, (o[0] if isinstance(o, tuple) else o).clone()))
+            for L in range(n_layers)]
         run_from_layer(lm, run, 0, run.resid_pre[0])
         emb = run.resid_pre[0].clone()
-        inject = [ctx.mlp_out0[L].clone() for L in range(n_layers)]
-        acts = [clt.encode(L, ctx.mlp_in0[L][0]) for L in range(n_layers)]
+        inject = [mlp_out[L].clone() for L in range(n_layers)]
+        acts = [clt.encode(L, read[L][0]) for L in range(n_layers)]
 
         def remove_feature(s, p, f, a):
             for j in range(n_layers - s):
@@ -124,7 +143,7 @@ def _frozen_inputs_clt(lm, clt, ids, graph, drop):
                 remove_feature(L, p, f, float(graph.activation[drop]))
             else:
                 written = clt.b_dec[L] + sum(acts[s][p] @ clt.W_dec[s][:, L - s] for s in range(L + 1))
-                inject[L][0, p] -= ctx.mlp_out0[L][0, p] - written
+                inject[L][0, p] -= mlp_out[L][0, p] - written
                 nodes = {int(graph.node_feature[i]) for i in np.where((kinds == FEATURE) & (graph.node_layer == L)
                                                                       & (graph.node_pos == p))[0]}
                 for g in torch.nonzero(acts[L][p]).reshape(-1).tolist():
@@ -133,13 +152,15 @@ def _frozen_inputs_clt(lm, clt, ids, graph, drop):
         ctx.set_mode("frozen")
         ctx.mlp_inject = inject
         logits = run_from_layer(lm, run, 0, emb)[0].double()
+        for h in handles:
+            h.remove()
         out = np.zeros(graph.n)
         for t in np.where(np.isin(kinds, [LOGIT, FEATURE]))[0]:
             if kinds[t] == LOGIT:
                 out[t] = logits[graph.node_feature[t]]
             else:
                 L, f = int(graph.node_layer[t]), int(graph.node_feature[t])
-                x = ctx.mlp_in[L][0, graph.node_pos[t]]
+                x = read[L][0, graph.node_pos[t]]
                 out[t] = float(x @ clt.W_enc[L][f] + clt.b_enc[L][f])
     return out
 
@@ -166,16 +187,18 @@ def test_clt_edges_equal_finite_perturbations(clt_case):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("max_feature_nodes", [10_000, 30])
-def test_per_layer_set_as_clt_gives_the_same_graph(family, max_feature_nodes, request, tmp_path):
+@pytest.mark.parametrize("max_feature_nodes,hook_in", [(10_000, "ln2.hook_normalized"), (30, "ln2.hook_normalized"),
+                                                       (30, "hook_resid_mid")])
+def test_per_layer_set_as_clt_gives_the_same_graph(family, max_feature_nodes, hook_in, request, tmp_path):
     lm = request.getfixturevalue(f"lm_{family}")
     n, d = lm.info.n_layers, lm.info.d_model
     enc, dec = clt_arrays(11, n, d, cross=False)
-    clt = load_transcoder_set(write_clt(tmp_path / "clt", enc, dec), n_layers=n, d_model=d)
+    clt = load_transcoder_set(write_clt(tmp_path / "clt", enc, dec, hook_in), n_layers=n, d_model=d)
     t = lambda a: torch.from_numpy(a)  # noqa: E731
     per_layer = TranscoderSet([Transcoder(t(enc[i][f"W_enc_{i}"]), t(dec[i][f"W_dec_{i}"][:, 0].copy()),
                                           t(enc[i][f"b_enc_{i}"]), t(enc[i][f"b_dec_{i}"]), "jumprelu",
-                                          t(enc[i][f"threshold_{i}"])) for i in range(n)], {})
+                                          t(enc[i][f"threshold_{i}"])) for i in range(n)],
+                               {"feature_input_hook": hook_in})
     ids = torch.tensor([lm.tokenize(PROMPT, True).ids])
     graphs = [drive(build_graph(lm, ids, s, max_feature_nodes=max_feature_nodes, max_n_logits=4,
                                 desired_logit_prob=0.9, batch_size=16)) for s in (per_layer, clt)]
@@ -188,6 +211,7 @@ def test_per_layer_set_as_clt_gives_the_same_graph(family, max_feature_nodes, re
     np.testing.assert_allclose(a.bias, b.bias, atol=1e-5)
     np.testing.assert_allclose(a.target_input, b.target_input, atol=1e-5)
     np.testing.assert_allclose(a.replacement_logits, b.replacement_logits, atol=1e-5)
+    np.testing.assert_allclose(a.replacement_logits, a.real_logits[-1], atol=1e-5)
 
 
 # ---- clamp checks of CLT features --------------------------------------------------------------------------------
@@ -239,3 +263,30 @@ def test_feature_cards_refuse_a_clt_in_one_sentence(clt_case, tmp_path):
     with pytest.raises(SAEError, match="feature cards are not built for cross-layer transcoders") as e:
         drive(transcoder_dashboards_job(lm, clt, corpus, features=[(0, 1)]))
     assert str(e.value).count(". ") == 0
+
+
+def test_per_layer_sets_reading_resid_mid_load_save_and_are_refused_where_not_handled(lm_neox, lm_gpt2, tmp_path):
+    from desktop_app.engine.errors import SAEError, SpecError
+    from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
+    from desktop_app.engine.transcoders import save_transcoder_set
+
+    n, d = lm_neox.info.n_layers, lm_neox.info.d_model
+    enc, dec = clt_arrays(3, n, d, cross=False)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    tset = TranscoderSet([Transcoder(t(enc[i][f"W_enc_{i}"]), t(dec[i][f"W_dec_{i}"][:, 0].copy()),
+                                     t(enc[i][f"b_enc_{i}"]), t(enc[i][f"b_dec_{i}"])) for i in range(n)],
+                         {"feature_input_hook": "hook_resid_mid"})
+    folder = save_transcoder_set(tset, tmp_path / "mid")
+    again = load_transcoder_set(folder, n_layers=n, d_model=d)
+    assert again.config["feature_input_hook"] == "hook_resid_mid"
+    ids = torch.tensor([lm_neox.tokenize(PROMPT, True).ids])
+    with pytest.raises(SpecError, match="read hook_resid_mid, which this model does not have") as e:
+        drive(build_graph(lm_neox, ids, again))
+    assert str(e.value).count(". ") == 0
+    (tmp_path / "corpus.txt").write_text("Mary went to the store.\n")
+    with pytest.raises(SAEError, match="read hook_resid_mid yet"):
+        drive(transcoder_dashboards_job(lm_neox, again, tmp_path / "corpus.txt", features=[(0, 1)]))
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("hook_resid_mid",
+                                                                                     "hook_resid_pre"))
+    with pytest.raises(SAEError, match="read 'hook_resid_pre'"):
+        load_transcoder_set(folder)
