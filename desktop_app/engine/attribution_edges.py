@@ -277,6 +277,8 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
         per_row = 32 * n_layers * n_pos * lm.info.d_model
         batch_size = max(1, min(batch_size, n_logits + n_f, memory_budget // 4 // per_row))
         need = estimate_bytes(n, n_active, 0 if all_kept else n_f + n_logits) + batch_size * per_row
+        if feats.dec_cross is not None:  # a CLT feature's writes into every later layer, held for the passes
+            need += 4 * sum(t.numel() for t in feats.dec_cross)
         if need > memory_budget:
             raise OutOfMemory(f"this graph would have {n} nodes and need about {human_bytes(need)}, over its "
                               f"budget of {human_bytes(memory_budget)}; shorten the prompt or lower "

@@ -1,4 +1,4 @@
-"""Attribution graphs through per-layer transcoders (circuit tracing), on the CPU: the job.
+"""Attribution graphs through per-layer or cross-layer transcoders (circuit tracing), on the CPU: the job.
 
 The work is split by what it is: `attribution_replacement` (the frozen replacement model: hooks, frozen attention
 and norms), `attribution_edges` (active features, nodes, edges by batched backward passes, the memory estimate),

@@ -16,6 +16,9 @@ cross_layer_transcoder.py (load_clt); SAELens saes/transcoder.py; google/gemma-s
     {W_dec_{i} [d_t, n_layers - i, d_model]}: a feature read at layer i writes W_dec_{i}[:, j - i] into layer j >= i;
     f = pre * (pre > threshold) (circuit-tracer's JumpReLU).
 
+CLTs (and circuit-tracer per-layer sets) may read hook_resid_mid, the residual stream before the MLP's norm: the
+graph reads it at that norm's input. Gemma Scope 2 and SAELens folders must read the MLP's normalised input.
+
 Per-layer sets may be one layer's folder or a parent folder of per-layer folders; the layer comes from the hook
 names in each config.
 """

@@ -1,4 +1,5 @@
-"""Per-layer transcoders (MLP input after its norm -> MLP output) in the circuit-tracer set format.
+"""Per-layer transcoders (MLP input after its norm, or with feature_input_hook hook_resid_mid the residual stream
+before that norm -> MLP output) in the circuit-tracer set format.
 
 A set is a folder with `config.yaml` (flat keys: model_name, model_kind: transcoder_set, feature_input_hook,
 feature_output_hook, activation relu / jumprelu / topk, k, and optionally a `transcoders:` list of file names)
