@@ -31,8 +31,9 @@ from desktop_app.engine.pair_metrics import (DatasetMetric, finish_dataset_resul
 from desktop_app.engine.patching import _source_reads, validate
 from desktop_app.engine.conformance import checks_for_component, prefix_reuse_ok, require
 from desktop_app.engine.metric_expr import BoundMetric, TokenSets
-from desktop_app.engine.replay import (RecordedRun, can_start_later, last_block_check, record_run, run_rows,
-                                       unembed_columns)
+from desktop_app.engine.adapters import block_output_tensor
+from desktop_app.engine.replay import (RecordedRun, can_start_later, given_attention_check, last_block_check,
+                                       record_run, run_block_given_attention, run_rows, unembed_columns)
 from desktop_app.engine.results import AnalysisResult, empty_values
 
 POSITION_MODES = ("each", "all", "named")
@@ -366,6 +367,7 @@ class _Stacked:
     template: RecordedRun  # block arguments (the same for prompts of one length)
     hidden: torch.Tensor  # [members, pos, d] the input of the restart block (or the final residual)
     prefix_kv: list | None  # per layer (keys, values) [members, kv_heads, pos, d]
+    z: torch.Tensor | None = None  # head_out: the patched layer's hook_z [members, pos, heads, d_head]
 
 
 def _stack(targets, members, component, layer) -> _Stacked:
@@ -378,7 +380,8 @@ def _stack(targets, members, component, layer) -> _Stacked:
     if all(r.prefix_kv is not None for r in runs):
         kv = [(torch.cat([r.prefix_kv[L][0] for r in runs]), torch.cat([r.prefix_kv[L][1] for r in runs]))
               for L in range(len(runs[0].prefix_kv))]
-    return _Stacked(members, runs[0], hidden, kv)
+    z = torch.cat([_act(r, component, layer) for r in runs]) if component == "head_out" else None
+    return _Stacked(members, runs[0], hidden, kv, z)
 
 
 def _chunk_final(lm, stacked: _Stacked, sources, component: str, layer: int, chunk, truncate: bool, cancel):
@@ -392,6 +395,12 @@ def _chunk_final(lm, stacked: _Stacked, sources, component: str, layer: int, chu
     if start > 0 and block < n:
         prefix = [(k[local, :, :start], v[local, :, :start]) for k, v in stacked.prefix_kv]
     patch = _patcher(chunk, sources, component, layer, start)
+    if component == "head_out" and given_attention_check(lm, stacked.template, layer):
+        # only the patched layer's attention output changes: the output projection of the patched hook_z
+        z = patch(stacked.z[local, start:])
+        attn_out = block_output_tensor(lm.adapter.o_proj(layer)(z.flatten(-2)))
+        hidden = run_block_given_attention(lm, stacked.template, layer, hidden, attn_out, start)
+        return run_rows(lm, stacked.template, layer + 1, hidden, start, prefix, cancel, last_block_last_only=truncate)
     if component in ("resid_pre", "resid_post"):
         hidden = patch(hidden)
         return run_rows(lm, stacked.template, block, hidden, start, prefix, cancel, last_block_last_only=truncate)

@@ -358,3 +358,53 @@ def unembed_columns(lm, resid_final: torch.Tensor, columns: torch.Tensor) -> tor
         cap = a.final_logit_softcap
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def run_block_given_attention(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, attn_output: torch.Tensor,
+                              start: int = 0) -> torch.Tensor:
+    """Block `layer` on `hidden` [rows, pos - start, d_model] (positions from `start` on) with its attention module
+    returning `attn_output` [rows, pos - start, d_model] instead of computing it: where only a head's output
+    changes, the attention's output is the output projection of the patched hook_z, and the keys, queries and
+    scores need no computing. The caller checks that this holds for the model (`given_attention_check`)."""
+    attn = lm.adapter.attn(layer)
+    own = attn.__dict__.get("forward")  # a wrapper some loaders install (accelerate's offloading): put back after
+
+    def given(*_args, **_kwargs):
+        return attn_output, None
+    attn.forward = given
+    try:
+        args, kwargs = _rows_call(run, layer, start, run.n_pos, None, hidden.shape[0])
+        return block_output_tensor(lm.adapter.blocks[layer](hidden, *args, **kwargs))
+    finally:
+        if own is not None:
+            attn.forward = own
+        else:
+            del attn.forward
+
+
+_GIVEN_ATTENTION_OK = weakref.WeakKeyDictionary()  # model -> {layer: whether run_block_given_attention holds}
+
+
+def given_attention_check(lm, run: RecordedRun, layer: int) -> bool:
+    """Whether block `layer` run with its attention output given as the output projection of the recorded hook_z
+    reproduces the recorded block output (run must have read hook_z of that layer); measured once per model and
+    layer, with the conformance check's tolerance."""
+    from desktop_app.engine.conformance import _REL_TOL
+
+    seen = _GIVEN_ATTENTION_OK.setdefault(lm.model, {})
+    if layer in seen:
+        return seen[layer]
+    ok = False
+    z = run.acts.get(hook_name(layer, "attn.hook_z"))
+    if z is not None:
+        ref = run.resid_post(layer)
+        tol = _REL_TOL.get(ref.dtype, 1e-2) * max(1.0, float(ref.float().abs().max()))
+        try:
+            with torch.inference_mode():
+                out_proj = block_output_tensor(lm.adapter.o_proj(layer)(z.flatten(-2)))
+                out = run_block_given_attention(lm, run, layer, run.resid_pre[layer], out_proj)
+            ok = float((out.float() - ref.float()).abs().max()) <= tol
+        except Exception:  # noqa: BLE001 - any failure means: compute the attention
+            ok = False
+    seen[layer] = ok
+    return ok

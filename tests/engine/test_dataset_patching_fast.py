@@ -61,9 +61,12 @@ def dataset(lm, cache):
     ("resid_post", "each")])
 def test_fast_sweep_equals_a_forward_pass_per_cell(tiny_lm, datasets, component, positions):
     data = dataset(tiny_lm, datasets)
+    n = tiny_lm.info.n_layers
     with torch.inference_mode():
-        run = replay.record_run(tiny_lm, data.pairs[0].corrupted.ids)
-    assert replay.last_block_check(tiny_lm, run)  # the fast last block is in use on every tiny family
+        run = replay.record_run(tiny_lm, data.pairs[0].corrupted.ids, [hook_name(L, "attn.hook_z") for L in range(n)])
+    # the fast paths are in use on every tiny family
+    assert replay.last_block_check(tiny_lm, run)
+    assert all(replay.given_attention_check(tiny_lm, run, L) for L in range(n))
     got = drive(dataset_patching_job(tiny_lm, data, component, positions, "denoise", "logit_diff", batch_size=4))
     np.testing.assert_allclose(got.extras["values_per_pair"], reference(tiny_lm, data, component, positions),
                                atol=1e-5, rtol=0)
@@ -122,8 +125,34 @@ def test_fallbacks_stay_exact(lm_llama, datasets, monkeypatch):
     ref = reference(lm_llama, data, "resid_pre", "each")
     monkeypatch.setattr(dataset_patching, "last_block_check", lambda lm, run: False)
     monkeypatch.setattr(dataset_patching, "unembed_columns", lambda lm, final, ids: None)
+    monkeypatch.setattr(dataset_patching, "given_attention_check", lambda lm, run, layer: False)
     got = drive(dataset_patching_job(lm_llama, data, "resid_pre", "each", "denoise", "logit_diff"))
     np.testing.assert_allclose(got.extras["values_per_pair"], ref, atol=1e-5, rtol=0)
+    got = drive(dataset_patching_job(lm_llama, data, "head_out", "all", "denoise", "logit_diff"))
+    np.testing.assert_allclose(got.extras["values_per_pair"], reference(lm_llama, data, "head_out", "all"),
+                               atol=1e-5, rtol=0)
+
+
+def test_attention_that_adds_the_residual_itself_is_computed(ioi_tokenizer):
+    """Bloom's attention module adds the residual stream itself: its output is not the output projection of
+    hook_z, the check says so, and head_out sweeps compute the attention (and stay exact)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from desktop_app import demo_task
+    from desktop_app.engine.loading import wrap_model
+    from family_models import build_family
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=ioi_tokenizer, bos_token=demo_task.BOS_TOKEN)
+    lm = wrap_model(build_family("bloom", ioi_tokenizer.get_vocab_size()), tok)
+    data = tokenize_dataset(lm, dataset_from_list(aligned_items(lm, n=2)))
+    n = lm.info.n_layers
+    with torch.inference_mode():
+        run = replay.record_run(lm, data.pairs[0].corrupted.ids, [hook_name(L, "attn.hook_z") for L in range(n)])
+    assert not any(replay.given_attention_check(lm, run, L) for L in range(n))
+    assert replay.last_block_check(lm, run)
+    got = drive(dataset_patching_job(lm, data, "head_out", "all", "denoise", "logit_diff"))
+    np.testing.assert_allclose(got.extras["values_per_pair"], reference(lm, data, "head_out", "all"),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_broken_column_unembedding_is_caught(lm_gpt2, datasets, monkeypatch):
