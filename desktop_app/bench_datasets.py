@@ -107,8 +107,9 @@ def flop_bound(info, data, component: str) -> tuple[float, float, float]:
     position. The exact minimum, per cell: nothing where the patch changes no activation; else the layers from
     the patch on at the positions from the first changed one, the last layer only as keys and values except at
     the last position, the metric's two logits; head_out recomputes only the patched layer's MLP (its attention
-    is the corrupted run's plus the head's output projection). The plan is what the sweep computes: the patched
-    layer in full for head_out, query, key and value projections for the last layer's earlier positions."""
+    output is the corrupted run's plus the head's output projection). The plan is what the sweep computes: the
+    output projection of every head at the patched layer for head_out, query, key and value projections for the
+    last layer's earlier positions."""
     d, n_layers, d_mlp, vocab = info.d_model, info.n_layers, info.d_mlp, info.vocab_size
     kv = info.n_kv_heads * info.d_head
     n_pos = len(data.pairs[0].clean.ids)
@@ -116,15 +117,15 @@ def flop_bound(info, data, component: str) -> tuple[float, float, float]:
     def layer(p):  # one layer at position p
         return 2 * d * d + 2 * d * kv + 2 * d * d_mlp + 2 * (p + 1) * info.d_head * info.n_heads
 
-    def rest(first_layer, start, kv_cost, patched_mlp_only=False):
+    def rest(first_layer, start, kv_cost, patched=None):
         """layers first_layer.. at positions start.. (the last one: keys and values before the last position)."""
         total = 0
         for L in range(first_layer, n_layers):
             for p in range(start, n_pos):
                 if L == n_layers - 1 and p < n_pos - 1:
                     total += kv_cost
-                elif L == first_layer and patched_mlp_only:
-                    total += 2 * d * d_mlp + info.d_head * d
+                elif L == first_layer and patched is not None:
+                    total += patched
                 else:
                     total += layer(p)
         return total + 2 * d
@@ -137,8 +138,8 @@ def flop_bound(info, data, component: str) -> tuple[float, float, float]:
         for L in range(n_layers):
             if component == "head_out":
                 start = n_pos - 1 if L == n_layers - 1 else first
-                best += info.n_heads * rest(L, start, 2 * d * kv, patched_mlp_only=True)
-                plan += info.n_heads * rest(L, start, d * d + 2 * d * kv)
+                best += info.n_heads * rest(L, start, 2 * d * kv, patched=2 * d * d_mlp + info.d_head * d)
+                plan += info.n_heads * rest(L, start, d * d + 2 * d * kv, patched=2 * d * d_mlp + d * d)
                 continue
             for t in range(n_pos):
                 if (t in differ) if L == 0 else t >= first:

@@ -388,16 +388,17 @@ def _chunk_final(lm, stacked: _Stacked, sources, component: str, layer: int, chu
     """The final residual stream at the last position [rows, d_model] of a chunk of rows of one start."""
     start = chunk[0].start
     local = torch.tensor([stacked.members.index(r.pair) for r in chunk])
-    hidden = stacked.hidden[local, start:]
+    hidden = stacked.hidden[:, start:].index_select(0, local)
     block = _restart_block(component, layer)
     n = lm.info.n_layers
     prefix = None
     if start > 0 and block < n:
-        prefix = [(k[local, :, :start], v[local, :, :start]) for k, v in stacked.prefix_kv]
+        prefix = [(k[:, :, :start].index_select(0, local), v[:, :, :start].index_select(0, local))
+                  for k, v in stacked.prefix_kv]
     patch = _patcher(chunk, sources, component, layer, start)
     if component == "head_out" and given_attention_check(lm, stacked.template, layer):
         # only the patched layer's attention output changes: the output projection of the patched hook_z
-        z = patch(stacked.z[local, start:])
+        z = patch(stacked.z[:, start:].index_select(0, local))
         attn_out = block_output_tensor(lm.adapter.o_proj(layer)(z.flatten(-2)))
         hidden = run_block_given_attention(lm, stacked.template, layer, hidden, attn_out, start)
         return run_rows(lm, stacked.template, layer + 1, hidden, start, prefix, cancel, last_block_last_only=truncate)
