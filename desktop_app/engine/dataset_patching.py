@@ -6,7 +6,12 @@ patched prompt has the same token length share one batch: each row starts at the
 pair's recorded state (the layers before are never recomputed), and at the first position its patch changes,
 with its own pair's recorded keys and values for the positions before (a causal model leaves them as they
 were). Rows whose patch would replace an activation by an identical one (a position where both prompts agree)
-need no forward pass. Only the last position is unembedded.
+need no forward pass, nor do patches in the last block (but resid_pre) at other positions than the last one.
+What reaches the metric is computed and nothing else, each shortcut checked numerically on the model first
+(replay.py) and skipped where it does not hold: the last block computes the keys and values of the earlier
+positions and the last position alone (`last_block_check`); a head_out row does not recompute the patched
+layer's attention, whose output is the output projection of the patched hook_z (`given_attention_check`); a
+metric of logits alone (logit_diff, expressions without logprob / prob) unembeds only its tokens (`_Columns`).
 
 Cells are positions by index ("each": every prompt of the dataset has the same token length), all positions
 at once ("all"), or named positions ("named": IO, S1, S2, END ... from a template), where each pair patches
