@@ -100,6 +100,55 @@ def _dataset_sweep(lm, data, component: str, positions: str):
     return result, result.extras["values_per_pair"].size / elapsed, elapsed
 
 
+def flop_bound(info, data, component: str) -> tuple[float, float, float]:
+    """(TL-style, exact minimum, this implementation's plan) multiply-adds per pair-cell, counted for a GPT-2-like
+    block: per token a layer costs its projections (q, k, v, o), its MLP and the attention over the positions
+    before it; the unembedding d_model x vocab. TL-style runs every layer at every position and unembeds every
+    position. The exact minimum, per cell: nothing where the patch changes no activation; else the layers from
+    the patch on at the positions from the first changed one, the last layer only as keys and values except at
+    the last position, the metric's two logits; head_out recomputes only the patched layer's MLP (its attention
+    output is the corrupted run's plus the head's output projection). The plan is what the sweep computes: the
+    output projection of every head at the patched layer for head_out, query, key and value projections for the
+    last layer's earlier positions."""
+    d, n_layers, d_mlp, vocab = info.d_model, info.n_layers, info.d_mlp, info.vocab_size
+    kv = info.n_kv_heads * info.d_head
+    n_pos = len(data.pairs[0].clean.ids)
+
+    def layer(p):  # one layer at position p
+        return 2 * d * d + 2 * d * kv + 2 * d * d_mlp + 2 * (p + 1) * info.d_head * info.n_heads
+
+    def rest(first_layer, start, kv_cost, patched=None):
+        """layers first_layer.. at positions start.. (the last one: keys and values before the last position)."""
+        total = 0
+        for L in range(first_layer, n_layers):
+            for p in range(start, n_pos):
+                if L == n_layers - 1 and p < n_pos - 1:
+                    total += kv_cost
+                elif L == first_layer and patched is not None:
+                    total += patched
+                else:
+                    total += layer(p)
+        return total + 2 * d
+
+    tl = n_layers * sum(layer(p) for p in range(n_pos)) + n_pos * d * vocab
+    best = plan = 0.0
+    for pair in data.pairs:
+        differ = [i for i, (a, b) in enumerate(zip(pair.clean.ids, pair.corrupted.ids)) if a != b]
+        first = differ[0]
+        for L in range(n_layers):
+            if component == "head_out":
+                start = n_pos - 1 if L == n_layers - 1 else first
+                best += info.n_heads * rest(L, start, 2 * d * kv, patched=2 * d * d_mlp + info.d_head * d)
+                plan += info.n_heads * rest(L, start, d * d + 2 * d * kv, patched=2 * d * d_mlp + d * d)
+                continue
+            for t in range(n_pos):
+                if (t in differ) if L == 0 else t >= first:
+                    best += rest(L, t, 2 * d * kv)
+                    plan += rest(L, t, d * d + 2 * d * kv)
+    cells = len(data.pairs) * n_layers * (info.n_heads if component == "head_out" else n_pos)
+    return tl, best / cells, plan / cells
+
+
 def run(models, budget_s: float = 6.0, out=print) -> list[dict]:
     """Print one line per (model, sweep); returns the numbers as dicts."""
     import numpy as np
@@ -132,4 +181,9 @@ def run(models, budget_s: float = 6.0, out=print) -> list[dict]:
             flag = "" if worst < 1e-3 else "  (values differ: speed-up not valid)"
             out(f"{label:40s} {title:22s} {rate:9.0f} {singles:9.0f} {tl:9.0f} {rate / singles:9.1f}x "
                 f"{rate / tl:6.1f}x {worst:10.1e}{flag}")
+            flops_tl, flops_best, flops_plan = flop_bound(lm.info, data, component)
+            row.update(theoretical_best=flops_tl / flops_best, plan_bound=flops_tl / flops_plan)
+            out(f"{'':40s} {'':22s} multiply-adds per pair-cell: TL-style {flops_tl / 1e6:.1f} M, ours "
+                f"{flops_plan / 1e6:.1f} M (bound {flops_tl / flops_plan:.1f}x), exact minimum {flops_best / 1e6:.1f} M: "
+                f"theoretical best ratio {flops_tl / flops_best:.1f}x")
     return rows

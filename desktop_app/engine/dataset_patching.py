@@ -6,7 +6,12 @@ patched prompt has the same token length share one batch: each row starts at the
 pair's recorded state (the layers before are never recomputed), and at the first position its patch changes,
 with its own pair's recorded keys and values for the positions before (a causal model leaves them as they
 were). Rows whose patch would replace an activation by an identical one (a position where both prompts agree)
-need no forward pass. Only the last position is unembedded.
+need no forward pass, nor do patches in the last block (but resid_pre) at other positions than the last one.
+What reaches the metric is computed and nothing else, each shortcut checked numerically on the model first
+(replay.py) and skipped where it does not hold: the last block computes the keys and values of the earlier
+positions and the last position alone (`last_block_check`); a head_out row does not recompute the patched
+layer's attention, whose output is the output projection of the patched hook_z (`given_attention_check`); a
+metric of logits alone (logit_diff, expressions without logprob / prob) unembeds only its tokens (`_Columns`).
 
 Cells are positions by index ("each": every prompt of the dataset has the same token length), all positions
 at once ("all"), or named positions ("named": IO, S1, S2, END ... from a template), where each pair patches
@@ -30,7 +35,10 @@ from desktop_app.engine.pair_metrics import (DatasetMetric, finish_dataset_resul
                                              running_mean)
 from desktop_app.engine.patching import _source_reads, validate
 from desktop_app.engine.conformance import checks_for_component, prefix_reuse_ok, require
-from desktop_app.engine.replay import RecordedRun, can_start_later, record_run, run_from_layer
+from desktop_app.engine.metric_expr import BoundMetric, TokenSets
+from desktop_app.engine.adapters import block_output_tensor
+from desktop_app.engine.replay import (RecordedRun, can_start_later, given_attention_check, last_block_check,
+                                       record_run, run_block_given_attention, run_rows, unembed_columns)
 from desktop_app.engine.results import AnalysisResult, empty_values
 
 POSITION_MODES = ("each", "all", "named")
@@ -232,6 +240,8 @@ def _sweep_block(lm, data, block, grid: _Grid, layers, direction, measure: Datas
     for local, run in enumerate(targets):
         groups.setdefault(run.n_pos, []).append(local)
     cells = grid.cells()
+    columns = _Columns.plan(lm, measure, block, targets)
+    truncate = prefix_reuse_ok(lm) and last_block_check(lm, targets[0])
     for layer_row, layer in enumerate(layers):
         for members in groups.values():
             rows, noop = _rows(lm, data, block, members, targets, sources, grid, layer, cells)
@@ -242,10 +252,14 @@ def _sweep_block(lm, data, block, grid: _Grid, layers, direction, measure: Datas
             stacked = _stack(targets, members, grid.component, layer)
 
             def compute(chunk, layer=layer, stacked=stacked):
-                return _chunk_logits(lm, stacked, sources, grid.component, layer, chunk, cancel)
-            for chunk, logits in chunks_shrinking_on_oom(rows, budget, compute, cancel, "patched row"):
+                final = _chunk_final(lm, stacked, sources, grid.component, layer, chunk, truncate, cancel)
                 pairs = [r.pair for r in chunk]
-                vals, zero = measure.raw(logits, block_t[pairs], clean_logprobs[pairs])
+                if columns is not None:
+                    return columns.raw(lm, final, pairs)
+                return measure.raw(lm.adapter.logits_from_resid(final).float(), block_t[pairs],
+                                   clean_logprobs[pairs])
+            for chunk, (vals, zero) in chunks_shrinking_on_oom(rows, budget, compute, cancel, "patched row"):
+                pairs = [r.pair for r in chunk]
                 vals = vals.cpu().numpy()
                 for r, v in zip(chunk, vals):
                     per_pair[(block[r.pair],) + grid.index(layer_row, r.cell)] = v
@@ -253,11 +267,68 @@ def _sweep_block(lm, data, block, grid: _Grid, layers, direction, measure: Datas
                 yield len(chunk)
 
 
+class _Columns:
+    """A metric read from logits alone (no log-probabilities: logit_diff, or an expression of logit() only) needs
+    the unembedding of its tokens only: the block's answer, wrong and quoted tokens. Used where those columns of
+    the block's recorded runs equal their full logits (the unembedding is a plain linear layer)."""
+
+    def __init__(self, ids: torch.Tensor, bound: BoundMetric, answer: TokenSets, wrong: TokenSets):
+        self.ids, self.bound, self.answer, self.wrong = ids, bound, answer, wrong
+
+    @classmethod
+    def plan(cls, lm, measure: DatasetMetric, block, runs):
+        if measure.bound is None or measure.metric == "kl_div" or not _logits_only(measure.bound.expr.tree):
+            return None
+        index = torch.as_tensor(block, dtype=torch.long)
+        answer, wrong = measure.answer.rows(index), measure.wrong.rows(index)
+        literal = list(measure.bound.literal_ids.values())
+        ids = torch.unique(torch.cat([answer.ids[answer.mask], wrong.ids[wrong.mask], torch.tensor(literal,
+                                                                                                 dtype=torch.long)]))
+        where = {int(t): i for i, t in enumerate(ids.tolist())}
+
+        def remap(ts: TokenSets) -> TokenSets:
+            return TokenSets(torch.tensor([[where.get(int(t), 0) for t in row] for row in ts.ids.tolist()],
+                                          dtype=torch.long).reshape(ts.ids.shape), ts.mask)
+        bound = BoundMetric(measure.bound.expr, {k: where[v] for k, v in measure.bound.literal_ids.items()})
+        out = cls(ids, bound, remap(answer), remap(wrong))
+        return out if out._matches(lm, runs) else None
+
+    def _matches(self, lm, runs) -> bool:
+        """The columns of the recorded runs' final residual streams against their recorded logits."""
+        from desktop_app.engine.conformance import _REL_TOL
+
+        n = lm.info.n_layers
+        final = torch.cat([r.resid_post(n - 1)[:, -1] for r in runs])
+        got = unembed_columns(lm, final, self.ids)
+        if got is None:
+            return False
+        ref = torch.stack([r.logits_last for r in runs])[:, self.ids]
+        tol = _REL_TOL.get(final.dtype, 1e-2) * max(1.0, float(ref.abs().max()))
+        return float((got.cpu() - ref).abs().max()) <= tol
+
+    def raw(self, lm, final: torch.Tensor, pairs):
+        logits = unembed_columns(lm, final, self.ids)
+        index = torch.as_tensor(pairs, dtype=torch.long)
+        return self.bound(logits, self.answer.rows(index), self.wrong.rows(index))
+
+
+def _logits_only(node) -> bool:
+    if node[0] in ("logprob", "prob"):
+        return False
+    return all(_logits_only(child) for child in node[1:] if isinstance(child, tuple))
+
+
 def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, cells):
     """(rows to compute sorted by their first position, rows that change nothing) of one layer and group."""
     restart = _restart_block(grid.component, layer)
     later = restart < lm.info.n_layers and prefix_reuse_ok(lm) and \
         all(can_start_later(targets[m], restart) for m in members)
+    # a patch in the last block after its attention read the block's input (anything but resid_pre) reaches the
+    # last position's output only through the last position: rows start there, other positions change nothing
+    last_only = layer == lm.info.n_layers - 1 and grid.component != "resid_pre" and prefix_reuse_ok(lm) and \
+        all(can_start_later(targets[m], layer) for m in members)
+    if grid.component == "resid_post" and layer == lm.info.n_layers - 1:
+        last_only = True  # straight to the unembedding: no keys and values needed
     heads = grid.heads > 0
     rows, noop = [], []
     for m in members:
@@ -272,7 +343,8 @@ def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, c
                 if start < 0:
                     noop.append(_Row(m, cell, -1, -1, cell[1], 0))
                 else:
-                    rows.append(_Row(m, cell, -1, -1, cell[1], start if later else 0))
+                    n_last = targets[m].n_pos - 1
+                    rows.append(_Row(m, cell, -1, -1, cell[1], n_last if last_only else start if later else 0))
             continue
         slots = [grid.positions(pair, slot) for slot in range(grid.slots)]
         ts, ss = [t for t, _ in slots], [s for _, s in slots]
@@ -281,7 +353,7 @@ def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, c
         for cell in cells:
             slot, head = cell
             t, s = slots[slot]
-            if same[slot][head if heads else 0]:
+            if same[slot][head if heads else 0] or (last_only and t != targets[m].n_pos - 1):
                 noop.append(_Row(m, cell, t, s, head, 0))
             else:
                 rows.append(_Row(m, cell, t, s, head, t if later else 0))
@@ -300,6 +372,7 @@ class _Stacked:
     template: RecordedRun  # block arguments (the same for prompts of one length)
     hidden: torch.Tensor  # [members, pos, d] the input of the restart block (or the final residual)
     prefix_kv: list | None  # per layer (keys, values) [members, kv_heads, pos, d]
+    z: torch.Tensor | None = None  # head_out: the patched layer's hook_z [members, pos, heads, d_head]
 
 
 def _stack(targets, members, component, layer) -> _Stacked:
@@ -312,27 +385,35 @@ def _stack(targets, members, component, layer) -> _Stacked:
     if all(r.prefix_kv is not None for r in runs):
         kv = [(torch.cat([r.prefix_kv[L][0] for r in runs]), torch.cat([r.prefix_kv[L][1] for r in runs]))
               for L in range(len(runs[0].prefix_kv))]
-    return _Stacked(members, runs[0], hidden, kv)
+    z = torch.cat([_act(r, component, layer) for r in runs]) if component == "head_out" else None
+    return _Stacked(members, runs[0], hidden, kv, z)
 
 
-def _chunk_logits(lm, stacked: _Stacked, sources, component: str, layer: int, chunk, cancel):
+def _chunk_final(lm, stacked: _Stacked, sources, component: str, layer: int, chunk, truncate: bool, cancel):
+    """The final residual stream at the last position [rows, d_model] of a chunk of rows of one start."""
     start = chunk[0].start
     local = torch.tensor([stacked.members.index(r.pair) for r in chunk])
-    hidden = stacked.hidden[local, start:].clone()
-    run = stacked.template
-    if start > 0:
-        run = dataclasses.replace(run, prefix_kv=[(k[local, :, :start], v[local, :, :start])
-                                                  for k, v in stacked.prefix_kv])
-    patch = _patcher(chunk, sources, component, layer, start)
+    hidden = stacked.hidden[:, start:].index_select(0, local)
     block = _restart_block(component, layer)
+    n = lm.info.n_layers
+    prefix = None
+    if start > 0 and block < n:
+        prefix = [(k[:, :, :start].index_select(0, local), v[:, :, :start].index_select(0, local))
+                  for k, v in stacked.prefix_kv]
+    patch = _patcher(chunk, sources, component, layer, start)
+    if component == "head_out" and given_attention_check(lm, stacked.template, layer):
+        # only the patched layer's attention output changes: the output projection of the patched hook_z
+        z = patch(stacked.z[:, start:].index_select(0, local))
+        attn_out = block_output_tensor(lm.adapter.o_proj(layer)(z.flatten(-2)))
+        hidden = run_block_given_attention(lm, stacked.template, layer, hidden, attn_out, start)
+        return run_rows(lm, stacked.template, layer + 1, hidden, start, prefix, cancel, last_block_last_only=truncate)
     if component in ("resid_pre", "resid_post"):
         hidden = patch(hidden)
-        if block == lm.info.n_layers:
-            return lm.adapter.logits_from_resid(hidden[:, -1]).float()
-        return run_from_layer(lm, run, block, hidden, cancel, start=start)
+        return run_rows(lm, stacked.template, block, hidden, start, prefix, cancel, last_block_last_only=truncate)
     name = hook_name(layer, "attn.hook_z" if component == "head_out" else component)
     with hooks(lm, write={name: patch}):
-        return run_from_layer(lm, run, block, hidden, cancel, start=start)
+        return run_rows(lm, stacked.template, block, hidden, start, prefix, cancel,
+                        last_block_last_only=truncate and layer < n - 1)
 
 
 def _patcher(chunk, sources, component: str, layer: int, start: int):

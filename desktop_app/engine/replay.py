@@ -7,6 +7,7 @@ arguments (batch 1, broadcast over the batch) and runs to the end, reading logit
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -121,18 +122,20 @@ class _PrefixKV:
         return self.prefix[layer_idx][0].shape[-2]
 
 
-def _from_position(value, start: int, n_pos: int):
-    """A block argument cut to the positions from `start` on (masks along their query dimension)."""
+def _from_position(value, start: int, n_pos: int, end: int | None = None):
+    """A block argument cut to the positions start..end-1 (masks along their query dimension, and along their key
+    dimension to the keys those positions see)."""
     if isinstance(value, tuple):
-        return tuple(_from_position(v, start, n_pos) for v in value)
+        return tuple(_from_position(v, start, n_pos, end) for v in value)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
+    end = n_pos if end is None else end
     if value.dim() == 4 and value.shape[-2] == n_pos:  # attention mask [batch, 1, query, key]
-        return value[..., start:, :]
+        return value[..., start:end, :end] if value.shape[-1] == n_pos else value[..., start:end, :]
     if value.dim() == 1 and value.shape[0] == n_pos:  # cache_position
-        return value[start:]
+        return value[start:end]
     if value.dim() in (2, 3) and value.shape[1] == n_pos:  # position ids, rotary cos / sin
-        return value[:, start:]
+        return value[:, start:end]
     return value
 
 
@@ -200,3 +203,208 @@ def run_from_layer(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, cance
     if last_only:
         h = h[:, -1]
     return lm.adapter.logits_from_resid(h).float() if unembed else h
+
+
+# ---- rows restarted at a layer and position, each with its own prefix; the last block for the last position -----
+
+class _KeysTaken(Exception):
+    """Raised by _RowKV in the block whose keys and values are all that is wanted (the rest is not computed)."""
+
+
+class _RowKV:
+    """Stands in for a KV cache for a batch of rows that start at one position: each attention layer gets its
+    prefix keys and values (per row [rows, kv_heads, start, d], or [1, ...] for all rows) in front of its own.
+    In layer `take_at` it keeps the keys and values it is given and stops the block (_KeysTaken)."""
+
+    def __init__(self, prefix, take_at: int | None = None):
+        self.prefix = prefix  # per layer (keys, values), or None: no earlier positions
+        self.take_at = take_at
+        self.taken = None
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        if layer_idx == self.take_at:
+            self.taken = (keys, values)
+            raise _KeysTaken
+        if self.prefix is None or self.prefix[layer_idx] is None:
+            return keys, values
+        pk, pv = self.prefix[layer_idx]
+        if pk.shape[-2] == 0:
+            return keys, values
+        rows = keys.shape[0]
+        return (torch.cat([pk.to(keys.device, keys.dtype).expand(rows, -1, -1, -1), keys], dim=-2),
+                torch.cat([pv.to(values.device, values.dtype).expand(rows, -1, -1, -1), values], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.prefix is None or self.prefix[layer_idx] is None:
+            return 0
+        return self.prefix[layer_idx][0].shape[-2]
+
+
+def _rows_call(run: RecordedRun, layer: int, start: int, end: int, cache, rows: int):
+    """(args, kwargs) for block `layer` on positions start..end-1 with `cache` where the model passed its own."""
+    n_pos = run.n_pos
+    cut = start > 0 or end < n_pos
+    args = tuple(cache if a is _CACHE else _from_position(a, start, n_pos, end) if cut else a
+                 for a in run.block_args[layer])
+    kwargs = {k: cache if v is _CACHE else _alibi_rows(v, rows) if k == "alibi" else
+              _from_position(v, start, n_pos, end) if cut else v
+              for k, v in run.block_kwargs[layer].items()}
+    return args, kwargs
+
+
+def passes_cache(run: RecordedRun, layer: int) -> bool:
+    """Whether the model handed its KV cache to block `layer` (where a stand-in can take the keys and values)."""
+    return any(a is _CACHE for a in run.block_args[layer]) or \
+        any(v is _CACHE for v in run.block_kwargs[layer].values())
+
+
+def run_rows(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, start: int = 0, prefix=None,
+             cancel: CancelToken | None = None, last_block_last_only: bool = False) -> torch.Tensor:
+    """The last block's output at the last position [rows, d_model] for `hidden` [rows, pos - start, d_model]
+    fed into block `layer`, each row with its own recorded keys and values of the positions before `start`
+    (`prefix`: per layer (keys, values) [rows or 1, kv_heads, start, d_head]; None when start == 0). Hooks the
+    caller registered apply as in a normal forward pass.
+
+    With last_block_last_only, the last block computes only the keys and values of the positions before the last
+    one (it is stopped in its attention once they are handed to the cache) and then the last position alone:
+    nothing else of the last block reaches the last position's output in a causal model. The caller checks that
+    this holds for the model (`last_block_check`) and registers no hook in the last block."""
+    blocks = lm.adapter.blocks
+    n = len(blocks)
+    h = hidden
+    end = run.n_pos
+    for L in range(layer, n):
+        if cancel is not None:
+            cancel.check()
+        if L == n - 1 and last_block_last_only and h.shape[1] > 1:
+            return _last_block_last_position(lm, run, h, start, prefix)
+        cache = _RowKV(prefix) if start > 0 else None
+        args, kwargs = _rows_call(run, L, start, end, cache, h.shape[0])
+        h = block_output_tensor(blocks[L](h, *args, **kwargs))
+    return h[:, -1]
+
+
+def _last_block_last_position(lm, run: RecordedRun, h: torch.Tensor, start: int, prefix) -> torch.Tensor:
+    n = len(lm.adapter.blocks)
+    last, block = run.n_pos - 1, lm.adapter.blocks[n - 1]
+    taker = _RowKV(prefix if start > 0 else None, take_at=n - 1)
+    args, kwargs = _rows_call(run, n - 1, start, last, taker, h.shape[0])
+    try:
+        block(h[:, :-1], *args, **kwargs)
+    except _KeysTaken:
+        pass
+    if taker.taken is None:
+        raise RuntimeError("the last block did not hand its keys and values to the cache")
+    keys, values = taker.taken
+    rows = h.shape[0]
+    if start > 0:
+        pk, pv = prefix[n - 1]
+        keys = torch.cat([pk.to(keys.device, keys.dtype).expand(rows, -1, -1, -1), keys], dim=-2)
+        values = torch.cat([pv.to(values.device, values.dtype).expand(rows, -1, -1, -1), values], dim=-2)
+    cache = _RowKV([None] * (n - 1) + [(keys, values)])
+    args, kwargs = _rows_call(run, n - 1, last, last + 1, cache, rows)
+    return block_output_tensor(block(h[:, -1:], *args, **kwargs))[:, -1]
+
+
+_LAST_BLOCK_OK = weakref.WeakKeyDictionary()  # model -> whether last_block_last_only holds for it
+
+
+def last_block_check(lm, run: RecordedRun) -> bool:
+    """Whether run_rows with last_block_last_only reproduces the plain last block on this model: measured once
+    per model on a recorded run (restarted at the last block from position 0 and from the middle, two rows),
+    against its recorded final residual stream, with the conformance check's tolerance."""
+    model = lm.model
+    if model in _LAST_BLOCK_OK:
+        return _LAST_BLOCK_OK[model]
+    n = len(lm.adapter.blocks)
+    ok = run.n_pos > 1 and run.prefix_kv is not None and passes_cache(run, n - 1)
+    if ok:
+        from desktop_app.engine.conformance import _REL_TOL
+
+        ref = run.resid_post(n - 1)[:, -1]
+        tol = _REL_TOL.get(ref.dtype, 1e-2) * max(1.0, float(ref.float().abs().max()))
+        try:
+            with torch.inference_mode():
+                diffs = []
+                for start in (0, run.n_pos // 2):
+                    prefix = [(k[:, :, :start], v[:, :, :start]) for k, v in run.prefix_kv] if start else None
+                    hidden = run.resid_pre[n - 1][:, start:].expand(2, -1, -1)
+                    out = run_rows(lm, run, n - 1, hidden, start, prefix, last_block_last_only=True)
+                    diffs.append(float((out.float() - ref.float()).abs().max()))
+            ok = max(diffs) <= tol
+        except Exception:  # noqa: BLE001 - any failure means: compute the last block in full
+            ok = False
+    _LAST_BLOCK_OK[model] = ok
+    return ok
+
+
+def unembed_columns(lm, resid_final: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
+    """The logits of `columns` only [rows, len(columns)] float32 (the final norm, then the unembedding's rows of
+    those tokens), or None when the unembedding is not a plain linear layer."""
+    a = lm.adapter
+    unembed = a.unembed
+    if type(unembed) is not torch.nn.Linear:
+        return None
+    device = unembed.weight.device
+    normed = a.final_norm(resid_final.to(next(a.final_norm.parameters(), resid_final).device))
+    if a.final_proj is not None:
+        normed = a.final_proj(normed)
+    cols = columns.to(device)
+    bias = unembed.bias[cols] if unembed.bias is not None else None
+    logits = torch.nn.functional.linear(normed.to(device), unembed.weight[cols], bias)
+    if a.logit_scale != 1.0:
+        logits = logits * a.logit_scale
+    if a.final_logit_softcap:
+        cap = a.final_logit_softcap
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def run_block_given_attention(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, attn_output: torch.Tensor,
+                              start: int = 0) -> torch.Tensor:
+    """Block `layer` on `hidden` [rows, pos - start, d_model] (positions from `start` on) with its attention module
+    returning `attn_output` [rows, pos - start, d_model] instead of computing it: where only a head's output
+    changes, the attention's output is the output projection of the patched hook_z, and the keys, queries and
+    scores need no computing. The caller checks that this holds for the model (`given_attention_check`)."""
+    attn = lm.adapter.attn(layer)
+    own = attn.__dict__.get("forward")  # a wrapper some loaders install (accelerate's offloading): put back after
+
+    def given(*_args, **_kwargs):
+        return attn_output, None
+    attn.forward = given
+    try:
+        args, kwargs = _rows_call(run, layer, start, run.n_pos, None, hidden.shape[0])
+        return block_output_tensor(lm.adapter.blocks[layer](hidden, *args, **kwargs))
+    finally:
+        if own is not None:
+            attn.forward = own
+        else:
+            del attn.forward
+
+
+_GIVEN_ATTENTION_OK = weakref.WeakKeyDictionary()  # model -> {layer: whether run_block_given_attention holds}
+
+
+def given_attention_check(lm, run: RecordedRun, layer: int) -> bool:
+    """Whether block `layer` run with its attention output given as the output projection of the recorded hook_z
+    reproduces the recorded block output (run must have read hook_z of that layer); measured once per model and
+    layer, with the conformance check's tolerance."""
+    from desktop_app.engine.conformance import _REL_TOL
+
+    seen = _GIVEN_ATTENTION_OK.setdefault(lm.model, {})
+    if layer in seen:
+        return seen[layer]
+    ok = False
+    z = run.acts.get(hook_name(layer, "attn.hook_z"))
+    if z is not None:
+        ref = run.resid_post(layer)
+        tol = _REL_TOL.get(ref.dtype, 1e-2) * max(1.0, float(ref.float().abs().max()))
+        try:
+            with torch.inference_mode():
+                out_proj = block_output_tensor(lm.adapter.o_proj(layer)(z.flatten(-2)))
+                out = run_block_given_attention(lm, run, layer, run.resid_pre[layer], out_proj)
+            ok = float((out.float() - ref.float()).abs().max()) <= tol
+        except Exception:  # noqa: BLE001 - any failure means: compute the attention
+            ok = False
+    seen[layer] = ok
+    return ok
