@@ -37,7 +37,7 @@ from desktop_app.engine.file_checks import nonfinite_problem, safetensors_proble
 from desktop_app.engine.sae.formats import CFG_FILE as SAELENS_CFG
 from desktop_app.engine.sae.formats import WEIGHTS_FILE as SAELENS_WEIGHTS
 from desktop_app.engine.sae.formats import _read_json, _read_safetensors
-from desktop_app.engine.transcoders import RESID_MID_HOOKS, Transcoder, TranscoderSet
+from desktop_app.engine.transcoders import RESID_MID_HOOKS, Transcoder, TranscoderSet, check_hooks
 
 GS2_CFG, GS2_WEIGHTS, CT_CFG = "config.json", "params.safetensors", "config.yaml"
 FORMAT_NAMES = {CT_CFG: "circuit-tracer (config.yaml)", GS2_CFG: "Gemma Scope 2 (config.json)",
@@ -399,14 +399,8 @@ def load_clt(folder: Path, cfg: dict, n_layers: int | None, d_model: int | None)
         raise SAEError(f"{folder / CT_CFG} lists per-layer files for a cross-layer transcoder (the Gemma Scope 2 CLT "
                        "layout), which is not supported; only circuit-tracer's W_enc_{i} / W_dec_{i} files are.")
     hook_in = str(cfg.get("feature_input_hook", "hook_resid_mid"))  # circuit-tracer's default for CLTs
-    if hook_in not in NORMED_INPUT_HOOKS + RESID_MID_HOOKS:
-        raise SAEError(f"the cross-layer transcoder reads {hook_in!r}, but transcoders here must read the MLP's input "
-                       f"after its norm ({', '.join(NORMED_INPUT_HOOKS)}) or the residual stream before it "
-                       f"({', '.join(RESID_MID_HOOKS)}).")
     hook_out = str(cfg.get("feature_output_hook", "hook_mlp_out"))
-    if hook_out not in MLP_OUTPUT_HOOKS:
-        raise SAEError(f"the cross-layer transcoder writes {hook_out!r}, but it must reconstruct the MLP outputs "
-                       f"({', '.join(MLP_OUTPUT_HOOKS)}).")
+    check_hooks("the cross-layer transcoders", hook_in, hook_out, NORMED_INPUT_HOOKS, MLP_OUTPUT_HOOKS)
     found = sorted(int(m.group(1)) for p in folder.glob("W_enc_*.safetensors")
                    for m in [re.fullmatch(r"W_enc_(\d+)\.safetensors", p.name)] if m)
     count = n_layers if n_layers is not None else (max(found) + 1 if found else 0)

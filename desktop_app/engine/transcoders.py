@@ -257,6 +257,16 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None,
     return tc
 
 
+def check_hooks(what: str, hook_in: str, hook_out: str, normed_inputs, outputs) -> None:
+    """Refuse (one sentence) transcoders that read anything but the MLP's normalised input or the residual stream
+    before its norm, or write anything but the MLP's output."""
+    if hook_in not in tuple(normed_inputs) + RESID_MID_HOOKS:
+        raise SAEError(f"{what} read {hook_in!r}, but transcoders here must read the MLP's input after its norm "
+                       f"({', '.join(normed_inputs)}) or the residual stream before it ({', '.join(RESID_MID_HOOKS)}).")
+    if hook_out not in outputs:
+        raise SAEError(f"{what} write {hook_out!r}, but they must reconstruct the MLP's output ({', '.join(outputs)}).")
+
+
 def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None = None,
                         lazy_decoders: bool = True) -> TranscoderSet:
     """A circuit-tracer transcoder set; refused in one sentence when it does not fit a model of n_layers /
@@ -279,15 +289,8 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if kind != "transcoder_set":
         raise SAEError(f"{folder} holds a {kind!r}; only per-layer transcoder sets (model_kind: transcoder_set) "
                        "are supported.")
-    hook_in = str(cfg.get("feature_input_hook", "mlp.hook_in"))
-    if hook_in not in INPUT_HOOKS + RESID_MID_HOOKS:
-        raise SAEError(f"the transcoders read {hook_in!r}, but attribution graphs here need transcoders that read "
-                       f"the MLP's input after its norm ({', '.join(INPUT_HOOKS)}) or the residual stream before it "
-                       f"({', '.join(RESID_MID_HOOKS)}).")
-    hook_out = str(cfg.get("feature_output_hook", "mlp.hook_out"))
-    if hook_out not in OUTPUT_HOOKS:
-        raise SAEError(f"the transcoders write {hook_out!r}, but they must reconstruct the MLP's output "
-                       f"({', '.join(OUTPUT_HOOKS)}).")
+    check_hooks("the transcoders", str(cfg.get("feature_input_hook", "mlp.hook_in")),
+                str(cfg.get("feature_output_hook", "mlp.hook_out")), INPUT_HOOKS, OUTPUT_HOOKS)
     activation = cfg.get("activation")
     if activation is not None and activation not in ACTIVATIONS:
         raise SAEError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}.")

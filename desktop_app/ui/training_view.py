@@ -23,7 +23,34 @@ def _named(widget, name: str, tip: str):
     return widget
 
 
-class TrainDialog(QDialog):
+class CorpusAndOutFields:
+    """The corpus and output-folder rows of a training dialog, each with a Browse… button (SAEs and transcoders);
+    the dialog sets `_start` (the folder dialogs open in) and `OUT_NAME` (the folder proposed inside the chosen one)."""
+
+    OUT_NAME = "sae"
+
+    def _with_browse(self, edit, slot) -> QWidget:
+        w = QWidget()
+        row = QHBoxLayout(w)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(edit, 1)
+        button = QPushButton("Browse…")
+        button.clicked.connect(slot)
+        row.addWidget(button)
+        return w
+
+    def _browse_corpus(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Corpus", self._start, "Text corpora (*.txt *.jsonl)")
+        if path:
+            self.corpus_edit.setText(path)
+
+    def _browse_out(self):
+        path = QFileDialog.getExistingDirectory(self, "Output folder", self._start)
+        if path:
+            self.out_edit.setText(str(Path(path) / self.OUT_NAME))
+
+
+class TrainDialog(CorpusAndOutFields, QDialog):
     """Settings of one training run; `settings()` gives the keyword arguments of MainWindow.train_sae."""
 
     def __init__(self, hooks: list[str], hook: str | None, start_dir: str, parent=None):
@@ -63,26 +90,6 @@ class TrainDialog(QDialog):
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
         self.arch_combo.currentTextChanged.connect(lambda a: form.setRowVisible(self.k_spin, a == "topk"))
-
-    def _with_browse(self, edit, slot) -> QWidget:
-        w = QWidget()
-        row = QHBoxLayout(w)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(edit, 1)
-        button = QPushButton("Browse…")
-        button.clicked.connect(slot)
-        row.addWidget(button)
-        return w
-
-    def _browse_corpus(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Corpus", self._start, "Text corpora (*.txt *.jsonl)")
-        if path:
-            self.corpus_edit.setText(path)
-
-    def _browse_out(self):
-        path = QFileDialog.getExistingDirectory(self, "Output folder", self._start)
-        if path:
-            self.out_edit.setText(str(Path(path) / "sae"))
 
     def settings(self) -> dict:
         return dict(hook=self.hook_combo.currentText(), corpus=self.corpus_edit.text().strip(),

@@ -6,13 +6,13 @@ bar say where, with a button that puts the set into a new attribution-graph anal
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
-                               QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout,
+                               QLineEdit, QSpinBox)
 
 from desktop_app.engine.errors import WorkbenchError
+from desktop_app.ui.training_view import CorpusAndOutFields
 
 
 def _named(widget, name: str, tip: str):
@@ -32,8 +32,10 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
         raise ValueError(f"layers {text!r} is not a list of layer numbers like 0, 2 (or empty for all).") from None
 
 
-class TranscoderTrainDialog(QDialog):
+class TranscoderTrainDialog(CorpusAndOutFields, QDialog):
     """Settings of one run; `settings()` gives the keyword arguments of TranscoderTrainer.train."""
+
+    OUT_NAME = "transcoders"
 
     def __init__(self, start_dir: str, parent=None):
         super().__init__(parent)
@@ -84,26 +86,6 @@ class TranscoderTrainDialog(QDialog):
             form.setRowVisible(self.l0_spin, arch == "jumprelu")
         self.arch_combo.currentTextChanged.connect(arch_changed)
         arch_changed(self.arch_combo.currentText())
-
-    def _with_browse(self, edit, slot) -> QWidget:
-        w = QWidget()
-        row = QHBoxLayout(w)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(edit, 1)
-        button = QPushButton("Browse…")
-        button.clicked.connect(slot)
-        row.addWidget(button)
-        return w
-
-    def _browse_corpus(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Corpus", self._start, "Text corpora (*.txt *.jsonl)")
-        if path:
-            self.corpus_edit.setText(path)
-
-    def _browse_out(self):
-        path = QFileDialog.getExistingDirectory(self, "Output folder", self._start)
-        if path:
-            self.out_edit.setText(str(Path(path) / "transcoders"))
 
     def settings(self) -> dict:
         return dict(corpus=self.corpus_edit.text().strip(), out_folder=self.out_edit.text().strip(),

@@ -345,7 +345,7 @@ def test_cross_layer_transcoder_refusals(tmp_path, lm_gpt2):
     _refused(r"misses layer\(s\) \[2\]", folder, n_layers=3, d_model=D)
     _refused("encoders for 2 layers but the model has 1", folder, n_layers=1, d_model=D)
     _refused(r"d_model \[32\] but the model's d_model is 64", folder, n_layers=2, d_model=64)
-    _refused("reads 'hook_resid_pre'", write_clt(tmp_path / "pre", enc, dec, hook_in="hook_resid_pre"))
+    _refused("read 'hook_resid_pre'", write_clt(tmp_path / "pre", enc, dec, hook_in="hook_resid_pre"))
     short = [dict(d) for d in dec]
     short[0]["W_dec_0"] = np.ascontiguousarray(short[0]["W_dec_0"][:, :1])  # decodes only to its own layer
     _refused(r"W_dec_0 in .* has shape \(48, 1, 32\)", write_clt(tmp_path / "short", enc, short))
