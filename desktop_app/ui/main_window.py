@@ -2,55 +2,28 @@
 
 The window only paints and routes: every computation goes to the runner thread as a job from worker_jobs,
 and every edit goes through the project document (project.document.Project) and its undo stack.
+The widgets are built by ui.window_layout, the menus and shortcuts by ui.window_menus; the methods here are
+mostly thin delegations to the controllers, kept because scripts and tests call them on the window.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QApplication, QDockWidget, QLabel, QLineEdit, QMainWindow, QMenu, QMessageBox,
-                               QPlainTextEdit, QScrollArea,
-                               QHBoxLayout, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtWidgets import QApplication, QLabel, QMainWindow, QMessageBox
 
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import recent as recent_mod
 from desktop_app.project.session import Session
 from desktop_app.project.specs import ModelRef
-from desktop_app.ui import graph_import, kind_views, worker_jobs
+from desktop_app.ui import kind_views, window_layout, window_menus, worker_jobs
 from desktop_app.ui.analysis_controller import AnalysisController, JobRouter
-from desktop_app.ui.analysis_list import AnalysisListPanel
-from desktop_app.ui.dataset_table import DatasetController, DatasetPanel
+from desktop_app.ui.dataset_table import DatasetController
 from desktop_app.ui.file_ops import FileController
 from desktop_app.ui.model_controller import ModelController, PromptsController, StatusLabels
-from desktop_app.ui.pair_views import PairBarsView
-from desktop_app.ui.panels import AnalysisPanel, LayerTreePanel, MessageBar, ModelPanel, PromptsPanel
-from desktop_app.ui.plots import ResultView
 from desktop_app.ui.runner import Runner
 from desktop_app.ui.sae_controller import SAEController
-from desktop_app.ui.sae_panel import SAEFeatureView
-from desktop_app.ui.training_view import TrainingView
 from desktop_app.ui.transcoder_trainer import TranscoderTrainer
-
-WINDOW_KEYS = (QKeySequence("Ctrl+E"), QKeySequence("Ctrl+R"), QKeySequence("Ctrl+Shift+C"))
-
-
-class _WindowShortcuts(QObject):
-    """A focused text field claims Ctrl+E (end of line) and friends for itself; these keys mean the window's
-    actions (export, run, copy figure) everywhere in it, so the field's claim is declined."""
-
-    def __init__(self, window):
-        super().__init__(window)
-        self.window = window
-
-    def eventFilter(self, obj, event):
-        if event.type() == QEvent.ShortcutOverride and isinstance(obj, (QLineEdit, QPlainTextEdit)) \
-                and obj.window() is self.window:
-            pressed = QKeySequence(event.keyCombination())
-            if any(pressed.matches(k) == QKeySequence.ExactMatch for k in WINDOW_KEYS):
-                event.ignore()
-                return True
-        return False
 
 
 class MainWindow(QMainWindow):
@@ -64,7 +37,7 @@ class MainWindow(QMainWindow):
         self.runner = Runner(self)
         self.session = Session()  # the Qt-free state: document, undo stack, loaded model, selection, running
         self._unsubscribe = self.session.subscribe(self._on_session_event)
-        self._build_ui()
+        window_layout.build_window_layout(self)
         self.jobs = JobRouter(self.runner, lambda: self.job_label.setText("idle"))
         self._submit = self.jobs.submit
         messages = SimpleNamespace(show_error=self.show_error, show_message=self.show_message,
@@ -82,8 +55,8 @@ class MainWindow(QMainWindow):
         self.dataset_ctl = DatasetController(self.session, self.dataset_panel, self._submit,
                                              lambda: self.model_ctl.loaded is not None, messages,
                                              self.open_template_dialog, self)
-        self._build_actions()
-        self._shortcuts_win = _WindowShortcuts(self)
+        window_menus.build_menus(self)
+        self._shortcuts_win = window_menus.WindowShortcuts(self)
         QApplication.instance().installEventFilter(self._shortcuts_win)
         self.analysis_ctl = AnalysisController(
             self.session, self.runner, self._submit, lambda: self.model_ctl.loaded, self.analysis_panel,
@@ -96,7 +69,8 @@ class MainWindow(QMainWindow):
             self.session, self, messages, lambda text, ms: self.statusBar().showMessage(text, ms), self.model_ctl,
             self._stop_analyses, self._show_project, self._update_title, self.current_result,
             lambda: self.confirm_dialogs, self.result_view.figure_selection)
-        self._init_metric_field()
+        self.metric_assist = window_layout.metric_field_assist(self.analysis_panel, self._submit,
+                                                               lambda: self.project.prompts)
         self.result_view.cell_clicked.connect(self._pair_bars_for_cell)
         self.sae_ctl = SAEController(
             self.session, self._submit, self.runner.cancel_slot, lambda: self.model_ctl.loaded, self.sae_view,
@@ -147,23 +121,6 @@ class MainWindow(QMainWindow):
         if not dock.isVisible():
             dock.show()
             self.resizeDocks([dock], [240], Qt.Vertical)
-
-    def _init_metric_field(self):
-        """Completion and the parse error of the metric expression field (ui.metric_field)."""
-        from desktop_app.ui.metric_field import MetricFieldAssist
-
-        field = self.analysis_panel.fields.get(("metric", "choice"))
-        self.metric_assist = None
-        if field is None:
-            return
-        label = QLabel("")
-        label.setObjectName("metricErrorLabel")
-        label.setStyleSheet("color: #b00020")
-        label.setWordWrap(True)
-        form = self.analysis_panel._form
-        row, _role = form.getWidgetPosition(field.widget)
-        form.insertRow(row + 1, "", label)
-        self.metric_assist = MetricFieldAssist(field.widget, label, self._submit, lambda: self.project.prompts)
 
     def open_template_dialog(self):
         """The template generator (`templateDialog`); Generate replaces the dataset as one undoable edit."""
@@ -380,187 +337,6 @@ class MainWindow(QMainWindow):
     @property
     def undo_stack(self):
         return self.session.undo
-
-    # ------------------------------------------------------------------ construction
-    def _build_ui(self):
-        self.message_bar = MessageBar()
-        self.result_view = ResultView()
-        self.result_view.setObjectName("heatmapView")
-        self.result_view.model_of = self._model_name_of
-        self.result_view.setToolTip("The current result; hover a cell for its value, click to select it")
-        self.predictions_label = QLabel("Click a heatmap cell to see the top next tokens of the clean, corrupted "
-                                        "and patched runs.")
-        self.predictions_label.setObjectName("cellPredictionsLabel")
-        self.predictions_label.setToolTip("Top-5 next tokens of the clean, corrupted and patched runs of the "
-                                          "clicked cell")
-        self.predictions_label.setWordWrap(True)
-        self.predictions_label.setAlignment(Qt.AlignTop | Qt.AlignLeft)
-        self.predictions_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.predictions_label.setMargin(6)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(self.predictions_label)
-        scroll.setMinimumWidth(150)
-        split = QSplitter(Qt.Horizontal)
-        split.setObjectName("resultSplitter")
-        split.addWidget(self.result_view)
-        split.addWidget(scroll)
-        split.setStretchFactor(0, 4)
-        split.setStretchFactor(1, 1)
-        split.setSizes([800, 200])
-        central = QWidget()
-        lay = QVBoxLayout(central)
-        lay.setContentsMargins(2, 2, 2, 2)
-        lay.addWidget(self.message_bar)
-        lay.addWidget(split, 1)
-        self.setCentralWidget(central)
-
-        self.model_panel = ModelPanel()
-        self.prompts_panel = PromptsPanel()
-        self.dataset_panel = DatasetPanel()
-        prompts_box = QWidget()
-        prompts_row = QHBoxLayout(prompts_box)
-        prompts_row.setContentsMargins(0, 0, 0, 0)
-        prompts_scroll = QScrollArea()  # long prompts wrap their token chips: scroll rather than cut them
-        prompts_scroll.setWidgetResizable(True)
-        prompts_scroll.setFrameShape(QScrollArea.NoFrame)
-        prompts_scroll.setWidget(self.prompts_panel)
-        prompts_scroll.setMinimumHeight(175)  # both prompts and their first chip lines stay in view
-        prompts_row.addWidget(prompts_scroll, 2)
-        prompts_row.addWidget(self.dataset_panel, 3)
-        self.layer_panel = LayerTreePanel()
-        self.analysis_panel = AnalysisPanel()
-        self.analysis_list = AnalysisListPanel()
-        self.analysis_list.set_session(self.session)
-        self.analysis_list.run_all.connect(self.run_all)
-        self.analysis_list.rerun.connect(self.run_named)
-        self.sae_view = SAEFeatureView()
-        self.sae_view.setToolTip("SAE features of the attached hook point on the clean prompt")
-        self.training_view = TrainingView()
-        self.pair_bars = PairBarsView()
-        self.docks = {}
-        for name, title, widget, area in (
-                ("modelDock", "Model", self.model_panel, Qt.LeftDockWidgetArea),
-                ("layerDock", "Layers", self.layer_panel, Qt.LeftDockWidgetArea),
-                ("promptsDock", "Prompts", prompts_box, Qt.TopDockWidgetArea),
-                ("analysisDock", "Analysis", self.analysis_panel, Qt.RightDockWidgetArea),
-                ("analysisListDock", "Analyses", self.analysis_list, Qt.LeftDockWidgetArea),
-                ("saeDock", "SAE features", self.sae_view, Qt.RightDockWidgetArea),
-                ("trainDock", "SAE training", self.training_view, Qt.BottomDockWidgetArea),
-                ("pairBarsDock", "Per pair", self.pair_bars, Qt.BottomDockWidgetArea)):
-            dock = QDockWidget(title, self)
-            dock.setObjectName(name)
-            dock.setWidget(widget)
-            self.addDockWidget(area, dock)
-            self.docks[name] = dock
-        self.docks["saeDock"].hide()
-        self.docks["trainDock"].hide()
-        self.docks["pairBarsDock"].hide()
-        self.tabifyDockWidget(self.docks["analysisDock"], self.docks["saeDock"])
-        self.resizeDocks([self.docks["promptsDock"]], [205], Qt.Vertical)
-        self.resizeDocks([self.docks["modelDock"], self.docks["analysisDock"]], [300, 300], Qt.Horizontal)
-
-        sb = self.statusBar()
-        sb.setObjectName("statusBar")
-        self.device_label = QLabel("no model")
-        self.device_label.setToolTip("Where the model runs")
-        self.memory_label = QLabel("")
-        self.memory_label.setToolTip("Memory used by the model's weights")
-        self.job_label = QLabel("idle")
-        self.job_label.setObjectName("jobStateLabel")
-        self.job_label.setToolTip("What the worker thread is doing")
-        for w in (self.device_label, self.memory_label, self.job_label):
-            sb.addPermanentWidget(w)
-
-        self.layer_panel.checked_changed.connect(self._hooks_checked)
-
-    def _action(self, text, slot, shortcut=None, tip="", name=""):
-        act = QAction(text, self)
-        if shortcut:
-            act.setShortcuts(shortcut if isinstance(shortcut, list) else [shortcut])
-        act.setToolTip(tip or text)
-        act.setStatusTip(tip or text)
-        if name:
-            act.setObjectName(name)
-        act.triggered.connect(slot)
-        self.addAction(act)
-        return act
-
-    def _build_actions(self):
-        mb = self.menuBar()
-        f = mb.addMenu("&File")
-        self.act_new = self._action("&New project", self.new_project, QKeySequence.New, name="actionNew")
-        self.act_open = self._action("&Open project…", self.open_project_dialog, QKeySequence("Ctrl+Shift+O"),
-                                     name="actionOpenProject")
-        self.act_open_model = self._action("Open &model…", lambda: self.browse_model(False), QKeySequence.Open,
-                                           "Choose a model folder and load it", "actionOpenModel")
-        self.act_open_graph = self._action("Open &graph JSON…", lambda: graph_import.open_graph_json_dialog(self), None,
-                                           "Open a Neuronpedia / circuit-tracer attribution graph of the loaded model",
-                                           "actionOpenGraphJson")
-        self.recent_menu = QMenu("Open &recent", self)
-        self.recent_menu.setObjectName("recentMenu")
-        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
-        self.act_save = self._action("&Save", self.save, QKeySequence.Save, name="actionSave")
-        self.act_save_as = self._action("Save &as…", self.save_as, QKeySequence.SaveAs, name="actionSaveAs")
-        self.act_export = self._action("&Export figure…", self.export_figure_dialog, QKeySequence("Ctrl+E"),
-                                       "Write the current result as PNG, SVG or PDF", "actionExportFigure")
-        self.act_export_data = self._action("Export &data…", self.export_data_dialog, None,
-                                            "Write the current result as CSV or NPZ", "actionExportData")
-        self.act_export_experiment = self._action(
-            "Export e&xperiment…", self.export_experiment_dialog, None,
-            "Write this session as an experiment file that 'interp-workbench run' executes", "actionExportExperiment")
-        self.act_copy = self._action("&Copy figure", self.copy_figure, QKeySequence("Ctrl+Shift+C"),
-                                     "Copy the current result's figure to the clipboard", "actionCopyFigure")
-        self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit, name="actionQuit")
-        for act in (self.act_new, self.act_open):
-            f.addAction(act)
-        f.addMenu(self.recent_menu)
-        for act in (self.act_open_model, self.act_open_graph, None, self.act_save, self.act_save_as, None, self.act_export,
-                    self.act_export_data, self.act_export_experiment, self.act_copy, None, self.act_quit):
-            f.addSeparator() if act is None else f.addAction(act)
-        e = mb.addMenu("&Edit")
-        self.act_undo = self._action("&Undo", lambda: self.undo_stack.undo(), QKeySequence.Undo, name="actionUndo")
-        self.act_redo = self._action("&Redo", lambda: self.undo_stack.redo(), QKeySequence.Redo, name="actionRedo")
-        e.addAction(self.act_undo)
-        e.addAction(self.act_redo)
-        self.undo_stack.subscribe(self._undo_changed)
-        self._undo_changed(self.undo_stack)
-        r = mb.addMenu("&Analysis")
-        self.act_run = self._action("&Run", self.run_analysis, [QKeySequence("Ctrl+R"), QKeySequence("F5")],
-                                    "Run the analysis (Ctrl+R, F5)", "actionRun")
-        self.act_cancel = self._action("&Cancel", self.cancel_analysis, QKeySequence("Esc"),
-                                       "Cancel the running job, keeping finished cells (Esc)", "actionCancel")
-        r.addAction(self.act_run)
-        r.addAction(self.act_cancel)
-        s = mb.addMenu("S&AE")
-        self.act_attach_sae = self._action("&Attach SAE…", lambda: self.attach_sae_dialog(), None,
-                                           "Attach an SAE to the hook point selected in the Layers tree",
-                                           "actionAttachSae")
-        self.act_dashboards = self._action("Build &dashboards…", self.build_dashboards_dialog, None,
-                                           "Build feature dashboards of the attached SAE over a corpus",
-                                           "actionBuildDashboards")
-        self.act_train_sae = self._action("&Train SAE…", lambda: self.train_sae_dialog(), None,
-                                          "Train an SAE on a hook point's activations over a corpus",
-                                          "actionTrainSae")
-        self.act_sae_metrics = self._action("SAE &metrics…", lambda: self.sae_ctl.build_metrics_dialog(), None,
-                                            "L0, explained variance, CE recovered and KL of the attached SAE over a "
-                                            "corpus", "actionSaeMetrics")
-        self.act_train_transcoders = self._action(
-            "Train t&ranscoders…", lambda: self.train_transcoders_dialog(), None,
-            "Train per-layer transcoders (for attribution graphs) on a corpus", "actionTrainTranscoders")
-        for act in (self.act_attach_sae, self.act_dashboards, self.act_train_sae, self.act_sae_metrics,
-                    self.act_train_transcoders):
-            s.addAction(act)
-        v = mb.addMenu("&View")
-        for dock in self.docks.values():
-            v.addAction(dock.toggleViewAction())
-        v.addSeparator()
-        self.act_shared_scale = self._action("&Shared colour scale", self.set_shared_colour_scale, None,
-                                             "One colour scale for all results of the same value (metric), so "
-                                             "equal colours mean equal numbers", "actionSharedColourScale")
-        self.act_shared_scale.setCheckable(True)
-        v.addAction(self.act_shared_scale)
-        v.addAction(self._action("Reset &layout", self.reset_layout, name="actionResetLayout"))
 
     def _undo_changed(self, stack):
         self.act_undo.setEnabled(stack.can_undo())
