@@ -49,7 +49,7 @@ def check_supported(lm) -> None:
         raise SpecError(f"attribution graphs are not supported for this {a.family} model: {problems[0]}.")
 
 
-def _norm_modules(lm) -> list[torch.nn.Module]:
+def block_norms(lm) -> list[torch.nn.Module]:
     """Every norm of the blocks outside attention and MLP (those see only what is frozen or replaced), and the
     final norm."""
     a = lm.adapter
@@ -102,7 +102,7 @@ class ReplacementContext:
         self.lm, self.tset, self.a = lm, tset, lm.adapter
         self.gradient_only = gradient_only
         self.mode = "record"
-        self.norms = _norm_modules(lm)
+        self.norms = block_norms(lm)
         self.norm_io: dict[int, tuple] = {}
         self.norm_states: dict[int, _NormState] = {}
         self.patterns: dict[int, torch.Tensor] = {}
@@ -119,9 +119,8 @@ class ReplacementContext:
         # transcoders reading hook_resid_mid: each layer's MLP norm (found in the recording as the norm whose output is
         # the MLP's input); the transcoders read that norm's input in every run
         self.reads_mid = reads_resid_mid(tset)
-        if self.reads_mid and self.a.parallel_attn_mlp:
-            raise SpecError("these transcoders read hook_resid_mid, which this model does not have (its attention and "
-                            "MLP run in parallel from the same input).")
+        if self.reads_mid:
+            check_resid_mid(lm)
         self.mid_norm: list = [None] * len(self.a.blocks)
         self.norm_in: dict[int, torch.Tensor] = {}
 
@@ -240,13 +239,7 @@ class ReplacementContext:
         return self.norm_in[self.mid_norm[layer]] if self.reads_mid else mlp_input
 
     def _find_mlp_norm(self, layer: int, mlp_input: torch.Tensor) -> int:
-        block = {id(m) for m in self.a.blocks[layer].modules()}
-        found = [i for i, (_x, y) in self.norm_io.items() if i in block and y.shape == mlp_input.shape
-                 and torch.equal(y, mlp_input)]
-        if len(found) != 1:
-            raise SpecError(f"these transcoders read hook_resid_mid, but layer {layer}'s MLP input is not the output "
-                            "of one norm of its block here, so the residual stream before it cannot be found.")
-        return found[0]
+        return find_mlp_norm(self.lm, layer, {i: y for i, (_x, y) in self.norm_io.items()}, mlp_input)
 
     def _replaced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What the transcoders make of layer `layer`'s MLP output. A cross-layer set adds the features read at every
@@ -264,6 +257,25 @@ class ReplacementContext:
         self._attention("freeze" if mode == "frozen" else "restore")
         self._skip_mlps(mode == "frozen" and self.gradient_only)
         self.mode = mode
+
+
+def check_resid_mid(lm) -> None:
+    """Refuses a model without hook_resid_mid (the residual stream between attention and MLP)."""
+    if lm.adapter.parallel_attn_mlp:
+        raise SpecError("these transcoders read hook_resid_mid, which this model does not have (its attention and "
+                        "MLP run in parallel from the same input).")
+
+
+def find_mlp_norm(lm, layer: int, norm_outputs: dict, mlp_input: torch.Tensor) -> int:
+    """Which of the block norms (by id, with their outputs in the same run) is layer `layer`'s MLP norm: the one of its
+    block whose output is the MLP's input. Its input is hook_resid_mid, what transcoders reading that hook take."""
+    block = {id(m) for m in lm.adapter.blocks[layer].modules()}
+    found = [i for i, y in norm_outputs.items() if i in block and y.shape == mlp_input.shape
+             and torch.equal(y, mlp_input)]
+    if len(found) != 1:
+        raise SpecError(f"these transcoders read hook_resid_mid, but layer {layer}'s MLP input is not the output "
+                        "of one norm of its block here, so the residual stream before it cannot be found.")
+    return found[0]
 
 
 def is_cross_layer(tset) -> bool:

@@ -70,6 +70,8 @@ def card_html(card, corpus: str = "") -> str:
         lines.append(f"<table cellspacing=0 cellpadding=0>{rows}</table>")
     else:
         lines.append("never active in the corpus")
+    if getattr(card, "output_note", ""):
+        lines.append(f'<span style="color:#555">output tokens of its {escape(card.output_note)}</span>')
     lines.append(_tokens_line("promotes", UP, card.promoted))
     lines.append(_tokens_line("suppresses", DOWN, card.suppressed))
     return "<br>".join(lines)

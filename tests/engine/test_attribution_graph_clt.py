@@ -253,18 +253,6 @@ def test_clt_clamp_check_graph_model_and_real_model(clt_case):
     assert informative >= 1
 
 
-def test_feature_cards_refuse_a_clt_in_one_sentence(clt_case, tmp_path):
-    from desktop_app.engine.errors import SAEError
-    from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
-
-    lm, clt, _, _ = clt_case
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("Mary went to the store.\n")
-    with pytest.raises(SAEError, match="feature cards are not built for cross-layer transcoders") as e:
-        drive(transcoder_dashboards_job(lm, clt, corpus, features=[(0, 1)]))
-    assert str(e.value).count(". ") == 0
-
-
 def test_per_layer_sets_reading_resid_mid_load_save_and_are_refused_where_not_handled(lm_neox, lm_gpt2, tmp_path):
     from desktop_app.engine.errors import SAEError, SpecError
     from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
@@ -284,7 +272,7 @@ def test_per_layer_sets_reading_resid_mid_load_save_and_are_refused_where_not_ha
         drive(build_graph(lm_neox, ids, again))
     assert str(e.value).count(". ") == 0
     (tmp_path / "corpus.txt").write_text("Mary went to the store.\n")
-    with pytest.raises(SAEError, match="read hook_resid_mid yet"):
+    with pytest.raises(SpecError, match="read hook_resid_mid, which this model does not have"):  # feature cards too
         drive(transcoder_dashboards_job(lm_neox, again, tmp_path / "corpus.txt", features=[(0, 1)]))
     (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("hook_resid_mid",
                                                                                      "hook_resid_pre"))

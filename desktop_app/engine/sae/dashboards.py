@@ -45,6 +45,9 @@ class FeatureDashboard:
     histogram_edges: list[float] = field(default_factory=list)
     promoted: list[tuple[str, float]] = field(default_factory=list)  # (token, logit effect), largest first
     suppressed: list[tuple[str, float]] = field(default_factory=list)  # most negative first
+    # what the promoted / suppressed tokens are read from when it is not the feature's one decoder row (a cross-layer
+    # transcoder feature's rows summed over the layers it writes into); empty otherwise
+    output_note: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -252,7 +255,8 @@ def scan_corpus(docs: list[list[int]], encode, n_f: int, n_top: int, context: in
 
 
 def assemble_dashboards(lm, docs, features: list[int], scan: CorpusScan, effects, context: int,
-                        layers: list[int] | None = None) -> list[FeatureDashboard]:
+                        layers: list[int] | None = None, output_notes: list[str] | None = None
+                        ) -> list[FeatureDashboard]:
     """The dashboards of a finished scan; effects: per feature (promoted, suppressed) output tokens."""
     out = []
     n_top = scan.top_val.shape[1]
@@ -272,7 +276,7 @@ def assemble_dashboards(lm, docs, features: list[int], scan: CorpusScan, effects
             feature=feat, layer=None if layers is None else int(layers[i]), max_activation=float(scan.max_act[i]),
             density=float(scan.fired[i]) / max(scan.n_tokens, 1), n_tokens=scan.n_tokens, top_contexts=contexts,
             histogram_counts=scan.hist[i].tolist(), histogram_edges=HIST_EDGES.tolist(),
-            promoted=effects[i][0], suppressed=effects[i][1]))
+            promoted=effects[i][0], suppressed=effects[i][1], output_note=output_notes[i] if output_notes else ""))
     return out
 
 
