@@ -1,0 +1,154 @@
+"""The result pane's chart of an attribution graph: the most influential nodes as horizontal bars, ranked.
+
+A graph's values are one influence per node; drawn over the node index they say nothing. Here the top N nodes by
+|influence on the logits| (features, error nodes, embeddings; the logit nodes are the targets, so they are listed in
+the plot's title instead of ranked) are bars, rank 0 at the top, labelled "L1 #164 @ 13 ·to" (feature 164 of
+layer 1 at position 13, token ·to), "error L2 @ 13 ·to", "emb @ 1 ·Mary", coloured by node kind as in the graph
+view. ResultView (ui.plots) draws with this object for every result whose kind's view type is `graph`; hovering a
+bar gives the node's id and its feature card, a click asks the graph view to show and ring that node."""
+from __future__ import annotations
+
+from html import escape
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtGui import QFont, QFontMetricsF
+
+from desktop_app.project import kinds as kind_registry
+from desktop_app.project.feature_cards import CARDS_KEY, cards_of
+from desktop_app.ui.graph_card import card_html
+from desktop_app.ui.graph_view import KIND_COLOURS
+
+TOP_N = 25
+AXIS_NAME = "influence on the logits"
+
+
+def applies(result) -> bool:
+    """Whether the result pane shows `result` as ranked nodes (a graph kind carrying its node arrays)."""
+    record = kind_registry.find(result.kind) if result is not None else None
+    return record is not None and record.view == "graph" and "node_influence" in result.extras \
+        and "node_kind" in result.extras
+
+
+def ranked_nodes(extras: dict, n: int = TOP_N) -> np.ndarray:
+    """Indices of the `n` non-logit nodes of largest |influence|, largest first (ties: lower index first)."""
+    kinds = np.asarray(extras["node_kind"]).astype(str)
+    influence = np.asarray(extras["node_influence"], dtype=np.float64)
+    idx = np.where(kinds != "logit")[0]
+    order = np.argsort(-np.abs(np.nan_to_num(influence[idx])), kind="stable")
+    return idx[order[:n]]
+
+
+def _token(extras: dict, pos: int) -> str:
+    tokens = extras.get("prompt_tokens")
+    return str(tokens[pos]) if tokens is not None and 0 <= pos < len(tokens) else "?"
+
+
+def node_label(extras: dict, i: int) -> str:
+    """A short readable name of node i: what it is, its layer (and feature), its position and the token there."""
+    kind = str(np.asarray(extras["node_kind"])[i])
+    layer, pos = int(extras["node_layer"][i]), int(extras["node_pos"][i])
+    where = f"@ {pos} {_token(extras, pos)}"
+    if kind == "feature":
+        return f"L{layer} #{int(extras['node_feature'][i])} {where}"
+    if kind == "error":
+        return f"error L{layer} {where}"
+    if kind == "embedding":
+        return f"emb {where}"
+    if kind == "logit":
+        texts = extras.get("node_token_text")
+        return f"logit {texts[i] if texts is not None else '#' + str(int(extras['node_feature'][i]))}"
+    return f"{kind} {where}"
+
+
+class RankedNodes:
+    """Draws the ranking into a ResultView's plot item; hidden while the view shows another kind."""
+
+    def __init__(self, plot):
+        self.plot = plot
+        self.bars = pg.BarGraphItem(x0=[], y=[], width=[], height=0.8)
+        self.bars.setVisible(False)
+        plot.addItem(self.bars)
+        self.result = None
+        self.nodes = np.zeros(0, dtype=int)
+        self.labels: list[str] = []
+        self._cards_key = None
+        self._cards: dict = {}
+
+    applies = staticmethod(applies)
+
+    def set_visible(self, on: bool) -> None:
+        self.bars.setVisible(on)
+        if not on:
+            self.plot.setTitle(None)
+            self.plot.getAxis("left").setWidth(None)  # back to the axis's own width
+
+    def paint(self, result) -> np.ndarray:
+        """Draw the top nodes of `result`; returns their influence in rank order (what the pane shows)."""
+        ex = result.extras
+        self.result = result
+        self.nodes = ranked_nodes(ex)
+        values = np.asarray(ex["node_influence"], dtype=np.float64)[self.nodes]
+        kinds = np.asarray(ex["node_kind"]).astype(str)
+        self.labels = [node_label(ex, int(i)) for i in self.nodes]
+        n = len(self.nodes)
+        brushes = [pg.mkBrush(*KIND_COLOURS.get(kinds[i], (0, 0, 0))) for i in self.nodes]
+        self.bars.setOpts(x0=np.zeros(n), y=np.arange(n, dtype=float), width=values, height=0.8, brushes=brushes,
+                          pens=[pg.mkPen(None)] * n)
+        left, bottom = self.plot.getAxis("left"), self.plot.getAxis("bottom")
+        left.setTicks([[(k, t) for k, t in enumerate(self.labels)]])
+        left.setLabel("")
+        font = left.style.get("tickFont") or QFont()
+        widest = max((QFontMetricsF(font).horizontalAdvance(t) for t in self.labels), default=0.0)
+        left.setWidth(int(widest) + 16)  # every label whole: pyqtgraph's own width cuts long tick texts
+        bottom.set_labels(None)
+        bottom.setLabel(AXIS_NAME)
+        self.plot.getViewBox().invertY(True)  # rank 0 at the top
+        self.plot.setTitle(self._logits_line(ex, kinds), size="9pt")
+        finite = values[np.isfinite(values)]
+        lo, hi = min(float(finite.min(initial=0.0)), 0.0), max(float(finite.max(initial=0.0)), 0.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        self.plot.setRange(xRange=(lo - pad, hi + pad), yRange=(-0.6, max(n, 1) - 0.4), padding=0)
+        return values.astype(np.float32)
+
+    @staticmethod
+    def _logits_line(ex: dict, kinds: np.ndarray) -> str:
+        logits = np.where(kinds == "logit")[0]
+        if not len(logits):
+            return ""
+        act = np.asarray(ex.get("node_activation", np.full(len(kinds), np.nan)), dtype=float)
+        parts = [f"{escape(node_label(ex, int(i))[len('logit '):])} (p {act[i]:.3g})" for i in logits]
+        ranked = min(TOP_N, len(kinds) - len(logits))
+        return f"top {ranked} of {len(kinds) - len(logits)} nodes by |influence|; target logits: " + ", ".join(parts)
+
+    # ---- the mouse -----------------------------------------------------------------------------------------------
+    def rank_at(self, y: float) -> int | None:
+        k = int(np.round(y))
+        return k if 0 <= k < len(self.nodes) else None
+
+    def node_of(self, rank: int) -> int:
+        return int(self.nodes[rank])
+
+    def describe(self, rank: int) -> str:
+        i = self.node_of(rank)
+        value = float(np.asarray(self.result.extras["node_influence"], dtype=float)[i])
+        return f"#{rank + 1} {self.labels[rank]} (node {self.result.extras['node_ids'][i]}): {AXIS_NAME} {value:.4g}"
+
+    def tooltip(self, rank: int) -> str:
+        """The node's id, kind and influence, and its feature card when the graph has cards."""
+        ex = self.result.extras
+        i = self.node_of(rank)
+        kind = str(np.asarray(ex["node_kind"])[i])
+        lines = [f"<b>{escape(str(ex['node_ids'][i]))}</b> — {kind}", escape(self.labels[rank]),
+                 f"{AXIS_NAME} {float(ex['node_influence'][i]):.4g}"]
+        if kind == "feature":
+            card = self._card(int(ex["node_layer"][i]), int(ex["node_feature"][i]))
+            if card is not None:
+                lines.append(card_html(card))
+        return "<br>".join(lines)
+
+    def _card(self, layer: int, feature: int):
+        raw = self.result.extras.get(CARDS_KEY)
+        if self._cards_key is None or self._cards_key[0] is not self.result or self._cards_key[1] is not raw:
+            self._cards_key, self._cards = (self.result, raw), cards_of(self.result)  # cards come after the graph
+        return self._cards.get((layer, feature))
