@@ -20,6 +20,7 @@ from desktop_app.ui.graph_card import card_html
 from desktop_app.ui.graph_view import KIND_COLOURS
 
 TOP_N = 25
+MIN_ROWS = 5
 AXIS_NAME = "influence on the logits"
 
 
@@ -64,8 +65,10 @@ def node_label(extras: dict, i: int) -> str:
 class RankedNodes:
     """Draws the ranking into a ResultView's plot item; hidden while the view shows another kind."""
 
-    def __init__(self, plot):
+    def __init__(self, plot, repaint):
         self.plot = plot
+        self.repaint = repaint  # the pane's full refresh: the number of rows that fit changes with its height
+        plot.getViewBox().sigResized.connect(self._resized)
         self.bars = pg.BarGraphItem(x0=[], y=[], width=[], height=0.8)
         self.bars.setVisible(False)
         plot.addItem(self.bars)
@@ -82,12 +85,29 @@ class RankedNodes:
         if not on:
             self.plot.setTitle(None)
             self.plot.getAxis("left").setWidth(None)  # back to the axis's own width
+            self.plot.getAxis("bottom").setSIPrefixEnableRanges(None)  # pyqtgraph's default again
+            self.plot.getAxis("bottom").updateAutoSIPrefix()
+
+    def _font_height(self) -> float:
+        axis = self.plot.getAxis("left")
+        return QFontMetricsF(axis.style.get("tickFont") or QFont()).height()
+
+    def fitting_rows(self) -> int:
+        """How many bars get a readable label of their own in the plot's height now (TOP_N at most)."""
+        height = self.plot.getViewBox().height()
+        if height <= 0:  # not laid out yet
+            return TOP_N
+        return int(max(MIN_ROWS, min(TOP_N, height // (self._font_height() + 2))))
+
+    def _resized(self, *_args) -> None:
+        if self.bars.isVisible() and self.result is not None and self.fitting_rows() != len(self.nodes):
+            self.repaint()
 
     def paint(self, result) -> np.ndarray:
         """Draw the top nodes of `result`; returns their influence in rank order (what the pane shows)."""
         ex = result.extras
         self.result = result
-        self.nodes = ranked_nodes(ex)
+        self.nodes = ranked_nodes(ex, self.fitting_rows())
         values = np.asarray(ex["node_influence"], dtype=np.float64)[self.nodes]
         kinds = np.asarray(ex["node_kind"]).astype(str)
         self.labels = [node_label(ex, int(i)) for i in self.nodes]
@@ -104,21 +124,22 @@ class RankedNodes:
         bottom.set_labels(None)
         bottom.setLabel(AXIS_NAME)
         self.plot.getViewBox().invertY(True)  # rank 0 at the top
-        self.plot.setTitle(self._logits_line(ex, kinds), size="9pt")
+        self.plot.setTitle(self._logits_line(ex, kinds, n) or None, size="9pt")
         finite = values[np.isfinite(values)]
         lo, hi = min(float(finite.min(initial=0.0)), 0.0), max(float(finite.max(initial=0.0)), 0.0)
         pad = 0.05 * (hi - lo or 1.0)
         self.plot.setRange(xRange=(lo - pad, hi + pad), yRange=(-0.6, max(n, 1) - 0.4), padding=0)
+        bottom.setSIPrefixEnableRanges(((0.0, 0.0),))  # the influence as it is: "0.6", not "600 (x0.001)"
+        bottom.updateAutoSIPrefix()
         return values.astype(np.float32)
 
     @staticmethod
-    def _logits_line(ex: dict, kinds: np.ndarray) -> str:
+    def _logits_line(ex: dict, kinds: np.ndarray, ranked: int) -> str:
         logits = np.where(kinds == "logit")[0]
         if not len(logits):
             return ""
         act = np.asarray(ex.get("node_activation", np.full(len(kinds), np.nan)), dtype=float)
         parts = [f"{escape(node_label(ex, int(i))[len('logit '):])} (p {act[i]:.3g})" for i in logits]
-        ranked = min(TOP_N, len(kinds) - len(logits))
         return f"top {ranked} of {len(kinds) - len(logits)} nodes by |influence|; target logits: " + ", ".join(parts)
 
     # ---- the mouse -----------------------------------------------------------------------------------------------

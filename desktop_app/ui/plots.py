@@ -138,7 +138,7 @@ class ResultView(QWidget):
         self.plot.addItem(self.line)
         from desktop_app.ui.graph_ranking import RankedNodes
 
-        self.ranking = RankedNodes(self.plot)  # graph results: the top nodes as ranked bars
+        self.ranking = RankedNodes(self.plot, lambda: self._refresh(full=True))  # graph results: ranked nodes
         self.plot.getViewBox().sigResized.connect(lambda *_: self.plot.getAxis("bottom").relayout())
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)

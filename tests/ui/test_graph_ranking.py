@@ -8,7 +8,7 @@ from PySide6.QtGui import QFont, QFontMetricsF
 
 from desktop_app.demo_assets import demo_corpus_path, demo_transcoders_dir, resources_dir
 from desktop_app.engine.results import AnalysisResult
-from desktop_app.ui.graph_ranking import AXIS_NAME, TOP_N
+from desktop_app.ui.graph_ranking import AXIS_NAME, MIN_ROWS, TOP_N
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
@@ -63,6 +63,7 @@ def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo):
     view = _view(qtbot, graph)
     top = _expected_top(ex)
     assert len(top) == min(TOP_N, int((np.asarray(ex["node_kind"]) != "logit").sum()))
+    assert view.ranking.fitting_rows() == TOP_N  # 700 pixels high: every bar of the top 25 gets its label
     np.testing.assert_array_equal(view.ranking.nodes, top)
     infl = np.asarray(ex["node_influence"], dtype=float)
     np.testing.assert_allclose(view.image_data(), infl[top], rtol=1e-6)
@@ -88,7 +89,9 @@ def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo):
     e = int(np.where(kinds == "error")[0][-1])  # no error node is among the demo's top 25: label one directly
     pos = int(ex["node_pos"][e])
     assert node_label(ex, e) == f"error L{int(ex['node_layer'][e])} @ {pos} {tokens[pos]}"
-    assert view.plot.getAxis("bottom").labelText == AXIS_NAME
+    bottom = view.plot.getAxis("bottom")
+    assert bottom.labelText == AXIS_NAME
+    assert bottom.autoSIPrefixScale == 1.0 and bottom.labelUnitPrefix == ""  # ticks read the influence itself
     # every label fits in the axis: none is cut
     axis = view.plot.getAxis("left")
     font = axis.style.get("tickFont") or QFont()
@@ -97,6 +100,13 @@ def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo):
     logit_texts = [str(ex["node_token_text"][i]) for i in np.where(kinds == "logit")[0]]
     title = view.plot.titleLabel.text
     assert all(t in title for t in logit_texts)
+    # a lower pane: fewer rows, still the top ones, each with room for its label
+    view.resize(900, 320)
+    qtbot.waitUntil(lambda: len(view.ranking.nodes) < TOP_N, timeout=3000)
+    n = len(view.ranking.nodes)
+    np.testing.assert_array_equal(view.ranking.nodes, top[:n])
+    np.testing.assert_allclose(view.image_data(), infl[top[:n]], rtol=1e-6)
+    assert view.plot.getViewBox().height() / n >= QFontMetricsF(font).height()
 
 
 def test_hover_gives_the_node_id_and_its_card(qtbot, demo):
@@ -136,6 +146,7 @@ def test_other_kinds_draw_as_before_after_a_graph(qtbot, demo):
     assert view.bars.isVisible() and not view.ranking.bars.isVisible()
     np.testing.assert_array_equal(view.image_data(), [2.0, -1.0, 0.5])
     assert not view.plot.titleLabel.isVisible() and view.plot.getAxis("left").fixedWidth is None
+    assert view.plot.getAxis("bottom")._siPrefixEnableRanges is None
     assert view.describe((1,)).startswith("position 1: b")
 
 
@@ -154,7 +165,12 @@ def test_clicking_a_bar_shows_the_node_in_the_graph_view_and_export_works(qtbot,
         pane, graph_view = window.result_view, window.detail_views["graph"]
         graph = window.project.entry("graph").result
         assert pane.result is graph and graph_view.result is graph
-        np.testing.assert_array_equal(pane.ranking.nodes, _expected_top(graph.extras))
+        shown = len(pane.ranking.nodes)  # as many as get a readable label in the pane's height
+        assert MIN_ROWS <= shown == pane.ranking.fitting_rows() <= TOP_N
+        np.testing.assert_array_equal(pane.ranking.nodes, _expected_top(graph.extras)[:shown])
+        axis = pane.plot.getAxis("left")
+        tick_px = pane.plot.getViewBox().height() / shown
+        assert tick_px >= QFontMetricsF(axis.style.get("tickFont") or QFont()).height()  # labels do not overlap
         qtbot.wait(100)
         rank = 2
         i = int(pane.ranking.nodes[rank])
