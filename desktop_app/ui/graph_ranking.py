@@ -16,12 +16,11 @@ from PySide6.QtGui import QFont, QFontMetricsF
 
 from desktop_app.project import kinds as kind_registry
 from desktop_app.project.feature_cards import CARDS_KEY, cards_of
+from desktop_app.project.graph_ranking import AXIS_NAME, TOP_N, node_label, ranked_nodes
 from desktop_app.ui.graph_card import card_html
 from desktop_app.ui.graph_view import KIND_COLOURS
 
-TOP_N = 25
 MIN_ROWS = 5
-AXIS_NAME = "influence on the logits"
 
 
 def applies(result) -> bool:
@@ -29,37 +28,6 @@ def applies(result) -> bool:
     record = kind_registry.find(result.kind) if result is not None else None
     return record is not None and record.view == "graph" and "node_influence" in result.extras \
         and "node_kind" in result.extras
-
-
-def ranked_nodes(extras: dict, n: int = TOP_N) -> np.ndarray:
-    """Indices of the `n` non-logit nodes of largest |influence|, largest first (ties: lower index first)."""
-    kinds = np.asarray(extras["node_kind"]).astype(str)
-    influence = np.asarray(extras["node_influence"], dtype=np.float64)
-    idx = np.where(kinds != "logit")[0]
-    order = np.argsort(-np.abs(np.nan_to_num(influence[idx])), kind="stable")
-    return idx[order[:n]]
-
-
-def _token(extras: dict, pos: int) -> str:
-    tokens = extras.get("prompt_tokens")
-    return str(tokens[pos]) if tokens is not None and 0 <= pos < len(tokens) else "?"
-
-
-def node_label(extras: dict, i: int) -> str:
-    """A short readable name of node i: what it is, its layer (and feature), its position and the token there."""
-    kind = str(np.asarray(extras["node_kind"])[i])
-    layer, pos = int(extras["node_layer"][i]), int(extras["node_pos"][i])
-    where = f"@ {pos} {_token(extras, pos)}"
-    if kind == "feature":
-        return f"L{layer} #{int(extras['node_feature'][i])} {where}"
-    if kind == "error":
-        return f"error L{layer} {where}"
-    if kind == "embedding":
-        return f"emb {where}"
-    if kind == "logit":
-        texts = extras.get("node_token_text")
-        return f"logit {texts[i] if texts is not None else '#' + str(int(extras['node_feature'][i]))}"
-    return f"{kind} {where}"
 
 
 class RankedNodes:

@@ -138,6 +138,27 @@ def test_hover_gives_the_node_id_and_its_card(qtbot, demo):
         graph.extras.pop(CARDS_KEY, None)
 
 
+def test_the_exported_figure_shows_the_same_ranking(demo, tmp_path):
+    from desktop_app.engine.errors import SpecError
+    from desktop_app.project.graph_ranking import node_label
+    from desktop_app.ui.figure import render_figure
+    from desktop_app.ui.figure_data import prepare_data
+
+    _lm, graph = demo
+    ex = graph.extras
+    top = _expected_top(ex)
+    data = prepare_data(graph)
+    np.testing.assert_allclose(data.values, np.asarray(ex["node_influence"], dtype=float)[top], rtol=1e-12)
+    assert data.dims == ["node"] and data.labels[0] == [node_label(ex, int(i)) for i in top]
+    assert any("logits left out" in note for note in data.notes)
+    with pytest.raises(SpecError, match="no layer to choose"):
+        prepare_data(graph, {"layer": 0})
+    path = tmp_path / "graph.svg"
+    render_figure(graph, "svg", path)
+    text = path.read_text()
+    assert "influence on the logits" in text
+
+
 def test_other_kinds_draw_as_before_after_a_graph(qtbot, demo):
     _lm, graph = demo
     view = _view(qtbot, graph)
