@@ -190,6 +190,9 @@ class GraphView(SubgraphEdits, QWidget):
         self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
+        if getattr(self, "highlight", None) is not None:  # a ring of the graph shown before
+            self.highlight.setData([])
+            self.highlighted = None
         self.subgraph_changed()
         self.cards.set_graph(result)
 
@@ -304,6 +307,16 @@ class GraphView(SubgraphEdits, QWidget):
 
     def hover_node(self, i: int | None) -> None:
         self.card.setText(self.node_card(i) if i is not None else " ")
+
+    def show_node(self, i: int) -> None:
+        """Show node i's card and ring it (its bar was clicked in the result pane's ranking)."""
+        if getattr(self, "highlight", None) is None:
+            self.highlight = pg.ScatterPlotItem(pxMode=True)
+            self.plot.addItem(self.highlight)
+        self.highlighted = int(i)
+        self.highlight.setData([{"pos": self.xy[i], "size": 30, "brush": None,
+                                 "pen": pg.mkPen((0, 0, 0), width=2, style=Qt.DashLine)}])
+        self.hover_node(i)
 
     def _mouse_moved(self, scene_pos) -> None:
         if self.result is None or not self.node_mask.any():

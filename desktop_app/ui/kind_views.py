@@ -66,6 +66,9 @@ def show_detail(window, result, record) -> None:
             view.clamp.submit = window._submit
             view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
             view.attach_session(window.session)  # pins and supernodes are undoable edits
+        ranking = getattr(getattr(window, "result_view", None), "node_clicked", None)
+        if hasattr(view, "show_node") and ranking is not None:  # a bar of the result pane's ranked nodes clicked
+            ranking.connect(lambda shown, i, view=view: view.result is shown and view.show_node(i))
         if hasattr(view, "cards"):  # the graph view's feature cards are built in the runner, stored in the project
             view.cards.attach(window)
         dock.widget().addWidget(view)

@@ -14,8 +14,8 @@ import html
 
 import numpy as np
 from PySide6.QtCore import QPointF, Qt, QTimer, Signal
-from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtGui import QCursor, QPalette
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QToolTip, QVBoxLayout, QWidget
 
 from desktop_app.engine.errors import WorkbenchError
 from desktop_app.engine.results import AnalysisResult
@@ -39,6 +39,7 @@ class ResultView(QWidget):
     """Shows one result; the window keeps one of these named `heatmapView`."""
 
     cell_clicked = Signal(object, float)  # index tuple into the shown 2-D/1-D array, value
+    node_clicked = Signal(object, int)  # a graph result's bar clicked: (result, node index); ui.graph_ranking
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -135,6 +136,9 @@ class ResultView(QWidget):
         self.line = pg.PlotDataItem([], [], symbol="o", symbolSize=5)
         self.plot.addItem(self.bars)
         self.plot.addItem(self.line)
+        from desktop_app.ui.graph_ranking import RankedNodes
+
+        self.ranking = RankedNodes(self.plot, lambda: self._refresh(full=True))  # graph results: ranked nodes
         self.plot.getViewBox().sigResized.connect(lambda *_: self.plot.getAxis("bottom").relayout())
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
@@ -331,6 +335,7 @@ class ResultView(QWidget):
         self.colorbar.setVisible(heat)
         self.bars.setVisible(mode == "bars")
         self.line.setVisible(mode == "line")
+        self.ranking.set_visible(mode == "ranked")
 
     def _refresh(self, full: bool):
         self._dirty = False
@@ -339,6 +344,11 @@ class ResultView(QWidget):
             self._shown = np.zeros((0, 0), np.float32)
             self._set_mode(None)
             self.title_label.setText("Run an analysis to see its result here.")
+            return
+        if self.ranking.applies(r):
+            self._set_mode("ranked")
+            self._shown, self._dims = self.ranking.paint(r), ["rank"]
+            self.title_label.setText(self._title())
             return
         values, dims = self._shown_array()
         self._shown = values
@@ -473,6 +483,9 @@ class ResultView(QWidget):
         if self.result is None or not self.plot.sceneBoundingRect().contains(scene_pos):
             return None
         p = self.plot.getViewBox().mapSceneToView(scene_pos)
+        if self._mode == "ranked":
+            k = self.ranking.rank_at(p.y())  # anywhere on a bar's row
+            return None if k is None else (k,)
         if self._shown.ndim == 2:
             row, col = int(np.floor(p.y())), int(np.floor(p.x()))
             if 0 <= row < self._shown.shape[0] and 0 <= col < self._shown.shape[1]:
@@ -494,6 +507,8 @@ class ResultView(QWidget):
         return coords
 
     def describe(self, cell) -> str:
+        if self._mode == "ranked":
+            return self.ranking.describe(cell[0])
         v = float(self._shown[cell])
         if len(cell) == 2:
             where = f"{self._dims[0]} {self._row_labels[cell[0]]}, {self._dims[1]} {self._col_labels[cell[1]]}"
@@ -511,9 +526,13 @@ class ResultView(QWidget):
         cell = self._cell_at(scene_pos)
         if cell is not None:
             self.hover_label.setText(self.describe(cell))
+        if self._mode == "ranked":  # the node's id and feature card beside the mouse
+            QToolTip.showText(QCursor.pos(), self.ranking.tooltip(cell[0]) if cell is not None else "", self.graphics)
 
     def _on_mouse_clicked(self, event):
         cell = self._cell_at(event.scenePos())
         if cell is not None:
             self.hover_label.setText("Selected: " + self.describe(cell))
             self.cell_clicked.emit(cell, float(self._shown[cell]))
+            if self._mode == "ranked":
+                self.node_clicked.emit(self.result, self.ranking.node_of(cell[0]))

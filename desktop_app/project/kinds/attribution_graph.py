@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from desktop_app.project.graph_ranking import ranked_figure
 from desktop_app.project.kinds import AnalysisKind, ExportFormat, register_kind
 from desktop_app.project.kinds._reading import prompt_field, tokens_of, with_spec_params
 from desktop_app.project.specs import AnalysisSpec, param
@@ -47,6 +48,7 @@ def _write_json(result, path):
 register_kind(AnalysisKind(
     kind="attribution_graph", label="Attribution graph", short="graph", spec=AttributionGraphSpec, job=_job,
     dims="[node]", value_name="influence on the logits", scale="sequential", view="graph", click="describe",
+    figure_slice=ranked_figure,
     exports=(ExportFormat("json", _write_json, "Neuronpedia / circuit-tracer graph JSON"),),
     description="Trace the prompt's top logits back through transcoder features, error nodes and token "
                 "embeddings by direct effects in the replacement model; pruned by influence."))
