@@ -69,6 +69,7 @@ class AnalysisController:
         self.run_queue: list[str] = []
         self.streaming: AnalysisResult | None = None
         self.predictions: worker_jobs.Predictions | None = None
+        self.training = None  # training_live.LiveTraining: live curves of the training kinds (set_training)
         analysis_panel.run_button.clicked.connect(self.run_analysis)
         analysis_panel.cancel_button.clicked.connect(self.cancel_analysis)
         result_view.cell_clicked.connect(self.cell_clicked)
@@ -76,6 +77,14 @@ class AnalysisController:
     @property
     def project(self):
         return self.session.project
+
+    def set_training(self, live):
+        """Every run of a training kind (sae_training, transcoder_training), from any path, shows its curves live
+        through `live` (a training_live.LiveTraining) and says where a Stop saved the weights so far."""
+        self.training = live
+
+    def _training_run(self) -> bool:
+        return self.training is not None and self.training.kind is not None
 
     # ---- analysis
     def spec_from_panel(self):
@@ -172,6 +181,8 @@ class AnalysisController:
         a.progress.setValue(0)
         a.rate_label.setText("starting…")
         self.job_label.setText(f"running {spec.name}")
+        if self.training is not None:
+            self.training.started(spec)
         job = worker_jobs.run_analysis(self.project.prompts, spec, a.batch_spin.value() or None)
         self.run_job = self.submit(job, "analysis", progress=self._run_progress, partial=self._run_partial,
                                      note=self._run_note, finished=self._run_finished, errored=self._run_errored,
@@ -198,6 +209,8 @@ class AnalysisController:
     def _run_note(self, event):
         if getattr(self, "_also_note", None) is not None:
             self._also_note(event)
+        if self._training_run():
+            self.training.note(event)
         if isinstance(event, worker_jobs.Skeleton):
             self.streaming = event.result
             self._show_result(event.result)
@@ -245,6 +258,8 @@ class AnalysisController:
             self.messages.show_error(result.message or "the analysis failed.")
         elif result.message:
             self.messages.show_message(result.message, "warning")
+        if self._training_run():
+            self.training.finished(result)
 
     def _run_cancelled(self, result):
         self._run_ended("cancelled")
@@ -253,6 +268,9 @@ class AnalysisController:
             if result.status == "complete":
                 result.status = "partial"
             self._store_result(result)
+        if self._training_run():  # the curves so far are the result; the message says where the weights are
+            self.training.cancelled(result)
+        elif result is not None:
             n = int((result.values == result.values).sum())
             self.messages.show_message(f"cancelled: {n} of {result.values.size} cells were computed and are kept.",
                               "warning")
@@ -261,6 +279,8 @@ class AnalysisController:
 
     def _run_errored(self, message, details):
         self._run_ended("failed")
+        if self._training_run():
+            self.training.failed()
         kept = self.streaming
         if kept is not None and (kept.values == kept.values).any():
             self._store_result(kept)

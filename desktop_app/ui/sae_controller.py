@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QDialog, QFileDialog
 from desktop_app.engine.errors import WorkbenchError
 from desktop_app.project.session import SAEAttachment
 from desktop_app.ui import sae_worker_jobs
+from desktop_app.ui.training_live import live_training_of
 from desktop_app.ui.training_view import TrainDialog
 
 _PANE_ARCHITECTURES = {"relu": "relu_l1"}  # the training dialog's names -> sae_training's `architecture`
@@ -56,6 +57,10 @@ class SAEController:
         self.layer_panel.attach_sae.connect(self.attach_sae_dialog)
         self.layer_panel.train_sae.connect(self.train_sae_dialog)
         self.training_view.cancel_button.clicked.connect(lambda: self.cancel_slot("analysis"))
+        # the curves of every sae_training run, from this pane or the Analysis panel, and the end's Attach it
+        self.live = live_training_of(run_spec, training_view, train_dock, resize_docks, messages, job_label)
+        if self.live is not None:
+            self.live.done_actions["sae_training"] = self._attach_trained
 
     def _sae_start_dir(self) -> str:
         if self.sae_attached is not None:
@@ -314,36 +319,9 @@ class SAEController:
         except (TypeError, ValueError, WorkbenchError) as err:  # a bad setting: one sentence
             self.messages.show_error(str(err))
             return None
-        view = self.training_view
-        view.start(f"training a {architecture} SAE with {width} features at {hook}…")
-        self.train_dock.setWindowTitle("SAE training")
-        self.train_dock.show()
-        self.train_dock.raise_()
-        self.job_label.setText("training an SAE")
+        return self.run_spec(spec)
 
-        def ended(state):
-            if state == "cancelled":
-                self.training_view.finish("training was cancelled; the curves so far are kept with the analysis.")
-            elif state == "failed":
-                self.training_view.finish("training failed; see the message bar.")
-        job = self.run_spec(spec, finished=self._train_done, note=self._train_note, ended=ended)
-        if job is None:
-            view.finish("training did not start.")
-        return job
-
-    def _train_note(self, event):
-        if hasattr(event, "explained_variance"):
-            self.training_view.add_metrics(event)
-
-    def _train_done(self, result):
-        if result is None:  # cancelled while the activations were collected: nothing was trained
-            self.training_view.finish("training was cancelled before the first step; nothing was saved.")
-            self.job_label.setText("training cancelled")
-            return
-        folder = str(result.params.get("out_folder", ""))
-        text = result.message or f"trained {result.params.get('steps_done')} steps; the SAE is saved in {folder}"
-        self.training_view.finish(text)
-        self.job_label.setText("training done" if result.status == "complete" else "training stopped")
-        hook = str(result.params.get("hook", ""))
-        self.messages.show_message(text + ".", "info" if result.status == "complete" else "warning", "Attach it",
-                          lambda: self.attach_sae(folder, hook))
+    def _attach_trained(self, result):
+        """The done message's button: attach the SAE a training run wrote, at its hook point."""
+        folder, hook = str(result.params.get("out_folder", "")), str(result.params.get("hook", ""))
+        return "Attach it", lambda: self.attach_sae(folder, hook)

@@ -2,16 +2,15 @@
 `transcoder_training` analysis (added to the project, undoably) with its curves live in the training view.
 
 A cancelled run keeps the transcoders trained so far as a set in the output folder; the view and the message
-bar say where, with a button that puts the set into a new attribution-graph analysis.
+bar say where (training_live.LiveTraining, for every way a transcoder_training run starts).
 """
 from __future__ import annotations
 
-
-from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout,
                                QLineEdit, QSpinBox)
 
 from desktop_app.engine.errors import WorkbenchError
+from desktop_app.ui.training_live import live_training_of
 from desktop_app.ui.training_view import CorpusAndOutFields
 
 
@@ -95,15 +94,16 @@ class TranscoderTrainDialog(CorpusAndOutFields, QDialog):
 
 
 class TranscoderTrainer:
-    """Dependencies: `model()` (the loaded model or None), `run_spec(spec, finished=, note=, ended=)`, `project()`,
-    the training view and its dock, `resize_docks` (the window's resizeDocks), `messages`, the job label,
-    `start_dir()` and the dialogs' parent."""
+    """Dependencies: `model()` (the loaded model or None), `run_spec(spec)` (AnalysisController.run_spec),
+    `project()`, the training view and its dock, `resize_docks` (the window's resizeDocks), `messages`, the job
+    label, `start_dir()` and the dialogs' parent. The curves, the end and a Stop are shown by the controller's
+    LiveTraining (training_live), as for a transcoder_training run from the Analysis panel."""
 
     def __init__(self, model, run_spec, project, training_view, train_dock, resize_docks, messages, job_label,
                  start_dir, parent):
-        self.model, self.run_spec, self.project, self.resize_docks = model, run_spec, project, resize_docks
-        self.view, self.dock, self.messages, self.job_label = training_view, train_dock, messages, job_label
+        self.model, self.run_spec, self.project, self.messages = model, run_spec, project, messages
         self.start_dir, self.parent = start_dir, parent
+        self.live = live_training_of(run_spec, training_view, train_dock, resize_docks, messages, job_label)
 
     def dialog(self):
         if self.model() is None:
@@ -134,50 +134,4 @@ class TranscoderTrainer:
         except (TypeError, ValueError, WorkbenchError) as err:  # a bad setting: one sentence
             self.messages.show_error(str(err))
             return None
-        self.view.start(f"training {architecture} transcoders ({width} features"
-                        f"{', layers ' + ', '.join(map(str, chosen)) if chosen else ', every layer'})…")
-        self.dock.setWindowTitle("Transcoder training")
-        if not self.dock.isVisible():
-            self.dock.show()
-            # the curves need the room (after the dock is laid out, or Qt ignores it)
-            QTimer.singleShot(0, lambda: self.resize_docks([self.dock], [340], Qt.Vertical))
-        self.dock.raise_()
-        self.job_label.setText("training transcoders")
-
-        def ended(state):
-            if state == "failed":
-                self.view.finish("training failed; see the message bar.")
-            elif state == "cancelled":  # the result is stored after this call: read it then
-                QTimer.singleShot(0, lambda: self._cancelled(spec.name))
-        job = self.run_spec(spec, finished=self._done, note=self._note, ended=ended)
-        if job is None:
-            self.view.finish("training did not start.")
-        project = self.project()
-        self._earlier = project.entry(spec.name).result if spec.name in project.names() else None
-        return job
-
-    def _note(self, event):
-        if hasattr(event, "explained_variance") and hasattr(event, "layer"):
-            self.view.add_metrics(event)
-
-    def _done(self, result):
-        folder = str(result.params.get("out_folder", ""))
-        text = f"trained {result.params.get('steps_done')} steps; the transcoder set is saved in {folder}"
-        self.view.finish(text)
-        self.job_label.setText("training done")
-        self.messages.show_message(text + ".", "info")
-
-    def _cancelled(self, name: str):
-        project = self.project()
-        result = project.entry(name).result if name in project.names() else None
-        if result is getattr(self, "_earlier", None):  # nothing new was stored: cancelled before the first step
-            result = None
-        checkpoint = str(result.params.get("checkpoint", "")) if result is not None else ""
-        if checkpoint:
-            text = (f"cancelled after {result.params.get('steps_done')} steps; the transcoders trained so far are "
-                    f"saved in {checkpoint}")
-            self.messages.show_message(text + ".", "warning")
-        else:
-            text = "training was cancelled before the first step; nothing was saved"
-        self.view.finish(text + ".")
-        self.job_label.setText("training stopped")
+        return self.run_spec(spec)
