@@ -25,7 +25,6 @@ class TokenAxis(pg.AxisItem):
         self._offset = 0.5
         self.rotated = False
         self.step = 1
-        self._base_height = None
 
     def _metrics(self) -> QFontMetricsF:
         return QFontMetricsF(self.style.get("tickFont") or QFont())
@@ -35,7 +34,7 @@ class TokenAxis(pg.AxisItem):
         if labels is None:
             self._labels = []
             self.setTicks(None)
-            self.setHeight(self._base_height or 40)
+            self.setHeight(None)  # pyqtgraph sizes a numeric axis itself, with room for its name
             return
         self._labels, self._offset = [_short(t) for t in labels], offset
         self.setTicks([[(j + offset, "") for j in range(len(self._labels))]])  # tick marks; the text is ours
@@ -52,8 +51,6 @@ class TokenAxis(pg.AxisItem):
         return max(width, 1.0) / n
 
     def relayout(self) -> None:
-        if self._base_height is None:
-            self._base_height = self.height() or 40
         fm = self._metrics()
         col = self._column_px()
         widest = max((fm.horizontalAdvance(t) for t in self._labels), default=0.0)
