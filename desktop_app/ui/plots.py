@@ -468,8 +468,9 @@ class ResultView(QWidget):
         raw = kinds.raw_logit_diffs(r)
         if raw and self._value_name() != "logit_diff":
             parts.append("raw logit diff: " + ", ".join(f"{n} {_fmt(v)}" for n, v in raw.items()))
-        if r.status != "complete":
-            parts.append(f"<i>{r.status}: {r.done_fraction():.0%} of cells</i>")
+        if r.status != "complete":  # a stopped training run has every value it got to: its message says the rest
+            done = r.done_fraction()
+            parts.append(f"<i>{r.status}: {done:.0%} of cells</i>" if done < 1 else f"<i>{r.status}</i>")
         if r.message:
             parts.append(r.message)
         return " · ".join(parts)

@@ -6,6 +6,7 @@ pyqtgraph is imported when the pane is first built.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PySide6.QtCore import QTimer
@@ -219,5 +220,7 @@ class TrainingView(QWidget):
         loss = self.plots["loss"]
         if loss.legend is None:
             loss.addLegend(offset=(-4, 4), labelTextSize="8pt")
-        return {key: plot.plot([], [], pen=pen, name=f"layer {layer}" if key == "loss" else None)
-                for key, plot in self.plots.items()}
+        items = {key: plot.plot([], [], pen=pen, name=f"layer {layer}" if key == "loss" else None)
+                 for key, plot in self.plots.items()}
+        loss.legend.setColumnCount(math.ceil((len(self.layer_curves) + 1) / 3))  # at most 3 rows over the curves
+        return items
