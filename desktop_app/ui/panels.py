@@ -130,6 +130,8 @@ class ModelPanel(QWidget):
         self.summary = _named(QLabel("No model loaded."), "modelSummaryLabel", "The loaded model")
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        # a wrapped label's minimum height is one line: keep room for the model line and the conformance line
+        self.summary.setMinimumHeight(4 * self.summary.fontMetrics().lineSpacing())
 
         path_row = QHBoxLayout()
         path_row.addWidget(self.path_edit, 1)
