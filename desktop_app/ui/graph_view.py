@@ -343,9 +343,6 @@ class GraphView(SubgraphEdits, QWidget):
         """Write the plot to `path` as PNG, SVG or PDF, by its suffix (ui.graph_export)."""
         graph_export.export_plot(self.plot, path)
 
-    def export_png(self, path) -> None:
-        graph_export.export_png(self.plot, path)
-
     def _ask_export(self) -> None:
         path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png",
                                                    ";;".join(graph_export.FILTERS))
