@@ -456,7 +456,7 @@ class AnalysisController:
             record = kinds.find(result.kind) if result is not None else None
             self.predictions_label.setText(CLICK_HINTS.get(record.click if record else "describe",
                                                            CLICK_HINTS["describe"]))
-        self.result_view._shared_extent = self.shared_extent(result)
+        self.result_view.shared_extent = self.shared_extent(result)
         self.result_view.set_result(result, stale=stale)
         record = kinds.find(result.kind) if result is not None else None
         self.show_detail(result, record)  # views keyed by view type (lens grid, patterns, strips)

@@ -71,6 +71,9 @@ class ResultView(QWidget):
         self._top = top
         self._slice_combos: dict[str, QComboBox] = {}  # leading dims of a result with more than two dims
         self.model_of = None  # result -> "model NAME" for the title (the window sets it), or None
+        # A colour scale shared with other results of the same value: |v| up to this (None: the result's own);
+        # the window sets it before set_result.
+        self.shared_extent: float | None = None
 
         self.stale_label = QLabel("")
         self.stale_label.setObjectName("staleLabel")
@@ -201,9 +204,6 @@ class ResultView(QWidget):
         """The pair shown, or None for the mean over pairs."""
         i = self.pair_combo.currentIndex()
         return i - 1 if i > 0 and self.per_pair() is not None else None
-
-    def set_pair(self, pair: int | None) -> None:
-        self.pair_combo.setCurrentIndex(0 if pair is None else pair + 1)
 
     def _setup_pair_combo(self):
         per_pair = self.per_pair()
@@ -416,19 +416,11 @@ class ResultView(QWidget):
         pad = 0.05 * (hi - lo or 1.0)
         self.plot.setRange(xRange=(-0.6, n - 0.4), yRange=(lo - pad, hi + pad), padding=0)
 
-    def set_shared_extent(self, extent: float | None) -> None:
-        """A colour scale shared with other results of the same value: |v| up to `extent` (None: this result's
-        own). Repaints the shown result."""
-        self._shared_extent = extent
-        if self.result is not None:
-            self._refresh(full=True)
-
     def _limits(self, values) -> tuple[float, float]:
         finite = values[np.isfinite(values)]
         m = float(np.abs(finite).max()) if finite.size else 0.0
-        shared = getattr(self, "_shared_extent", None)
-        if shared:
-            m = max(m, float(shared))
+        if self.shared_extent:
+            m = max(m, float(self.shared_extent))
         m = m or 1.0
         if self.result is not None and kinds.scale_of(self.result) == "sequential" and (finite >= 0).all():
             return 0.0, m
