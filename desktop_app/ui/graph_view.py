@@ -74,6 +74,8 @@ class GraphView(SubgraphEdits, QWidget):
         self.node_mask = np.zeros(0, dtype=bool)
         self.edge_mask = np.zeros((0, 0), dtype=bool)
         self.xy = np.zeros((0, 2))
+        self.highlight = None  # the ring around a node whose bar was clicked in the ranking (show_node)
+        self.highlighted: int | None = None
         self.title = QLabel("")
         self.title.setWordWrap(True)
         self.title.setObjectName("graphTitle")
@@ -190,7 +192,7 @@ class GraphView(SubgraphEdits, QWidget):
         self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
-        if getattr(self, "highlight", None) is not None:  # a ring of the graph shown before
+        if self.highlight is not None:  # a ring of the graph shown before
             self.highlight.setData([])
             self.highlighted = None
         self.subgraph_changed()
@@ -310,7 +312,7 @@ class GraphView(SubgraphEdits, QWidget):
 
     def show_node(self, i: int) -> None:
         """Show node i's card and ring it (its bar was clicked in the result pane's ranking)."""
-        if getattr(self, "highlight", None) is None:
+        if self.highlight is None:
             self.highlight = pg.ScatterPlotItem(pxMode=True)
             self.plot.addItem(self.highlight)
         self.highlighted = int(i)
