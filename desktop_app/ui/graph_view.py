@@ -307,6 +307,18 @@ class GraphView(SubgraphEdits, QWidget):
         lines.append("pinned" if self.ids[i] in self.pinned else "click to pin")
         return "<br>".join(lines)
 
+    def attach(self, window) -> None:
+        """Wire the view to the window (ui.kind_views, once): the clamp check and the feature cards run in its runner
+        on graphs of the loaded model only, pins and supernodes are undoable edits of its session, and a bar clicked
+        in the result pane's ranked nodes rings its node here."""
+        from desktop_app.ui.kind_views import computed_with_loaded
+
+        self.clamp.submit = window._submit
+        self.clamp.computed_with_loaded = lambda shown: computed_with_loaded(window, shown)
+        self.attach_session(window.session)
+        window.result_view.node_clicked.connect(lambda shown, i: self.result is shown and self.show_node(i))
+        self.cards.attach(window)
+
     def hover_node(self, i: int | None) -> None:
         self.card.setText(self.node_card(i) if i is not None else " ")
 
