@@ -68,6 +68,7 @@ class AnalysisController:
         self.run_t0 = 0.0
         self.run_queue: list[str] = []
         self.streaming: AnalysisResult | None = None
+        self._also_finished = self._also_note = self._also_ended = None  # a run_spec caller's own handlers
         self.predictions: worker_jobs.Predictions | None = None
         self.training = None  # training_live.LiveTraining: live curves of the training kinds (set_training)
         analysis_panel.run_button.clicked.connect(self.run_analysis)
@@ -207,7 +208,7 @@ class AnalysisController:
             self.job_label.setText("cancelling")
 
     def _run_note(self, event):
-        if getattr(self, "_also_note", None) is not None:
+        if self._also_note is not None:
             self._also_note(event)
         if self._training_run():
             self.training.note(event)
@@ -232,7 +233,7 @@ class AnalysisController:
             a.rate_label.setText(message)
 
     def _run_ended(self, state: str):
-        also, self._also_ended = getattr(self, "_also_ended", None), None
+        also, self._also_ended = self._also_ended, None
         if also is not None:
             also(state)
         self.run_job = None
@@ -248,7 +249,7 @@ class AnalysisController:
     def _run_finished(self, result: AnalysisResult):
         self._run_ended("done")
         self._store_result(result)
-        also, self._also_finished = getattr(self, "_also_finished", None), None
+        also, self._also_finished = self._also_finished, None
         if also is not None:
             also(result)
         a = self.analysis_panel
@@ -456,7 +457,7 @@ class AnalysisController:
             record = kinds.find(result.kind) if result is not None else None
             self.predictions_label.setText(CLICK_HINTS.get(record.click if record else "describe",
                                                            CLICK_HINTS["describe"]))
-        self.result_view._shared_extent = self.shared_extent(result)
+        self.result_view.shared_extent = self.shared_extent(result)
         self.result_view.set_result(result, stale=stale)
         record = kinds.find(result.kind) if result is not None else None
         self.show_detail(result, record)  # views keyed by view type (lens grid, patterns, strips)

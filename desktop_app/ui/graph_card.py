@@ -130,11 +130,11 @@ class FeatureCards(QWidget):
         layout.addWidget(self.status)
 
     def attach(self, window) -> None:
-        from desktop_app.ui.kind_views import _computed_with_loaded
+        from desktop_app.ui.kind_views import computed_with_loaded
 
         self.submit = window._submit
         self.cancel_job = window.runner.cancel
-        self.computed_with_loaded = lambda result: _computed_with_loaded(window, result)
+        self.computed_with_loaded = lambda result: computed_with_loaded(window, result)
 
         def store(result):
             project = window.project

@@ -27,7 +27,7 @@ def clamp_targets(view) -> list[str]:
     """The feature nodes to clamp in a graph view: the selected supernode's features when the view has a selected
     group (`view.selected_group()`: (label, node ids), or None), else the last pinned feature."""
     kinds = dict(zip(view.ids, view.kinds))
-    group = view.selected_group() if hasattr(view, "selected_group") else None
+    group = view.selected_group()
     if group:
         return [str(n) for n in group[1] if kinds.get(str(n)) == "feature"]
     pinned = [p for p in view.pinned if kinds.get(p) == "feature"]

@@ -8,7 +8,7 @@ from html import escape
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QInputDialog
 
-from desktop_app.engine.errors import SpecError
+from desktop_app.engine.errors import WorkbenchError
 from desktop_app.project import graph_subgraph as sg
 
 
@@ -128,6 +128,6 @@ class SubgraphEdits:
     def _try(self, edit) -> None:
         try:
             edit()
-        except SpecError as err:
+        except WorkbenchError as err:  # a bad edit or a file that cannot be written: one sentence on the card
             self.card.setText(escape(str(err)))
 

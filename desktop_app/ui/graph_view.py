@@ -74,6 +74,8 @@ class GraphView(SubgraphEdits, QWidget):
         self.node_mask = np.zeros(0, dtype=bool)
         self.edge_mask = np.zeros((0, 0), dtype=bool)
         self.xy = np.zeros((0, 2))
+        self.highlight = None  # the ring around a node whose bar was clicked in the ranking (show_node)
+        self.highlighted: int | None = None
         self.title = QLabel("")
         self.title.setWordWrap(True)
         self.title.setObjectName("graphTitle")
@@ -190,7 +192,7 @@ class GraphView(SubgraphEdits, QWidget):
         self.title.setText(f"<b>{escape(model)}</b> — “{escape(prompt)}”<br>"
                            f"{escape(result.name)}: {len(self.ids)} nodes, {int((self.adjacency != 0).sum())} edges "
                            f"stored{scores}")
-        if getattr(self, "highlight", None) is not None:  # a ring of the graph shown before
+        if self.highlight is not None:  # a ring of the graph shown before
             self.highlight.setData([])
             self.highlighted = None
         self.subgraph_changed()
@@ -305,12 +307,24 @@ class GraphView(SubgraphEdits, QWidget):
         lines.append("pinned" if self.ids[i] in self.pinned else "click to pin")
         return "<br>".join(lines)
 
+    def attach(self, window) -> None:
+        """Wire the view to the window (ui.kind_views, once): the clamp check and the feature cards run in its runner
+        on graphs of the loaded model only, pins and supernodes are undoable edits of its session, and a bar clicked
+        in the result pane's ranked nodes rings its node here."""
+        from desktop_app.ui.kind_views import computed_with_loaded
+
+        self.clamp.submit = window._submit
+        self.clamp.computed_with_loaded = lambda shown: computed_with_loaded(window, shown)
+        self.attach_session(window.session)
+        window.result_view.node_clicked.connect(lambda shown, i: self.result is shown and self.show_node(i))
+        self.cards.attach(window)
+
     def hover_node(self, i: int | None) -> None:
         self.card.setText(self.node_card(i) if i is not None else " ")
 
     def show_node(self, i: int) -> None:
         """Show node i's card and ring it (its bar was clicked in the result pane's ranking)."""
-        if getattr(self, "highlight", None) is None:
+        if self.highlight is None:
             self.highlight = pg.ScatterPlotItem(pxMode=True)
             self.plot.addItem(self.highlight)
         self.highlighted = int(i)
@@ -342,9 +356,6 @@ class GraphView(SubgraphEdits, QWidget):
     def export(self, path) -> None:
         """Write the plot to `path` as PNG, SVG or PDF, by its suffix (ui.graph_export)."""
         graph_export.export_plot(self.plot, path)
-
-    def export_png(self, path) -> None:
-        graph_export.export_png(self.plot, path)
 
     def _ask_export(self) -> None:
         path, chosen = QFileDialog.getSaveFileName(self, "Export the graph", "graph.png",

@@ -1,6 +1,7 @@
 """Views keyed by a kind's view type (project.kinds VIEW_TYPES) beyond the generic heatmap / bars pane: shown
 in the "Detail" dock beside the result pane when a result of such a kind is shown. A new view type is one
-module with a QWidget class (`show_result(result, others)`) and one entry in `_VIEW_MODULES`."""
+module with a QWidget class (`show_result(result, others)`, and `attach(window)` when it needs the window's runner,
+session or result pane) and one entry in `_VIEW_MODULES`."""
 from __future__ import annotations
 
 import importlib
@@ -36,7 +37,7 @@ def _comparable(window, result) -> list:
     return out
 
 
-def _computed_with_loaded(window, result) -> bool:
+def computed_with_loaded(window, result) -> bool:
     """Whether `result` is a result of the project computed with the loaded model (else nothing may run on it)."""
     for entry in window.project.analyses:
         if entry.result is result:
@@ -62,15 +63,8 @@ def show_detail(window, result, record) -> None:
         module, cls = _VIEW_MODULES[record.view]
         view = getattr(importlib.import_module(module), cls)()
         views[record.view] = view
-        if hasattr(view, "clamp"):  # the graph view's one-click check runs in the window's runner
-            view.clamp.submit = window._submit
-            view.clamp.computed_with_loaded = lambda shown: _computed_with_loaded(window, shown)
-            view.attach_session(window.session)  # pins and supernodes are undoable edits
-        ranking = getattr(getattr(window, "result_view", None), "node_clicked", None)
-        if hasattr(view, "show_node") and ranking is not None:  # a bar of the result pane's ranked nodes clicked
-            ranking.connect(lambda shown, i, view=view: view.result is shown and view.show_node(i))
-        if hasattr(view, "cards"):  # the graph view's feature cards are built in the runner, stored in the project
-            view.cards.attach(window)
+        if hasattr(view, "attach"):  # a view that runs jobs or edits the project wires itself to the window once
+            view.attach(window)
         dock.widget().addWidget(view)
     dock.widget().setCurrentWidget(view)
     view.show_result(result, _comparable(window, result))

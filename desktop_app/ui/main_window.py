@@ -165,9 +165,6 @@ class MainWindow(QMainWindow):
     def confirm_discard(self, what: str) -> bool:
         return self.file_ctl.confirm_discard(what)
 
-    def _start_dir(self) -> str:
-        return self.file_ctl.start_dir()
-
     def _fill_recent_menu(self):
         self.file_ctl.fill_recent_menu(self.recent_menu)
 

@@ -126,13 +126,6 @@ class FieldWidget:
         else:
             w.setText("" if value is None else str(value))
 
-    def changed_signal(self):
-        w = self.widget
-        for name in ("currentTextChanged", "valueChanged", "toggled", "textChanged"):
-            if hasattr(w, name):
-                return getattr(w, name)
-        return None
-
 
 def parse_layers(text: str, name: str = "layers"):
     """"0, 2, 5" -> (0, 2, 5); "" -> None (every layer). SpecError naming the field otherwise."""

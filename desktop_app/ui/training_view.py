@@ -50,6 +50,33 @@ class CorpusAndOutFields:
         if path:
             self.out_edit.setText(str(Path(path) / self.OUT_NAME))
 
+    def _add_buttons(self, form) -> None:
+        """The Train / Cancel buttons and, above them, the line that says what is missing (Train keeps the dialog
+        open, with everything typed, until the settings are usable)."""
+        self.problem_label = _named(QLabel(""), "trainProblemLabel", "What to fix before training")
+        self.problem_label.setWordWrap(True)
+        self.problem_label.setStyleSheet("QLabel { color: #b02a37; }")
+        self.problem_label.hide()
+        form.addRow(self.problem_label)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.button(QDialogButtonBox.Ok).setText("Train")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def problem(self) -> str:
+        """One sentence on what keeps these settings from training, or ''."""
+        if not self.corpus_edit.text().strip() or not self.out_edit.text().strip():
+            return "Training needs a corpus file and an output folder; choose both."
+        return ""
+
+    def accept(self):
+        problem = self.problem()
+        self.problem_label.setText(problem)
+        self.problem_label.setVisible(bool(problem))
+        if not problem:
+            super().accept()
+
 
 class TrainDialog(CorpusAndOutFields, QDialog):
     """Settings of one training run; `settings()` gives the keyword arguments of MainWindow.train_sae."""
@@ -85,11 +112,7 @@ class TrainDialog(CorpusAndOutFields, QDialog):
         form.addRow("Width", self.width_spin)
         form.addRow("k", self.k_spin)
         form.addRow("Steps", self.steps_spin)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        buttons.button(QDialogButtonBox.Ok).setText("Train")
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
+        self._add_buttons(form)
         self.arch_combo.currentTextChanged.connect(lambda a: form.setRowVisible(self.k_spin, a == "topk"))
 
     def settings(self) -> dict:

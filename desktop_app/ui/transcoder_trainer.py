@@ -6,29 +6,17 @@ bar say where (training_live.LiveTraining, for every way a transcoder_training r
 """
 from __future__ import annotations
 
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout,
-                               QLineEdit, QSpinBox)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDialog, QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox
 
 from desktop_app.engine.errors import WorkbenchError
+from desktop_app.ui import spec_form
 from desktop_app.ui.training_live import live_training_of
-from desktop_app.ui.training_view import CorpusAndOutFields
-
-
-def _named(widget, name: str, tip: str):
-    widget.setObjectName(name)
-    widget.setToolTip(tip)
-    return widget
+from desktop_app.ui.training_view import CorpusAndOutFields, _named
 
 
 def parse_layers(text: str) -> tuple[int, ...] | None:
-    """'' or 'all' -> None (every layer); '0, 2' -> (0, 2); anything else raises ValueError (one sentence)."""
-    text = text.strip().lower()
-    if text in ("", "all"):
-        return None
-    try:
-        return tuple(int(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise ValueError(f"layers {text!r} is not a list of layer numbers like 0, 2 (or empty for all).") from None
+    """'' or 'all' -> None (every layer); '0, 2' -> (0, 2); else SpecError (one sentence, spec_form.parse_layers)."""
+    return None if text.strip().lower() == "all" else spec_form.parse_layers(text.strip())
 
 
 class TranscoderTrainDialog(CorpusAndOutFields, QDialog):
@@ -74,17 +62,20 @@ class TranscoderTrainDialog(CorpusAndOutFields, QDialog):
         form.addRow("Steps", self.steps_spin)
         form.addRow("Layers", self.layers_edit)
         form.addRow("", self.skip_check)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        buttons.button(QDialogButtonBox.Ok).setText("Train")
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
+        self._add_buttons(form)
 
         def arch_changed(arch):
             form.setRowVisible(self.k_spin, arch == "topk")
             form.setRowVisible(self.l0_spin, arch == "jumprelu")
         self.arch_combo.currentTextChanged.connect(arch_changed)
         arch_changed(self.arch_combo.currentText())
+
+    def problem(self) -> str:
+        try:
+            parse_layers(self.layers_edit.text())
+        except WorkbenchError as err:
+            return str(err)
+        return super().problem()
 
     def settings(self) -> dict:
         return dict(corpus=self.corpus_edit.text().strip(), out_folder=self.out_edit.text().strip(),

@@ -231,3 +231,15 @@ def test_written_json_reopens_with_its_groups(qtbot, demo_graph, tmp_path):
     assert _tree(third)[0] == ("ghost  (1)", ["9_9_9 (not in this graph)"])
     third.panel.subgraph_check.setChecked(True)
     assert third.layer.unit_group == [1, 2] and len(third.layer.units) == len(view.pinned) - 5 + 2
+
+
+def test_export_to_a_missing_folder_says_so_on_the_card(qtbot, demo_graph, tmp_path):
+    from desktop_app.engine.errors import ProjectFileError
+
+    view = _view(qtbot, demo_graph)
+    target = tmp_path / "no such folder" / "g.png"
+    with pytest.raises(ProjectFileError, match="does not exist"):
+        view.export(target)
+    view._try(lambda: view.export(target))
+    assert "does not exist" in view.card.text()
+    assert not target.exists()

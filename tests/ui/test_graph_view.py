@@ -93,7 +93,7 @@ def test_hover_card_and_pins_reach_the_json(qtbot, demo_graph, tmp_path):
 
 def test_png_export_and_grab(qtbot, demo_graph, tmp_path):
     view = _view(qtbot, demo_graph)
-    view.export_png(str(tmp_path / "graph.png"))
+    view.export(str(tmp_path / "graph.png"))
     assert (tmp_path / "graph.png").stat().st_size > 5000
     assert view.grab().save(str(tmp_path / "grab.png"))
 

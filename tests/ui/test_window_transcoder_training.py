@@ -93,3 +93,25 @@ def test_the_dialog_gives_the_settings(qtbot, tmp_path):
     s = dialog.settings()
     assert s["architecture"] == "jumprelu" and s["skip"] is True and parse_layers(s["layers"]) == (0, 1)
     assert parse_layers("") is None and parse_layers("all") is None
+
+
+def test_the_dialog_stays_open_with_what_was_typed_until_the_settings_are_usable(qtbot, tmp_path):
+    from desktop_app.ui.transcoder_trainer import TranscoderTrainDialog
+
+    dialog = TranscoderTrainDialog(str(tmp_path))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.corpus_edit.setText("c.txt")
+    dialog.out_edit.setText(str(tmp_path / "o"))
+    dialog.layers_edit.setText("0, two")
+    dialog.accept()
+    assert dialog.isVisible() and dialog.result() != dialog.DialogCode.Accepted
+    assert "layer numbers" in dialog.problem_label.text() and "'0, two'" in dialog.problem_label.text()
+    assert dialog.layers_edit.text() == "0, two" and dialog.corpus_edit.text() == "c.txt"
+    dialog.layers_edit.setText("0, 2")
+    dialog.out_edit.setText("")
+    dialog.accept()
+    assert dialog.isVisible() and "output folder" in dialog.problem_label.text()
+    dialog.out_edit.setText(str(tmp_path / "o"))
+    dialog.accept()
+    assert not dialog.isVisible() and dialog.result() == dialog.DialogCode.Accepted
