@@ -317,23 +317,9 @@ def last_block_check(lm, run: RecordedRun) -> bool:
 def unembed_columns(lm, resid_final: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
     """The logits of `columns` only [rows, len(columns)] float32 (the final norm, then the unembedding's rows of
     those tokens), or None when the unembedding is not a plain linear layer."""
-    a = lm.adapter
-    unembed = a.unembed
-    if type(unembed) is not torch.nn.Linear:
+    if type(lm.adapter.unembed) is not torch.nn.Linear:
         return None
-    device = unembed.weight.device
-    normed = a.final_norm(resid_final.to(next(a.final_norm.parameters(), resid_final).device))
-    if a.final_proj is not None:
-        normed = a.final_proj(normed)
-    cols = columns.to(device)
-    bias = unembed.bias[cols] if unembed.bias is not None else None
-    logits = torch.nn.functional.linear(normed.to(device), unembed.weight[cols], bias)
-    if a.logit_scale != 1.0:
-        logits = logits * a.logit_scale
-    if a.final_logit_softcap:
-        cap = a.final_logit_softcap
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    return lm.adapter.logits_from_resid(resid_final, columns).float()
 
 
 def run_block_given_attention(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, attn_output: torch.Tensor,
