@@ -277,8 +277,8 @@ class _Columns:
 
     @classmethod
     def plan(cls, lm, measure: DatasetMetric, block, runs):
-        if measure.bound is None or measure.metric == "kl_div" or not _logits_only(measure.bound.expr.tree):
-            return None
+        if measure.bound is None or any(node[0] in ("logprob", "prob") for node in measure.bound.expr.nodes()):
+            return None  # kl_div (no bound expression) and log-probabilities need every logit
         index = torch.as_tensor(block, dtype=torch.long)
         answer, wrong = measure.answer.rows(index), measure.wrong.rows(index)
         literal = list(measure.bound.literal_ids.values())
@@ -310,12 +310,6 @@ class _Columns:
         logits = unembed_columns(lm, final, self.ids)
         index = torch.as_tensor(pairs, dtype=torch.long)
         return self.bound(logits, self.answer.rows(index), self.wrong.rows(index))
-
-
-def _logits_only(node) -> bool:
-    if node[0] in ("logprob", "prob"):
-        return False
-    return all(_logits_only(child) for child in node[1:] if isinstance(child, tuple))
 
 
 def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, cells):

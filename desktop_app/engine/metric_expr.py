@@ -213,31 +213,21 @@ class MetricExpression:
     def __hash__(self) -> int:
         return hash(self.text)
 
+    def nodes(self):
+        """Every node of the tree, depth first."""
+        stack = [self.tree]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(child for child in reversed(node[1:]) if isinstance(child, tuple))
+
     def literals(self) -> list[tuple[str, int]]:
         """(token text, column) of every quoted token."""
-        out = []
-
-        def walk(node):
-            if node[0] == "literal":
-                out.append((node[1], node[2]))
-            for child in node[1:]:
-                if isinstance(child, tuple):
-                    walk(child)
-        walk(self.tree)
-        return out
+        return [(node[1], node[2]) for node in self.nodes() if node[0] == "literal"]
 
     def uses(self, which: str) -> bool:
         """Whether the expression reads the pair's `answer` or `wrong` tokens."""
-        found = []
-
-        def walk(node):
-            if node[0] == "pair" and node[1] == which:
-                found.append(True)
-            for child in node[1:]:
-                if isinstance(child, tuple):
-                    walk(child)
-        walk(self.tree)
-        return bool(found)
+        return any(node[0] == "pair" and node[1] == which for node in self.nodes())
 
     def bind(self, token_id: Callable[[str], int]) -> "BoundMetric":
         ids = {}
