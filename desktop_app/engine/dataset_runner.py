@@ -57,7 +57,7 @@ def _check_positions(data, positions: str, both_prompts: bool) -> None:
                               f"prompt {len(p.corrupted.ids)}; this analysis needs each pair's prompts to line up. "
                               f"clean: {' | '.join(p.clean.display)}  corrupted: {' | '.join(p.corrupted.display)}")
     if positions == "each" and not data.aligned:
-        lengths = sorted({len(p.clean.ids) for p in data.pairs})
+        lengths = sorted({len(p.clean.ids) for p in data.pairs} | {len(p.corrupted.ids) for p in data.pairs})
         hint = "use positions 'named'" if data.position_names else "use prompts of one token length"
         raise SpecError(f"a position-resolved analysis over a dataset needs every prompt to have the same token "
                         f"length, but they have {', '.join(map(str, lengths))} tokens; {hint}.")
