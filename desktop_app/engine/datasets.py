@@ -128,7 +128,17 @@ def _csv_pairs(path: Path, read: list | None = None) -> Iterator[tuple[int, Pair
         for number, text in lines:
             numbers.append(number)
             yield text
-    reader = csv.reader(text_lines())
+    def rows():
+        reader = csv.reader(text_lines())
+        while True:
+            try:
+                yield next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a field over the csv module's size limit
+                raise SpecError(f"{path.name} line {numbers[-1] if numbers else 1} cannot be read as CSV ({err}); "
+                                "fix that row.") from None
+    reader = rows()
     try:
         header = next(reader)
     except StopIteration:
