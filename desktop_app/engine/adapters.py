@@ -93,13 +93,21 @@ class Adapter:
             out = getattr(self.blocks[layer], self.post_attn_norm_name)(out)
         return out * self.residual_multiplier
 
-    def logits_from_resid(self, resid_final: torch.Tensor) -> torch.Tensor:
-        """Final norm and unembedding of a residual stream (any leading dims), as the model's head does."""
+    def logits_from_resid(self, resid_final: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and unembedding of a residual stream (any leading dims), as the model's head does. With
+        `columns` (token ids), the logits of those tokens only, from the unembedding's rows of them (the caller
+        checks that the unembedding is a plain linear layer)."""
         device = next(self.final_norm.parameters(), resid_final).device
         normed = self.final_norm(resid_final.to(device))
         if self.final_proj is not None:
             normed = self.final_proj(normed)
-        logits = self.unembed(normed)
+        if columns is None:
+            logits = self.unembed(normed)
+        else:
+            weight, bias = self.unembed.weight, self.unembed.bias
+            cols = columns.to(weight.device)
+            logits = torch.nn.functional.linear(normed.to(weight.device), weight[cols],
+                                                None if bias is None else bias[cols])
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.final_logit_softcap:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import hooks
+from desktop_app.engine.dataset_runner import _check_positions
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, Progress, stream_cells
@@ -95,21 +96,10 @@ class _Grid:
         return (layer_row,) + ((slot,) if self.mode != "all" else ()) + ((head,) if self.heads else ())
 
 
-def _check_mode(data, mode: str, component: str) -> None:
+def _check_mode(data, mode: str) -> None:
     if mode not in POSITION_MODES:
         raise SpecError(f"positions must be one of {', '.join(POSITION_MODES)}, not {mode!r}.")
-    if mode == "named" and not data.position_names:
-        raise SpecError("positions 'named' needs a dataset with position names (a template); use 'each' or 'all'.")
-    if mode == "each" and not data.aligned:
-        lengths = sorted({len(p.clean.ids) for p in data.pairs} | {len(p.corrupted.ids) for p in data.pairs})
-        hint = "use positions 'named'" if data.position_names else "use prompts of one token length"
-        raise SpecError(f"positions 'each' needs every prompt of the dataset to have the same token length, but they "
-                        f"have {', '.join(map(str, lengths))} tokens; {hint}.")
-    if mode == "all":
-        bad = [i for i, p in enumerate(data.pairs) if not p.same_length]
-        if bad:
-            raise SpecError(f"positions 'all' needs each pair's prompts to have the same token length; pair {bad[0]} "
-                            "does not. Use positions 'named'.")
+    _check_positions(data, mode, both_prompts=mode == "all")
 
 
 def dataset_patching_job(lm, data, component: str = "resid_pre", positions: str = "each",
@@ -120,7 +110,7 @@ def dataset_patching_job(lm, data, component: str = "resid_pre", positions: str 
     values (mean over pairs), extras values_per_pair [pair, ...dims], sem, clean_metric / corrupted_metric [pair]."""
     cancel = cancel or CancelToken()
     layers = validate(component, direction, "logit_diff", lm, layers)
-    _check_mode(data, positions, component)
+    _check_mode(data, positions)
     require(lm, *checks_for_component(component), analysis=f"activation patching of {component} over a dataset")
     measure = DatasetMetric(lm, metric, data.pairs)
     t0 = time.perf_counter()
@@ -277,8 +267,8 @@ class _Columns:
 
     @classmethod
     def plan(cls, lm, measure: DatasetMetric, block, runs):
-        if measure.bound is None or measure.metric == "kl_div" or not _logits_only(measure.bound.expr.tree):
-            return None
+        if measure.bound is None or any(node[0] in ("logprob", "prob") for node in measure.bound.expr.nodes()):
+            return None  # kl_div (no bound expression) and log-probabilities need every logit
         index = torch.as_tensor(block, dtype=torch.long)
         answer, wrong = measure.answer.rows(index), measure.wrong.rows(index)
         literal = list(measure.bound.literal_ids.values())
@@ -310,12 +300,6 @@ class _Columns:
         logits = unembed_columns(lm, final, self.ids)
         index = torch.as_tensor(pairs, dtype=torch.long)
         return self.bound(logits, self.answer.rows(index), self.wrong.rows(index))
-
-
-def _logits_only(node) -> bool:
-    if node[0] in ("logprob", "prob"):
-        return False
-    return all(_logits_only(child) for child in node[1:] if isinstance(child, tuple))
 
 
 def _rows(lm, data, block, members, targets, sources, grid: _Grid, layer: int, cells):

@@ -17,15 +17,15 @@ import numpy as np
 from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.jobs import CancelToken, Partial, Progress
 from desktop_app.engine.metric_expr import MetricExpression
-from desktop_app.engine.pair_metrics import (check_metric, finish_dataset_result, padded_tokens, pairs_text,
-                                             position_labels)
+from desktop_app.engine.pair_metrics import (check_metric, check_wrong_answers, finish_dataset_result,
+                                             padded_tokens, pairs_text, position_labels)
 from desktop_app.engine.prompts import PromptPair
 from desktop_app.engine.results import AnalysisResult, empty_values
 
 _STEPS = 1000  # progress units per pair
 
 
-def single_pair(pair, need_wrong: bool = True) -> PromptPair:
+def single_pair(pair) -> PromptPair:
     """The engine's one-pair object for a tokenised pair (answer lists stay tuples: log-sum-exp metrics)."""
     a = pair.answer_ids[0] if len(pair.answer_ids) == 1 else tuple(pair.answer_ids)
     if not pair.wrong_ids:
@@ -35,9 +35,10 @@ def single_pair(pair, need_wrong: bool = True) -> PromptPair:
     return PromptPair(clean=pair.clean, corrupted=pair.corrupted, answer_id=a, wrong_id=w)
 
 
-def metric_for_pairs(lm, metric):
+def metric_for_pairs(lm, metric, pairs):
     """(the metric each single-pair job gets, whether the dataset result is normalised afterwards)."""
     metric = check_metric(metric)
+    check_wrong_answers(metric, pairs)
     if isinstance(metric, MetricExpression):
         return metric.bind(lm.single_token_id), False
     if metric == "logit_diff_recovered":
@@ -56,7 +57,7 @@ def _check_positions(data, positions: str, both_prompts: bool) -> None:
                               f"prompt {len(p.corrupted.ids)}; this analysis needs each pair's prompts to line up. "
                               f"clean: {' | '.join(p.clean.display)}  corrupted: {' | '.join(p.corrupted.display)}")
     if positions == "each" and not data.aligned:
-        lengths = sorted({len(p.clean.ids) for p in data.pairs})
+        lengths = sorted({len(p.clean.ids) for p in data.pairs} | {len(p.corrupted.ids) for p in data.pairs})
         hint = "use positions 'named'" if data.position_names else "use prompts of one token length"
         raise SpecError(f"a position-resolved analysis over a dataset needs every prompt to have the same token "
                         f"length, but they have {', '.join(map(str, lengths))} tokens; {hint}.")
@@ -153,7 +154,7 @@ def dataset_attribution_job(lm, data, component="resid_pre", positions="each", d
     from desktop_app.engine.attribution import attribution_patching_job
 
     _check_positions(data, positions, both_prompts=True)
-    single_metric, normalised = metric_for_pairs(lm, metric)
+    single_metric, normalised = metric_for_pairs(lm, metric, data.pairs)
     single_positions = "each" if positions == "named" else positions
     return per_pair_job(
         lm, data, "attribution_patching",
@@ -169,7 +170,7 @@ def dataset_ablation_job(lm, data, component="head_out", method="zero", position
     from desktop_app.engine.ablation import ablation_job
 
     _check_positions(data, positions, both_prompts=True)
-    single_metric, normalised = metric_for_pairs(lm, metric)
+    single_metric, normalised = metric_for_pairs(lm, metric, data.pairs)
     single_positions = "each" if positions == "named" else positions
     return per_pair_job(
         lm, data, "ablation",

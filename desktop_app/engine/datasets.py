@@ -128,7 +128,17 @@ def _csv_pairs(path: Path, read: list | None = None) -> Iterator[tuple[int, Pair
         for number, text in lines:
             numbers.append(number)
             yield text
-    reader = csv.reader(text_lines())
+    def rows():
+        reader = csv.reader(text_lines())
+        while True:
+            try:
+                yield next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a field over the csv module's size limit
+                raise SpecError(f"{path.name} line {numbers[-1] if numbers else 1} cannot be read as CSV ({err}); "
+                                "fix that row.") from None
+    reader = rows()
     try:
         header = next(reader)
     except StopIteration:
@@ -208,23 +218,33 @@ class _Duplicates:
             raise SpecError(f"{self.name} lines {first} and {number} hold the same pair; remove one.")
 
 
-def scan_pair_file(path, every: int = 10_000):
-    """A job checking a whole file without keeping its pairs: yields Progress (bytes read), returns the number of
-    pairs. Memory: one 8-byte digest and a line number per pair (duplicate detection)."""
-    path = Path(path)
+def _checked_pairs(path: Path, every: int, cancel, kept: list | None):
+    """A job reading a .csv / .jsonl file as it streams in, checking every pair (duplicates by an 8-byte digest
+    per pair) and appending it to `kept` if given: yields Progress (bytes read of the file's size) every `every`
+    pairs, checks `cancel` there, returns the number of pairs."""
     pairs = iter_pair_file(path, read := [0])
     total = max(1, os.path.getsize(path))
     dup = _Duplicates(path.name)
     count = 0
     for number, pair in pairs:
         dup.check(number, pair)
+        if kept is not None:
+            kept.append(pair)
         count += 1
         if count % every == 0:
-            yield Progress(min(total, read[0]), total, f"{count} pairs checked")
+            if cancel is not None:
+                cancel.check()
+            yield Progress(min(total, read[0]), total, f"reading {path.name}: {count} pairs")
     if count == 0:
         raise SpecError(f"{path.name} holds no pairs; add one pair per row under the header.")
-    yield Progress(total, total, f"{count} pairs checked")
+    yield Progress(total, total, f"read {path.name}: {count} pairs")
     return count
+
+
+def scan_pair_file(path, every: int = 10_000, cancel=None):
+    """A job checking a whole file without keeping its pairs: yields Progress (bytes read), returns the number of
+    pairs. Memory: one 8-byte digest and a line number per pair (duplicate detection)."""
+    return (yield from _checked_pairs(Path(path), every, cancel, None))
 
 
 @dataclass
@@ -263,23 +283,10 @@ def dataset_from_list(items, where: str = "prompts") -> PairDataset:
 
 def read_pair_file_job(path, every: int = 5_000, cancel=None):
     """A job reading a .csv / .jsonl file of pairs as it streams in: yields Progress (bytes read of the file's
-    size, and the pairs so far) every `every` pairs, checks `cancel` there, returns the PairDataset. The pairs
-    are held once (the list it returns); duplicates are found by an 8-byte digest per pair."""
-    path = Path(path)
-    lines = iter_pair_file(path, read := [0])
-    total = max(1, os.path.getsize(path))
-    dup = _Duplicates(path.name)
-    pairs = []
-    for number, pair in lines:
-        dup.check(number, pair)
-        pairs.append(pair)
-        if len(pairs) % every == 0:
-            if cancel is not None:
-                cancel.check()
-            yield Progress(min(total, read[0]), total, f"reading {path.name}: {len(pairs)} pairs")
-    if not pairs:
-        raise SpecError(f"{path.name} holds no pairs; add one pair per row under the header.")
-    yield Progress(total, total, f"read {path.name}: {len(pairs)} pairs")
+    size) every `every` pairs, checks `cancel` there, returns the PairDataset. The pairs are held once (the list
+    it returns); duplicates are found by an 8-byte digest per pair."""
+    path, pairs = Path(path), []
+    yield from _checked_pairs(path, every, cancel, pairs)
     return PairDataset(pairs, source=str(path))
 
 

@@ -22,6 +22,7 @@ from desktop_app.engine.errors import SpecError
 
 FUNCTIONS = ("logit", "logprob", "prob")
 PAIR_TOKENS = {"answer": "answer", "wrong": "wrong", "wrong_answer": "wrong"}
+MAX_DEPTH = 100  # nested signs and brackets
 BUILTIN_EXPRESSIONS = {"logit_diff": "logit(answer) - logit(wrong)", "answer_prob": "prob(answer)"}
 
 
@@ -95,6 +96,7 @@ class _Parser:
     def __init__(self, text: str):
         self.toks = _lex(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -133,11 +135,17 @@ class _Parser:
 
     def unary(self):
         tok = self.peek()
+        self.depth += 1
+        if self.depth > MAX_DEPTH:  # before Python's own recursion limit, in the parser or in the evaluation
+            raise _Syntax(tok.col, f"the expression nests signs or brackets more than {MAX_DEPTH} deep")
         if tok.kind == "op" and tok.text in "+-":
             self.take()
             inner = self.unary()
-            return ("neg", inner) if tok.text == "-" else inner
-        return self.atom()
+            node = ("neg", inner) if tok.text == "-" else inner
+        else:
+            node = self.atom()
+        self.depth -= 1
+        return node
 
     def atom(self):
         tok = self.take()
@@ -213,31 +221,21 @@ class MetricExpression:
     def __hash__(self) -> int:
         return hash(self.text)
 
+    def nodes(self):
+        """Every node of the tree, depth first."""
+        stack = [self.tree]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(child for child in reversed(node[1:]) if isinstance(child, tuple))
+
     def literals(self) -> list[tuple[str, int]]:
         """(token text, column) of every quoted token."""
-        out = []
-
-        def walk(node):
-            if node[0] == "literal":
-                out.append((node[1], node[2]))
-            for child in node[1:]:
-                if isinstance(child, tuple):
-                    walk(child)
-        walk(self.tree)
-        return out
+        return [(node[1], node[2]) for node in self.nodes() if node[0] == "literal"]
 
     def uses(self, which: str) -> bool:
         """Whether the expression reads the pair's `answer` or `wrong` tokens."""
-        found = []
-
-        def walk(node):
-            if node[0] == "pair" and node[1] == which:
-                found.append(True)
-            for child in node[1:]:
-                if isinstance(child, tuple):
-                    walk(child)
-        walk(self.tree)
-        return bool(found)
+        return any(node[0] == "pair" and node[1] == which for node in self.nodes())
 
     def bind(self, token_id: Callable[[str], int]) -> "BoundMetric":
         ids = {}

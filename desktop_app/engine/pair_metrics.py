@@ -36,11 +36,21 @@ def check_metric(metric):
     return metric
 
 
+def check_wrong_answers(metric, pairs) -> None:
+    """Refuse a metric that reads the wrong answer on pairs tokenised without one (it would read a stand-in)."""
+    missing = [i for i, p in enumerate(pairs) if not p.wrong_ids]
+    if missing and metric_needs_wrong(metric):
+        label = metric.text if isinstance(metric, MetricExpression) else metric
+        raise SpecError(f"the metric {label} reads the wrong answer, but pair {missing[0]} has none; give every "
+                        "pair a wrong_answer.")
+
+
 class DatasetMetric:
     """Raw per-row metric values for rows of last-position logits, each row belonging to a pair."""
 
     def __init__(self, lm, metric, pairs):
         self.metric = check_metric(metric)
+        check_wrong_answers(self.metric, pairs)
         self.answer = TokenSets.of([p.answer_ids for p in pairs])
         self.wrong = TokenSets.of([p.wrong_ids or (0,) for p in pairs])
         text = self.metric.text if isinstance(self.metric, MetricExpression) else \

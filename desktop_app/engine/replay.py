@@ -104,24 +104,6 @@ def _cache_tensors(cache, n_layers: int, n_pos: int):
     return kv if ok else None
 
 
-class _PrefixKV:
-    """Stands in for a KV cache: each attention layer gets the recorded keys and values of the first `start`
-    positions in front of its own (the rows only compute positions from `start` on). Nothing is mutated, so
-    one object serves every row and every chunk."""
-
-    def __init__(self, prefix_kv, start: int):
-        self.prefix = [(k[:, :, :start], v[:, :, :start]) for k, v in prefix_kv]
-
-    def update(self, keys, values, layer_idx, *args, **kwargs):
-        pk, pv = self.prefix[layer_idx]
-        rows = keys.shape[0]
-        return (torch.cat([pk.to(keys.device, keys.dtype).expand(rows, -1, -1, -1), keys], dim=-2),
-                torch.cat([pv.to(values.device, values.dtype).expand(rows, -1, -1, -1), values], dim=-2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.prefix[layer_idx][0].shape[-2]
-
-
 def _from_position(value, start: int, n_pos: int, end: int | None = None):
     """A block argument cut to the positions start..end-1 (masks along their query dimension, and along their key
     dimension to the keys those positions see)."""
@@ -168,14 +150,8 @@ def _alibi_rows(alibi, rows: int):
 def _block_call(run: RecordedRun, layer: int, start: int, rows: int = 1):
     """(args, kwargs) for block `layer`: the recorded ones, cut to the positions from `start` on with the
     prefix keys and values standing in for the cache (start > 0), or with no cache (start == 0)."""
-    cache = _PrefixKV(run.prefix_kv, start) if start > 0 else None
-    n_pos = run.n_pos
-    args = tuple(cache if a is _CACHE else _from_position(a, start, n_pos) if start else a
-                 for a in run.block_args[layer])
-    kwargs = {k: cache if v is _CACHE else _alibi_rows(v, rows) if k == "alibi" else
-              _from_position(v, start, n_pos) if start else v
-              for k, v in run.block_kwargs[layer].items()}
-    return args, kwargs
+    cache = _RowKV([(k[:, :, :start], v[:, :, :start]) for k, v in run.prefix_kv]) if start > 0 else None
+    return _rows_call(run, layer, start, run.n_pos, cache, rows)
 
 
 def run_block(run: RecordedRun, lm, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -341,23 +317,9 @@ def last_block_check(lm, run: RecordedRun) -> bool:
 def unembed_columns(lm, resid_final: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
     """The logits of `columns` only [rows, len(columns)] float32 (the final norm, then the unembedding's rows of
     those tokens), or None when the unembedding is not a plain linear layer."""
-    a = lm.adapter
-    unembed = a.unembed
-    if type(unembed) is not torch.nn.Linear:
+    if type(lm.adapter.unembed) is not torch.nn.Linear:
         return None
-    device = unembed.weight.device
-    normed = a.final_norm(resid_final.to(next(a.final_norm.parameters(), resid_final).device))
-    if a.final_proj is not None:
-        normed = a.final_proj(normed)
-    cols = columns.to(device)
-    bias = unembed.bias[cols] if unembed.bias is not None else None
-    logits = torch.nn.functional.linear(normed.to(device), unembed.weight[cols], bias)
-    if a.logit_scale != 1.0:
-        logits = logits * a.logit_scale
-    if a.final_logit_softcap:
-        cap = a.final_logit_softcap
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    return lm.adapter.logits_from_resid(resid_final, columns).float()
 
 
 def run_block_given_attention(lm, run: RecordedRun, layer: int, hidden: torch.Tensor, attn_output: torch.Tensor,

@@ -83,8 +83,8 @@ def ioi_pairs(n: int, seed: int = 0, order: str = "mixed", names=DEFAULT_NAMES, 
     """`n` IOI pairs with the ABC corruption; order "ABBA", "BABA" or "mixed" (each pair picks one)."""
     if order not in ("ABBA", "BABA", "mixed"):
         raise SpecError(f"order must be ABBA, BABA or mixed, not {order!r}.")
-    names = [str(x) for x in names]
-    if len(set(names)) < 5:
+    names = list(dict.fromkeys(str(x) for x in names))  # a repeated name must not fill two roles of one pair
+    if len(names) < 5:
         raise SpecError("the IOI template needs at least 5 different names (2 for the prompt, 3 for its ABC "
                         "corruption).")
 

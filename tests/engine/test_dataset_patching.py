@@ -9,7 +9,7 @@ from desktop_app import demo_task
 from desktop_app.engine.capture import forward_logits, hooks, run_with_cache
 from desktop_app.engine.dataset_patching import dataset_patching_job
 from desktop_app.engine.datasets import dataset_from_list, tokenize_dataset
-from desktop_app.engine.errors import SpecError
+from desktop_app.engine.errors import PromptError, SpecError
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Partial, drive
 from desktop_app.engine.metric_expr import MetricExpression
@@ -123,6 +123,10 @@ def test_named_positions_align_pairs_of_different_lengths(lm_llama):
     assert len(lengths) > 1 and any(a != b for a, b in lengths)
     with pytest.raises(SpecError, match="use positions 'named'"):
         drive(dataset_patching_job(lm_llama, data, "resid_pre", "each"))
+    with pytest.raises(PromptError, match="prompts to line up"):
+        drive(dataset_patching_job(lm_llama, data, "resid_pre", "all"))
+    with pytest.raises(SpecError, match="positions must be one of"):
+        drive(dataset_patching_job(lm_llama, data, "resid_pre", "every"))
     got = drive(dataset_patching_job(lm_llama, data, "resid_pre", "named", "denoise", "logit_diff", batch_size=3))
     assert got.labels["position"] == ["SUBJECT", "END"]
     n = lm_llama.info.n_layers

@@ -168,3 +168,23 @@ def test_a_broken_column_unembedding_is_caught(lm_gpt2, datasets, monkeypatch):
     got = drive(dataset_patching_job(lm_gpt2, data, "resid_pre", "each", "denoise", "logit_diff"))
     np.testing.assert_allclose(got.extras["values_per_pair"], reference(lm_gpt2, data, "resid_pre", "each"),
                                atol=1e-5, rtol=0)
+
+
+def test_the_run_time_checks_refuse_a_shortcut_that_does_not_hold(lm_gpt2, datasets, monkeypatch):
+    """The last-block and given-attention checks measure, they do not trust: a shortcut off by 0.01 is refused."""
+    import weakref
+
+    data = dataset(lm_gpt2, datasets)
+    n = lm_gpt2.info.n_layers
+    with torch.inference_mode():
+        run = replay.record_run(lm_gpt2, data.pairs[0].corrupted.ids, [hook_name(L, "attn.hook_z") for L in range(n)])
+    monkeypatch.setattr(replay, "_LAST_BLOCK_OK", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(replay, "_GIVEN_ATTENTION_OK", weakref.WeakKeyDictionary())
+    assert replay.last_block_check(lm_gpt2, run) and replay.given_attention_check(lm_gpt2, run, 0)
+    real_last, real_given = replay._last_block_last_position, replay.run_block_given_attention
+    monkeypatch.setattr(replay, "_last_block_last_position", lambda *a: real_last(*a) + 0.01)
+    monkeypatch.setattr(replay, "run_block_given_attention", lambda *a, **k: real_given(*a, **k) + 0.01)
+    monkeypatch.setattr(replay, "_LAST_BLOCK_OK", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(replay, "_GIVEN_ATTENTION_OK", weakref.WeakKeyDictionary())
+    assert not replay.last_block_check(lm_gpt2, run)
+    assert not replay.given_attention_check(lm_gpt2, run, 0)

@@ -98,3 +98,16 @@ def test_answer_lists_and_ioi_named_positions_for_ablation(lm_gpt2):
         r = drive(ablation_job(lm_gpt2, single_pair(p), "resid_pre", "zero", "each", "logit_diff"))
         cols = [p.positions[n][0] for n in ("IO", "S1", "S2", "END")]
         np.testing.assert_allclose(got.extras["values_per_pair"][i], r.values[:, cols], atol=1e-5)
+
+
+def test_a_metric_reading_the_wrong_answer_is_refused_on_pairs_without_one(lm_gpt2):
+    from desktop_app.engine.dataset_patching import dataset_patching_job
+
+    items = [dict(item, wrong_answer="") for item in aligned_items(lm_gpt2, n=2)]
+    bare = tokenize_dataset(lm_gpt2, dataset_from_list(items), need_wrong=False)
+    for job in (lambda m: dataset_patching_job(lm_gpt2, bare, "resid_pre", "each", metric=m),
+                lambda m: dataset_ablation_job(lm_gpt2, bare, "head_out", "zero", "all", m)):
+        for metric in ("logit_diff", "logit_diff_recovered", MetricExpression("logit(answer) - logit(wrong)")):
+            with pytest.raises(SpecError, match="reads the wrong answer, but pair 0 has none"):
+                drive(job(metric))
+        assert np.isfinite(drive(job(MetricExpression("logprob(answer)"))).values).all()

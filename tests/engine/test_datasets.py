@@ -51,6 +51,7 @@ def test_csv_with_quoted_commas_and_columns_in_any_order(tmp_path):
     ("p.csv", HEADER + "a,b,, John\n", "line 2: the 'answer' field is empty"),
     ("p.csv", HEADER + "a,b,c\n", "line 2 has 3 fields but the header has 4"),
     ("p.csv", "", "is empty"),
+    ("p.csv", HEADER + '"' + "a" * 200_000 + '",b,c,d\n', "line 2 cannot be read as CSV (field larger than"),
     ("p.csv", HEADER, "holds no pairs"),
     ("p.jsonl", '{"clean": "a", "corrupted": "b", "answer": " x", "wrong_answer": " y"}\n{"clean": "a"',
      "line 2 is not valid JSON"),

@@ -79,6 +79,8 @@ def test_division_by_zero_is_reported_per_row(logits):
     ("2 ** 3", 4, "expected a number"),
     ("__import__('os')", 1, "not a known name"),
     ("logit(' Mary') ; 1", 16, "not allowed"),
+    ("(" * 101 + "1" + ")" * 101, 101, "more than 100 deep"),
+    ("-" * 3000 + "1", 101, "more than 100 deep"),
 ])
 def test_errors_are_one_line_with_the_column(text, col, words):
     with pytest.raises(SpecError) as err:
@@ -97,3 +99,8 @@ def test_parse_metric_accepts_names_and_objects():
     assert parse_metric({"expression": "prob(answer)"}) == MetricExpression("prob(answer)")
     with pytest.raises(SpecError, match="exactly one field"):
         parse_metric({"expr": "prob(answer)"})
+
+
+def test_nesting_up_to_the_limit_parses_and_evaluates(logits):
+    values, _ = MetricExpression("(" * 98 + "-" + "2" + ")" * 98).bind(lambda t: 0)(logits, None, None)
+    assert torch.equal(values, torch.full((logits.shape[0],), -2.0))

@@ -61,3 +61,13 @@ def test_factual_corruption_uses_another_attribute():
         factual_pairs(100, TABLE[:2], seed=0)
     with pytest.raises(SpecError, match="at least two different attributes"):
         factual_pairs(2, [("Paris", "France"), ("Lyon", "France")])
+
+
+def test_ioi_repeated_names_never_fill_two_roles():
+    names = ["Mary", "Mary", "John", "Mary", "Alice", "Bob", "Sarah"]  # five different names, one repeated
+    for p in ioi_pairs(30, seed=2, names=names).pairs:
+        roles = {name: (p.clean[c[0]:c[1]], p.corrupted[k[0]:k[1]]) for name, c, k in p.spans}
+        used = [roles["IO"][0], roles["S1"][0]] + [roles[r][1] for r in ("IO", "S1", "S2")]
+        assert len(set(used)) == 5
+    with pytest.raises(SpecError, match="at least 5 different names"):
+        ioi_pairs(3, names=["Mary", "Mary", "John", "Alice", "Bob"])
