@@ -128,7 +128,7 @@ def _attribution_equivalents(lm, pair) -> float | None:
     return (time.perf_counter() - t0) / fwd
 
 
-def _quantized_models(n_pos: int, differ_at: int):
+def _quantized_models():
     """The GPT-2-small shape in float32, bfloat16, int8 and int4 (bitsandbytes, when installed)."""
     import copy
 
@@ -164,7 +164,7 @@ def _quantization_table(n_pos: int, differ_at: int) -> None:
           "bitsandbytes (the other layers float32)")
     print(f"{'weights':10s} {'memory':>11s} {'cells/s':>9s} {'max |diff| vs float32 (logit diff)':>36s}")
     reference = None
-    for label, lm in _quantized_models(n_pos, differ_at):
+    for label, lm in _quantized_models():
         pair = _pair(lm, n_pos, differ_at)
         rate, _cells = _sweep_rate(lm, pair, "resid_pre")
         values = drive(activation_patching_job(lm, pair, "resid_pre", "each", "denoise", "logit_diff")).values

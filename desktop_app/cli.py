@@ -1,8 +1,9 @@
 """The command line: `interp-workbench [PROJECT.iwb | --demo]`, `run`, `export`, `info`, `bench`.
 
 Exit codes (contract section 1): 0 success; 2 bad input, with one `error: ...` line on stderr and no
-traceback; 130 interrupted by Ctrl-C, after saving what was finished. Torch is imported only by the
-commands that compute; the window is imported only to open it.
+traceback; 1 an internal error (a bug, one line; IWB_DEBUG=1 shows the traceback); 130 interrupted by
+Ctrl-C, after saving what was finished. Torch is imported only by the commands that compute; the window is
+imported only to open it.
 """
 from __future__ import annotations
 
@@ -209,16 +210,20 @@ def cmd_run(argv) -> int:
     from desktop_app.engine.jobs import CancelToken
     from desktop_app.project.execute import new_project, run_experiment, with_model_overrides
     from desktop_app.project.experiment import load_experiment
-    from desktop_app.project.safe_output import save_project_or_recover
+    from desktop_app.project.safe_output import refuse_output_that_is_input, save_project_or_recover
 
     out = Path(args.out)
     _check_output_path(out, "project file", [(args.experiment, "the experiment file")])
     report = ProgressReport(quiet=args.quiet)
     experiment = load_experiment(args.experiment, progress=report)  # a dataset file: a bar with time left
     experiment.model = with_model_overrides(experiment.model, args.device, args.dtype, args.quantize)
-    _check_output_path(out, "project file", [(experiment.model.path, "the model")] + [
+    inputs = [(experiment.model.path, "the model")] + [
         (value, f"a file that analysis {spec.name!r} reads") for spec in experiment.analyses
-        for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)])
+        for value in spec.to_dict().values() if isinstance(value, str) and os.path.isfile(value)]
+    dataset = getattr(experiment.prompts, "source", "")  # as written in the file: relative to its folder
+    if dataset:
+        inputs.append((Path(args.experiment).parent / os.path.expanduser(dataset), "the dataset file"))
+    refuse_output_that_is_input(out, inputs)  # writability was probed above
 
     project = new_project(experiment)
     cancel = CancelToken()

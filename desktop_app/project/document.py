@@ -16,7 +16,7 @@ from desktop_app.engine.results import AnalysisResult
 from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts
 
 # Events passed to observers as observer(project, event, detail).
-EVENTS = ("model", "prompts", "analyses", "spec", "result", "view", "saved")
+EVENTS = ("model", "prompts", "analyses", "spec", "result", "result_params", "view", "saved")
 
 Observer = Callable[["Project", str, Any], None]
 
@@ -40,7 +40,6 @@ def same_model(a: dict | None, b: dict | None) -> bool:
     return a.get("path") == b.get("path")
 
 
-
 def add_observer(observers: list, callback) -> Callable[[], None]:
     """Append `callback` to `observers`; returns a function that removes it again (safe to call twice)."""
     observers.append(callback)
@@ -49,6 +48,7 @@ def add_observer(observers: list, callback) -> Callable[[], None]:
         if callback in observers:
             observers.remove(callback)
     return unsubscribe
+
 
 @dataclass
 class AnalysisEntry:

@@ -13,13 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from desktop_app.engine.errors import JobCancelled, WorkbenchError
+from desktop_app.engine.errors import JobCancelled, SpecError, WorkbenchError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.project import kinds
 from desktop_app.project.document import Project
 from desktop_app.project.specs import AnalysisSpec, ModelRef, Prompts
-
 
 
 # ---- events run_experiment passes on, besides the jobs' own Progress / Partial ----------------------------

@@ -27,7 +27,7 @@ from desktop_app.project.atomic import atomic_write
 from desktop_app.project.text_safety import encode_json_document
 from desktop_app.project.document import AnalysisEntry, Project, model_fingerprint
 from desktop_app.project.dataset_prompts import prompts_from_json
-from desktop_app.project.specs import ModelRef, Prompts, analysis_from_dict
+from desktop_app.project.specs import ModelRef, analysis_from_dict
 
 SCHEMA_VERSION = 2
 FORMAT_NAME = "interp-workbench-project"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import REPO_ROOT, error_lines
+from cli_helpers import CLEAN, CORRUPTED, REPO_ROOT, error_lines, write_json
 
 from desktop_app.cli import ProgressReport, main
 from desktop_app.engine.jobs import Progress
@@ -214,6 +214,19 @@ def test_an_output_that_is_the_input_is_refused(capsys, tmp_path, monkeypatch):
                "project file")
     _one_error(capsys, ["run", str(exp), "--out", "./e.json"], "experiment file")
     assert project.read_bytes() == before and exp.read_text() == "{}"
+
+
+def test_out_may_not_be_the_dataset_file_the_prompts_name(capsys, tmp_path, make_experiment):
+    exp = make_experiment([PATCH])
+    pairs = exp.parent / "pairs.jsonl"
+    pair = {"clean": CLEAN, "corrupted": CORRUPTED, "answer": " Mary", "wrong_answer": " John"}
+    pairs.write_text(json.dumps(pair) + "\n", encoding="utf-8")
+    data = json.loads(exp.read_text())
+    data["prompts"] = {"dataset": "pairs.jsonl"}  # relative to the experiment file
+    write_json(exp, data)
+    before = pairs.read_bytes()
+    _one_error(capsys, ["run", str(exp), "--out", str(pairs), "-q"], "the dataset file")
+    assert pairs.read_bytes() == before
 
 
 def test_an_unwritable_out_is_found_before_the_run(capsys, tmp_path, make_experiment, monkeypatch):

@@ -35,17 +35,23 @@ def sweep_model(tmp_path_factory, ioi_tokenizer):
     return folder
 
 
-def test_ctrl_c_saves_a_partial_project_and_exits_130(tmp_path, sweep_model):
-    assert LONG_CORRUPTED != LONG_CLEAN and LONG_CORRUPTED.endswith("Anna gave a ball to")
-    analyses = [{"name": "heads", "kind": "activation_patching", "component": "head_out", "positions": "each"},
-                {"name": "never", "kind": "activation_patching", "component": "resid_pre"}]
-    exp = write_json(tmp_path / "exp.json", experiment_dict(sweep_model, analyses, clean=LONG_CLEAN,
+def _start_run(tmp_path, model_folder, analyses):
+    """`interp-workbench run` of `analyses` on the long prompt pair, one row per forward pass, its stderr piped."""
+    exp = write_json(tmp_path / "exp.json", experiment_dict(model_folder, analyses, clean=LONG_CLEAN,
                                                             corrupted=LONG_CORRUPTED, answer=" Anna",
                                                             wrong_answer=" Tom"))
     out = tmp_path / "p.iwb"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "desktop_app", "run", str(exp), "--out", str(out),
                              "--batch-size", "1"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def test_ctrl_c_saves_a_partial_project_and_exits_130(tmp_path, sweep_model):
+    assert LONG_CORRUPTED != LONG_CLEAN and LONG_CORRUPTED.endswith("Anna gave a ball to")
+    analyses = [{"name": "heads", "kind": "activation_patching", "component": "head_out", "positions": "each"},
+                {"name": "never", "kind": "activation_patching", "component": "resid_pre"}]
+    proc, out = _start_run(tmp_path, sweep_model, analyses)
     seen = []
     try:
         deadline = time.monotonic() + 240
@@ -80,13 +86,7 @@ def test_a_second_and_third_ctrl_c_still_save_what_was_finished(tmp_path, sweep_
     the project is being saved waits for the save. The analysis that had finished is in the file."""
     analyses = [{"name": "quick", "kind": "activation_patching", "component": "resid_pre", "positions": "all"},
                 {"name": "heads", "kind": "activation_patching", "component": "head_out", "positions": "each"}]
-    exp = write_json(tmp_path / "exp.json", experiment_dict(sweep_model, analyses, clean=LONG_CLEAN,
-                                                            corrupted=LONG_CORRUPTED, answer=" Anna",
-                                                            wrong_answer=" Tom"))
-    out = tmp_path / "p.iwb"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "desktop_app", "run", str(exp), "--out", str(out),
-                             "--batch-size", "1"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc, out = _start_run(tmp_path, sweep_model, analyses)
     seen = []
     try:
         deadline = time.monotonic() + 240

@@ -5,6 +5,7 @@ the logit, and a per-layer set written as a CLT with zero cross-layer decoders g
 import numpy as np
 import pytest
 import torch
+from graph_checks import assert_inputs_are_edges_plus_bias
 from safetensors.numpy import save_file
 
 from desktop_app.engine.attribution_graph import (EMBEDDING, ERROR, FEATURE, LOGIT, ReplacementContext,
@@ -103,11 +104,7 @@ def test_clt_logit_and_feature_inputs_are_edges_plus_bias(clt_case):
     _, _, _, graph = clt_case
     kinds = np.array(graph.node_kind)
     assert (kinds == FEATURE).sum() == 40
-    for t in np.where(np.isin(kinds, [LOGIT, FEATURE]))[0]:
-        total = graph.adjacency[t].astype(np.float64).sum() + graph.bias[t]
-        assert abs(total - graph.target_input[t]) < 1e-4 * (1 + abs(graph.target_input[t]))
-    for t, tok in zip(np.where(kinds == LOGIT)[0], graph.node_feature[kinds == LOGIT]):
-        assert abs(graph.target_input[t] - graph.real_logits[-1][tok]) < 1e-4
+    assert_inputs_are_edges_plus_bias(graph)
 
 
 def _frozen_inputs_clt(lm, clt, ids, graph, drop):

@@ -6,6 +6,7 @@ weight and the unembedding."""
 import numpy as np
 import pytest
 import torch
+from dashboard_checks import check_cards_against_brute_force
 from test_attribution_graph_clt import clt_arrays, write_clt
 
 from desktop_app import demo_task
@@ -64,25 +65,7 @@ def brute_force(lm, texts, hook_in, enc):
 
 
 def check_contexts(lm, dash, docs, acts, features):
-    assert [(d.layer, d.feature) for d in dash] == features
-    n_tokens = sum(len(d) for d in docs)
-    partial = 0
-    for d in dash:
-        per_token = [a[d.layer][:, d.feature] for a in acts]
-        fired = sum(int((a > 0).sum()) for a in per_token)
-        assert d.n_tokens == n_tokens
-        assert d.density == pytest.approx(fired / n_tokens, abs=1e-12)
-        partial += 0 < fired < n_tokens
-        per_doc = np.array([a.max() for a in per_token])
-        assert d.max_activation == pytest.approx(max(per_doc.max(), 0.0), abs=1e-4)
-        expected = sorted(per_doc[per_doc > 0], reverse=True)[:N_TOP]
-        np.testing.assert_allclose([c.activation for c in d.top_contexts], expected, atol=1e-4, rtol=1e-5)
-        for c in d.top_contexts:
-            a = per_token[c.document]
-            assert a[c.position] == pytest.approx(c.activation, abs=1e-4)
-            lo = c.position - c.max_index
-            assert c.tokens == lm.tokens_of_ids(docs[c.document][lo:lo + len(c.tokens)]).display
-            np.testing.assert_allclose(c.activations, np.clip(a[lo:lo + len(c.tokens)], 0, None), atol=1e-4)
+    _fired, partial = check_cards_against_brute_force(lm, dash, docs, acts, features, N_TOP, atol=1e-4, rtol=1e-5)
     assert partial >= 3  # the densities are not all 0 or all 1: the check is not vacuous
 
 

@@ -119,6 +119,15 @@ def test_a_dataset_with_bad_pairs_fails_that_analysis_with_one_sentence(gpt2_dir
     assert trace.status == "failed" and "one answer token, but pair 1 gives 2" in trace.message
 
 
+def test_a_kind_without_a_dataset_form_fails_with_one_sentence(gpt2_dir, tmp_path):
+    att = {"name": "att", "kind": "attention_patterns"}
+    assert kinds.get("attention_patterns").dataset_job is None
+    r = run_experiment(parse_experiment(experiment(gpt2_dir, IOI[:2], [att]), tmp_path)).analyses[0].result
+    assert r.status == "failed"
+    assert r.message == ("analysis 'att': attention patterns runs on one prompt pair, not on a dataset of pairs; "
+                         "use a single pair for it.")
+
+
 def test_editing_the_shown_pair_of_a_dataset_is_undoable():
     from desktop_app.project.document import Project
 

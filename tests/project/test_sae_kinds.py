@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sae_helpers import random_sae
 
 from desktop_app import demo_task
 from desktop_app.engine.errors import SpecError
@@ -14,7 +15,6 @@ from desktop_app.engine.loading import load_model
 from desktop_app.engine.sae.dashboards import build_dashboards_job, dashboards_to_list
 from desktop_app.engine.sae.formats import load_sae, save_saelens
 from desktop_app.engine.sae.jobs import sae_intervention_job, sae_metrics_job, sae_training_job
-from desktop_app.engine.sae.model import SAE, SAEConfig
 from desktop_app.engine.sae.training import TrainConfig
 from desktop_app.project.specs import analysis_from_dict
 
@@ -29,12 +29,7 @@ def setup(gpt2_dir, tmp_path_factory):
     from desktop_app.project.iwb import load_project
 
     root = tmp_path_factory.mktemp("sae_kinds")
-    g = torch.Generator().manual_seed(3)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=24, hook_name=HOOK))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    sae_dir = save_saelens(sae, root / "sae")
+    sae_dir = save_saelens(random_sae(HOOK, d_sae=24, seed=3), root / "sae")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(demo_task.corpus(40, seed=6)))
     edits = [{"feature": 3, "op": "clamp", "value": 4.0, "positions": None},

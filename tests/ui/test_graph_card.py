@@ -8,23 +8,10 @@ import pytest
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QLabel
 
-from desktop_app.demo_assets import demo_corpus_path, demo_transcoders_dir, resources_dir
+from desktop_app.demo_assets import demo_corpus_path, demo_transcoders_dir
 from desktop_app.engine.jobs import drive
 from desktop_app.project.feature_cards import CARDS_KEY, attach_cards, cards_of, graph_features
 from desktop_app.ui.graph_card import NO_CARDS, N_CONTEXTS, N_TOKENS, WINDOW
-
-PROMPT = "When Mary and John went to the store, John gave a drink to"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from desktop_app.engine.attribution_graph import attribution_graph_job
-    from desktop_app.engine.loading import load_model
-
-    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
-    graph = drive(attribution_graph_job(lm, lm.tokenize(PROMPT, True), str(demo_transcoders_dir()), max_n_logits=5))
-    return lm, graph
-
 
 def fresh_cards(lm, graph):
     from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
@@ -73,8 +60,8 @@ def _busiest_feature(view, graph):
     raise AssertionError("no feature node with contexts")
 
 
-def test_hovering_a_feature_node_shows_its_contexts(qtbot, demo):
-    lm, graph = demo
+def test_hovering_a_feature_node_shows_its_contexts(qtbot, demo_graph):
+    lm, graph = demo_graph
     attach_cards(graph, fresh_cards(lm, graph), str(demo_corpus_path()), str(demo_transcoders_dir()))
     try:
         view = _view(qtbot, graph)
@@ -103,8 +90,8 @@ def test_hovering_a_feature_node_shows_its_contexts(qtbot, demo):
         graph.extras.pop(CARDS_KEY, None)
 
 
-def test_without_cards_one_line_says_how_to_build_them(qtbot, demo):
-    _lm, graph = demo
+def test_without_cards_one_line_says_how_to_build_them(qtbot, demo_graph):
+    _lm, graph = demo_graph
     view = _view(qtbot, graph)
     f = int(np.where(graph.extras["node_kind"] == "feature")[0][0])
     view.hover_node(f)
@@ -114,11 +101,11 @@ def test_without_cards_one_line_says_how_to_build_them(qtbot, demo):
     assert "not attached to a window" in view.findChild(QLabel, "graphCardsStatus").text()
 
 
-def test_window_builds_the_demo_cards_and_saves_them(qtbot, demo, tmp_path):
+def test_window_builds_the_demo_cards_and_saves_them(qtbot, demo_graph, tmp_path):
     from desktop_app.project.iwb import load_project
     from desktop_app.ui import create_main_window
 
-    lm, reference_graph = demo
+    lm, reference_graph = demo_graph
     window = create_main_window(["interp-workbench", "--demo"])
     window.confirm_dialogs = False
     qtbot.addWidget(window)

@@ -6,23 +6,9 @@ import pytest
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QFont, QFontMetricsF
 
-from desktop_app.demo_assets import demo_corpus_path, demo_transcoders_dir, resources_dir
+from desktop_app.demo_assets import demo_corpus_path, demo_transcoders_dir
 from desktop_app.engine.results import AnalysisResult
 from desktop_app.ui.graph_ranking import AXIS_NAME, MIN_ROWS, TOP_N
-
-PROMPT = "When Mary and John went to the store, John gave a drink to"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from desktop_app.engine.attribution_graph import attribution_graph_job
-    from desktop_app.engine.jobs import drive
-    from desktop_app.engine.loading import load_model
-
-    lm = load_model(resources_dir() / "demo" / "model", dtype="float32", device="cpu")
-    graph = drive(attribution_graph_job(lm, lm.tokenize(PROMPT, True), str(demo_transcoders_dir()), max_n_logits=5))
-    return lm, graph
-
 
 def _view(qtbot, result):
     from desktop_app.ui.plots import ResultView
@@ -55,10 +41,10 @@ def _row_point(view, rank):
     return view.graphics.mapFromScene(scene)
 
 
-def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo):
+def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo_graph):
     from desktop_app.ui.graph_view import KIND_COLOURS
 
-    _lm, graph = demo
+    _lm, graph = demo_graph
     ex = graph.extras
     view = _view(qtbot, graph)
     top = _expected_top(ex)
@@ -109,13 +95,13 @@ def test_bars_are_the_top_nodes_by_influence_labelled_and_coloured(qtbot, demo):
     assert view.plot.getViewBox().height() / n >= QFontMetricsF(font).height()
 
 
-def test_hover_gives_the_node_id_and_its_card(qtbot, demo):
+def test_hover_gives_the_node_id_and_its_card(qtbot, demo_graph):
     from desktop_app.project.feature_cards import CARDS_KEY, attach_cards, cards_of
     from desktop_app.engine.jobs import drive
     from desktop_app.engine.transcoder_dashboards import transcoder_dashboards_job
     from desktop_app.project.feature_cards import graph_features
 
-    lm, graph = demo
+    lm, graph = demo_graph
     ex = graph.extras
     view = _view(qtbot, graph)
     kinds = np.asarray(ex["node_kind"]).astype(str)
@@ -138,13 +124,13 @@ def test_hover_gives_the_node_id_and_its_card(qtbot, demo):
         graph.extras.pop(CARDS_KEY, None)
 
 
-def test_the_exported_figure_shows_the_same_ranking(demo, tmp_path):
+def test_the_exported_figure_shows_the_same_ranking(demo_graph, tmp_path):
     from desktop_app.engine.errors import SpecError
     from desktop_app.project.graph_ranking import node_label
     from desktop_app.ui.figure import render_figure
     from desktop_app.ui.figure_data import prepare_data
 
-    _lm, graph = demo
+    _lm, graph = demo_graph
     ex = graph.extras
     top = _expected_top(ex)
     data = prepare_data(graph)
@@ -159,8 +145,8 @@ def test_the_exported_figure_shows_the_same_ranking(demo, tmp_path):
     assert "influence on the logits" in text
 
 
-def test_other_kinds_draw_as_before_after_a_graph(qtbot, demo):
-    _lm, graph = demo
+def test_other_kinds_draw_as_before_after_a_graph(qtbot, demo_graph):
+    _lm, graph = demo_graph
     view = _view(qtbot, graph)
     view.set_result(AnalysisResult("t", "token_attribution", {"method": "lime"}, ["position"],
                                    np.array([2.0, -1.0, 0.5]), {"position": ["0: a", "1: b", "2: c"]}))

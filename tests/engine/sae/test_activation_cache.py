@@ -181,14 +181,9 @@ def test_training_job_resumes_from_its_checkpoints(lm, tmp_path):
 def test_dashboards_reuse_the_cache_and_equal_a_direct_scan(lm, tmp_path):
     from desktop_app.engine.sae.dashboards import build_dashboards_job, dashboards_to_list
     from desktop_app.engine.sae.formats import save_saelens
-    from desktop_app.engine.sae.model import SAE, SAEConfig
+    from sae_helpers import random_sae
 
-    g = torch.Generator().manual_seed(1)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=12, hook_name=HOOK))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    folder = save_saelens(sae, tmp_path / "sae")
+    folder = save_saelens(random_sae(HOOK, d_sae=12, seed=1), tmp_path / "sae")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(demo_task.corpus(30, seed=4)))
     out = []
