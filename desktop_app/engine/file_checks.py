@@ -28,7 +28,7 @@ INDEX_MAX_BYTES = 64 * 2**20
 SAFETENSORS_HEADER_MAX = 100 * 2**20
 PICKLE_MAX_BYTES = 64 * 2**20
 
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FN": 1, "F8_E8M0": 1,
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FN": 1, "F8_E8M0": 1,
                 "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
                 "F64": 8, "C64": 8}
 
@@ -98,8 +98,8 @@ def safetensors_problem(path: Path) -> str | None:
         if offsets[1] > data_size:
             return (f"is truncated (shorter than its header says): tensor {name[:80]!r} ends at byte "
                     f"{offsets[1]} of the data but the file holds {data_size}")
-        if dtype in _ST_ITEMSIZE:
-            expected = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if dtype in ST_ITEMSIZE:
+            expected = math.prod(shape) * ST_ITEMSIZE[dtype]
             if offsets[1] - offsets[0] != expected:
                 return (f"{where} declares shape {shape} of {dtype} ({expected} bytes) but its data_offsets span "
                         f"{offsets[1] - offsets[0]} bytes")
