@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from desktop_app.engine.errors import ModelLoadError
-from desktop_app.engine.bounded_io import BoundedReadError, loads_json, open_regular, read_regular_bytes
+from desktop_app.engine.bounded_io import (BoundedReadError, json_error_text, loads_json, open_regular,
+                                          read_regular_bytes)
 
 CONFIG_MAX_BYTES = 16 * 2**20
 INDEX_MAX_BYTES = 64 * 2**20
@@ -119,8 +120,7 @@ def _json_file(path: Path, max_bytes: int) -> tuple[Any, str | None]:
     except BoundedReadError as e:
         return None, f"cannot be used: {e}"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        return None, f"is not valid JSON ({msg})"
+        return None, json_error_text(e)
     except OSError as e:
         return None, f"cannot be read ({e.strerror or e})"
 
