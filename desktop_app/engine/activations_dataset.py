@@ -98,8 +98,10 @@ def mean_starts(lm, docs: list[list[int]]) -> torch.Tensor:
 
 
 def model_fingerprint(lm) -> str:
-    """Identifies the weights as loaded: path, config hash, dtype, and size + mtime of the weight files."""
-    parts = [str(getattr(lm, "path", "")), str(getattr(lm, "config_hash", "")), str(lm.info.dtype)]
+    """Identifies the weights as loaded: path, config hash, dtype, quantisation, and size + mtime of the weight
+    files (the same files loaded as int8 give other activations)."""
+    parts = [str(getattr(lm, "path", "")), str(getattr(lm, "config_hash", "")), str(lm.info.dtype),
+             str(lm.info.quantize)]
     p = Path(str(getattr(lm, "path", "")))
     files = [p] if p.is_file() else (sorted(q for q in p.iterdir() if q.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
                                      if p.is_dir() else [])

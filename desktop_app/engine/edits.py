@@ -40,15 +40,19 @@ def add_direction(direction, coefficient: float = 1.0, positions=None) -> WriteF
 
 
 def greedy_continuation(lm, ids: torch.Tensor, n: int, writes: dict[str, WriteFn] | None,
-                        cancel: CancelToken) -> list[int]:
-    """n greedy tokens (fewer at EOS or the context's end), each from a full forward pass with the writes."""
+                        cancel: CancelToken, first_logits: torch.Tensor | None = None) -> list[int]:
+    """n greedy tokens (fewer at EOS or the context's end), each from a full forward pass with the writes;
+    first_logits: the next-token logits of `ids` with these writes when already computed (saves a pass)."""
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     n = max(0, min(int(n), int(lm.info.n_ctx) - ids.shape[1]))
     out: list[int] = []
-    for _ in range(n):
+    for step in range(n):
         cancel.check()
-        with torch.inference_mode(), hooks(lm, write=writes or None, cancel=cancel):
-            nxt = int(forward_logits(lm, ids, last_only=True)[0, -1].argmax())
+        if step == 0 and first_logits is not None:
+            nxt = int(first_logits.argmax())
+        else:
+            with torch.inference_mode(), hooks(lm, write=writes or None, cancel=cancel):
+                nxt = int(forward_logits(lm, ids, last_only=True)[0, -1].argmax())
         out.append(nxt)
         if eos is not None and nxt == eos:
             break
@@ -81,9 +85,9 @@ def intervention_job(lm, text, writes: dict[str, WriteFn], n_continue: int = 20,
     k = min(int(top_n), p_b.shape[0])
     top = [torch.topk(p, k) for p in (p_b, p_a)]
     yield Progress(2, total, "greedy continuation before")
-    cont_before = greedy_continuation(lm, ids, n_continue, None, cancel)
+    cont_before = greedy_continuation(lm, ids, n_continue, None, cancel, before)
     yield Progress(2 + int(n_continue), total, "greedy continuation after")
-    cont_after = greedy_continuation(lm, ids, n_continue, writes, cancel)
+    cont_after = greedy_continuation(lm, ids, n_continue, writes, cancel, after)
     yield Progress(total, total, "done")
     top_ids = np.stack([t.indices.numpy() for t in top]).astype(np.int64)
     decode = lm.tokenizer.decode

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from desktop_app.engine.errors import ModelLoadError
-from desktop_app.engine.bounded_io import BoundedReadError, loads_json, open_regular, read_regular_bytes
+from desktop_app.engine.bounded_io import (BoundedReadError, json_error_text, loads_json, open_regular,
+                                          read_regular_bytes)
 
 CONFIG_MAX_BYTES = 16 * 2**20
 INDEX_MAX_BYTES = 64 * 2**20
 SAFETENSORS_HEADER_MAX = 100 * 2**20
 PICKLE_MAX_BYTES = 64 * 2**20
 
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FN": 1, "F8_E8M0": 1,
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FN": 1, "F8_E8M0": 1,
                 "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
                 "F64": 8, "C64": 8}
 
@@ -98,8 +99,8 @@ def safetensors_problem(path: Path) -> str | None:
         if offsets[1] > data_size:
             return (f"is truncated (shorter than its header says): tensor {name[:80]!r} ends at byte "
                     f"{offsets[1]} of the data but the file holds {data_size}")
-        if dtype in _ST_ITEMSIZE:
-            expected = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if dtype in ST_ITEMSIZE:
+            expected = math.prod(shape) * ST_ITEMSIZE[dtype]
             if offsets[1] - offsets[0] != expected:
                 return (f"{where} declares shape {shape} of {dtype} ({expected} bytes) but its data_offsets span "
                         f"{offsets[1] - offsets[0]} bytes")
@@ -119,8 +120,7 @@ def _json_file(path: Path, max_bytes: int) -> tuple[Any, str | None]:
     except BoundedReadError as e:
         return None, f"cannot be used: {e}"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        return None, f"is not valid JSON ({msg})"
+        return None, json_error_text(e)
     except OSError as e:
         return None, f"cannot be read ({e.strerror or e})"
 
@@ -152,26 +152,36 @@ _TEXTS = ("model_type", "hidden_act", "activation_function", "torch_dtype", "dty
 _BOOLS = ("tie_word_embeddings", "use_cache", "use_parallel_residual", "scale_attn_weights")
 
 
+def _field_type_problem(d: dict, prefix: str, ints: tuple, numbers: tuple, texts: tuple, bools: tuple,
+                        min_int: dict | None = None) -> str | None:
+    """The first field of `d` whose value has the wrong JSON type (absent and null fields pass);
+    whole numbers must be >= min_int.get(key, 1)."""
+    for key in ints:
+        v, least = d.get(key), (min_int or {}).get(key, 1)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            return f"has {prefix}{key} = {v!r:.40}, but it must be a whole number >= {least}"
+    for key in numbers:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"has {prefix}{key} = {v!r:.40}, but it must be a number"
+    for key in texts:
+        v = d.get(key)
+        if v is not None and not isinstance(v, str):
+            return f"has {prefix}{key} = {v!r:.40}, but it must be text"
+    for key in bools:
+        v = d.get(key)
+        if v is not None and not isinstance(v, bool):
+            return f"has {prefix}{key} = {v!r:.40}, but it must be true or false"
+    return None
+
+
 def config_problem(config: Any) -> str | None:
     """Wrong types in the fields of config.json that the loader and the adapters rely on."""
     if not isinstance(config, dict):
         return "does not hold a JSON object"
-    for key in _POSITIVE_INTS:
-        v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            return f"has {key} = {v!r:.40}, but it must be a whole number >= 1"
-    for key in _NUMBERS:
-        v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            return f"has {key} = {v!r:.40}, but it must be a number"
-    for key in _TEXTS:
-        v = config.get(key)
-        if v is not None and not isinstance(v, str):
-            return f"has {key} = {v!r:.40}, but it must be text"
-    for key in _BOOLS:
-        v = config.get(key)
-        if v is not None and not isinstance(v, bool):
-            return f"has {key} = {v!r:.40}, but it must be true or false"
+    problem = _field_type_problem(config, "", _POSITIVE_INTS, _NUMBERS, _TEXTS, _BOOLS)
+    if problem:
+        return problem
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         return f"has architectures = {arch!r:.40}, but it must be a list of class names"
@@ -433,6 +443,7 @@ _SAE_INTS = ("d_in", "d_sae", "k", "hook_head_index", "context_size", "hook_laye
 _SAE_TEXTS = ("architecture", "activation_fn", "activation_fn_str", "hook_name", "hook_point", "dtype",
               "reshape_activations", "model_name", "device")
 _SAE_BOOLS = ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm", "prepend_bos")
+_SAE_INT_MINIMA = {"k": 0, "hook_head_index": 0, "context_size": 0, "hook_layer": 0}
 
 
 def saelens_cfg_problem(raw: dict) -> str | None:
@@ -442,19 +453,9 @@ def saelens_cfg_problem(raw: dict) -> str | None:
         return f"has metadata = {meta!r:.40}, but it must be an object"
     sources = [("", raw)] + ([("metadata.", meta)] if isinstance(meta, dict) else [])
     for prefix, d in sources:
-        for key in _SAE_INTS:
-            v = d.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key != "d_in" and
-                                                                                          key != "d_sae" else 1)):
-                return f"has {prefix}{key} = {v!r:.40}, but it must be a whole number"
-        for key in _SAE_TEXTS:
-            v = d.get(key)
-            if v is not None and not isinstance(v, str):
-                return f"has {prefix}{key} = {v!r:.40}, but it must be text"
-        for key in _SAE_BOOLS:
-            v = d.get(key)
-            if v is not None and not isinstance(v, bool):
-                return f"has {prefix}{key} = {v!r:.40}, but it must be true or false"
+        problem = _field_type_problem(d, prefix, _SAE_INTS, (), _SAE_TEXTS, _SAE_BOOLS, _SAE_INT_MINIMA)
+        if problem:
+            return problem
     v = raw.get("norm_scaling_factor")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
         return f"has norm_scaling_factor = {v!r:.40}, but it must be a positive number"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.errors import JobCancelled, SpecError
+from desktop_app.engine.file_checks import nonfinite_problem
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Progress
 from desktop_app.engine.results import AnalysisResult
@@ -122,6 +123,9 @@ def load_jacobian_lens(path, lm) -> JacobianLens:
         file_n = file_layers if isinstance(file_layers, int) else f"at least {max(matrices) + 1}"
         raise SpecError(f"the Jacobian lens in {p} is for d_model {file_d} and {file_n} layers, but the loaded "
                         f"model has d_model {d} and {n} layers; choose the lens fitted for this model.")
+    problem = nonfinite_problem({f"J of layer {L}": j for L, j in matrices.items()})
+    if problem:
+        raise SpecError(f"the Jacobian lens in {p} {problem}; it would turn those rows into NaN, so fit it again.")
     n_prompts = meta.get("n_prompts", 0)
     return JacobianLens({L: j.float() for L, j in matrices.items()}, d,
                         int(n_prompts) if isinstance(n_prompts, int) else 0, meta)

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from desktop_app.engine.errors import ModelLoadError
+from desktop_app.engine.file_checks import ST_ITEMSIZE
 from desktop_app.engine.quantize import QUANT_BYTES, QuantPlan
 
 # the weights may take at most this fraction of the free memory: loading and the forward passes need the rest
 FIT_FRACTION = 0.9
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 _NOT_QUANTISED = ("embed", "wte", "wpe", "lm_head", "embed_out", "norm", "ln_")
 
 
@@ -104,7 +103,9 @@ def _header_count(folder: Path) -> WeightCount | None:
             n = 1
             for s in shape:
                 n *= s
-            nbytes += n * _ST_BYTES.get(str(dtype), 4)
+            if dtype not in ST_ITEMSIZE:  # a dtype whose size we do not know: no estimate rather than a guess
+                return None
+            nbytes += n * ST_ITEMSIZE[dtype]
             if len(shape) == 2 and not any(k in name for k in _NOT_QUANTISED):
                 linear += n
             else:

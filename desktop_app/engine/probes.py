@@ -90,6 +90,7 @@ def probe_job(lm, dataset, hook: str = "resid_post", position: str = "last", tes
     coef = np.zeros((n_layers, k, acts.shape[2]), dtype=np.float32)
     intercept = np.zeros((n_layers, k), dtype=np.float32)
     grad_norm = np.zeros(n_layers, dtype=np.float32)
+    directions = np.zeros((n_layers,) + ((acts.shape[2],) if k == 2 else (k, acts.shape[2])), dtype=np.float32)
     for layer in range(n_layers):
         cancel.check()
         yield Progress(layer, n_layers, f"fitting the probe of layer {layer}")
@@ -100,13 +101,9 @@ def probe_job(lm, dataset, hook: str = "resid_post", position: str = "last", tes
                             "raise l2.")
         accuracy[layer], control[layer], confusion[layer] = acc, control_acc, conf
         coef[layer], intercept[layer], grad_norm[layer] = model.coef, model.intercept, model.grad_norm
+        directions[layer] = model.direction()
         yield Partial(index=(np.array([layer]),), values=np.array([acc], dtype=np.float32))
     yield Progress(n_layers, n_layers, "done")
-    if k == 2:
-        d = coef[:, 1] - coef[:, 0]
-        directions = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-30)
-    else:
-        directions = coef / np.maximum(np.linalg.norm(coef, axis=2, keepdims=True), 1e-30)
     majority = float(np.bincount(y[test], minlength=k).max() / len(test))
     return AnalysisResult(
         name=name, kind="probe",
@@ -116,6 +113,6 @@ def probe_job(lm, dataset, hook: str = "resid_post", position: str = "last", tes
         elapsed_s=time.perf_counter() - t0,
         extras={"control_accuracy": control, "selectivity": (accuracy - control).astype(np.float32),
                 "confusion": confusion, "classes": np.array(classes, dtype=str),
-                "coef": coef, "intercept": intercept, "directions": directions.astype(np.float32),
+                "coef": coef, "intercept": intercept, "directions": directions,
                 "train_index": train, "test_index": test, "majority_accuracy": np.array(majority, dtype=np.float32),
                 "grad_norm": grad_norm})

@@ -97,7 +97,12 @@ def read_texts(source, what: str = "text list") -> list[str]:
             _, raw = _read_text_file(p, what)
             texts = [line.strip() for line in raw.splitlines() if line.strip()]
         else:
-            texts = [str(r["text"]) for r in _records(p, what, ("text",)) if str(r["text"]).strip()]
+            rows = _records(p, what, ("text",))
+            bad = next((n for n, r in enumerate(rows, start=1) if not isinstance(r["text"], str)), None)
+            if bad is not None:
+                raise SpecError(f"Row {bad} of the {what} {p} has no text (a missing cell or a non-string value); "
+                                "give every row a text.")
+            texts = [r["text"] for r in rows if r["text"].strip()]
         where = f"{what} {p}"
     else:
         texts = [str(t) for t in (source or []) if str(t).strip()]
@@ -113,8 +118,12 @@ def read_pairs(source) -> tuple[list[str], list[str]]:
         rows = _records(source, "pairs file", ("positive", "negative"))
     else:
         rows = [r if isinstance(r, dict) else {"positive": r[0], "negative": r[1]} for r in source]
-    pos = [str(r["positive"]) for r in rows]
-    neg = [str(r["negative"]) for r in rows]
+    for number, row in enumerate(rows, start=1):
+        for column in ("positive", "negative"):
+            if not isinstance(row.get(column), str) or not row[column].strip():
+                raise SpecError(f"Row {number} of the pairs file has no {column} text; give every row both texts.")
+    pos = [r["positive"] for r in rows]
+    neg = [r["negative"] for r in rows]
     if not pos:
         raise SpecError("The pairs file has no rows; add `positive,negative` rows.")
     return pos, neg

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from desktop_app.engine.bounded_io import json_error_text, loads_json, read_regular_bytes
 from desktop_app.engine.errors import SpecError
+from desktop_app.engine.file_checks import CONFIG_MAX_BYTES, nonfinite_problem
 from desktop_app.engine.hook_trust import check_model
 from desktop_app.engine.hooknames import hook_name
 from desktop_app.engine.jobs import CancelToken, Progress
@@ -56,9 +58,9 @@ def load_tuned_lens(path, lm, force_hook: bool = False) -> TunedLens:
         raise SpecError(f"{folder} is not a tuned-lens folder (it needs {CONFIG} and {PARAMS}); choose the folder "
                         "the tuned-lens package or the workbench saved.")
     try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SpecError(f"{folder / CONFIG} is not valid JSON ({err}); restore the original file.") from err
+        config = loads_json(read_regular_bytes(folder / CONFIG, CONFIG_MAX_BYTES))
+    except (OSError, ValueError) as err:  # ValueError: JSON, UTF-8 and the bounded reader's limits
+        raise SpecError(f"{folder / CONFIG} {json_error_text(err)}; restore the original file.") from err
     if not isinstance(config, dict):
         raise SpecError(f"{folder / CONFIG} is not a tuned-lens configuration (a JSON object).")
     d, n = lm.info.d_model, lm.info.n_layers
@@ -87,6 +89,10 @@ def load_tuned_lens(path, lm, force_hook: bool = False) -> TunedLens:
                             f"{sorted(state)[:4]}...); it does not fit this model.")
         weights.append(w.float())
         biases.append(b.float())
+    problem = nonfinite_problem({f"{i}.weight": w for i, w in enumerate(weights)}
+                                | {f"{i}.bias": b for i, b in enumerate(biases)})
+    if problem:
+        raise SpecError(f"{folder / PARAMS} {problem}; it would turn every reading into NaN, so restore the file.")
     return TunedLens(torch.stack(weights), torch.stack(biases), config)
 
 

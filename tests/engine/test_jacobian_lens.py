@@ -118,6 +118,11 @@ def test_wrong_width_or_depth_is_refused(lm_gpt2, tmp_path):
         load_jacobian_lens(tmp_path / "deep.pt", lm_gpt2)
     with pytest.raises(SpecError, match="is not a file"):
         load_jacobian_lens(tmp_path / "missing.pt", lm_gpt2)
+    bad = torch.eye(d)
+    bad[2, 2] = float("inf")
+    save_jacobian_lens(JacobianLens({0: bad}, d), tmp_path / "inf.pt")
+    with pytest.raises(SpecError, match="1 NaN or infinite values in J of layer 0"):
+        load_jacobian_lens(tmp_path / "inf.pt", lm_gpt2)
 
 
 class _Payload:  # any pickled object: weights_only refuses to build it

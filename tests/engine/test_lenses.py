@@ -116,6 +116,17 @@ def test_tuned_lens_refuses_a_lens_of_another_shape(lm_gpt2, lm_llama, tmp_path)
         load_tuned_lens(folder, lm_llama)
 
 
+def test_tuned_lens_with_nan_or_a_broken_config_is_refused(lm_llama, tmp_path):
+    lens = _random_lens(lm_llama)
+    lens.biases[1, 3] = float("nan")
+    folder = save_tuned_lens(lens, tmp_path / "nan_lens")
+    with pytest.raises(SpecError, match=r"1 NaN or infinite values in 1\.bias"):
+        load_tuned_lens(folder, lm_llama)
+    (folder / "config.json").write_text('{"d_model": 64,')
+    with pytest.raises(SpecError, match="config.json is not valid JSON .*line 1"):
+        load_tuned_lens(folder, lm_llama)
+
+
 def test_training_a_tuned_lens_lowers_the_kl_and_saves_a_loadable_folder(stories_dir, tmp_path):
     lm = load_model(stories_dir, dtype="float32", device="cpu")
     corpus = tmp_path / "corpus.txt"

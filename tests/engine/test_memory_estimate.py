@@ -80,6 +80,22 @@ def test_unbuildable_config_falls_back_to_safetensors_headers(gpt2_dir, tmp_path
     assert count is not None and count.total == total and count.stored_bytes is None
 
 
+def _write_header_only(path, header):
+    body = json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body)
+
+
+def test_stored_bytes_follow_the_dtype_and_an_unknown_dtype_gives_no_estimate(tmp_path):
+    _write_header_only(tmp_path / "model.safetensors", {
+        "model.layers.0.mlp.up_proj.weight": {"dtype": "U16", "shape": [4, 8], "data_offsets": [0, 64]},
+        "model.norm.weight": {"dtype": "F8_E4M3FN", "shape": [8], "data_offsets": [64, 72]}})
+    count = count_weights({}, tmp_path, stored=True)
+    assert (count.linear, count.other, count.stored_bytes) == (32, 8, 72)
+    _write_header_only(tmp_path / "model.safetensors", {
+        "model.layers.0.mlp.up_proj.weight": {"dtype": "F4_PACKED", "shape": [4, 8], "data_offsets": [0, 16]}})
+    assert count_weights({}, tmp_path, stored=True) is None
+
+
 def test_refusal_names_the_gpu_when_on_a_gpu():
     count = count_weights(dict(HUGE))
     with pytest.raises(ModelLoadError, match="; choose a GPU with more memory[.]$"):

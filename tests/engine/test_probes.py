@@ -94,6 +94,14 @@ def test_cache_is_reused_and_keyed(lm_gpt2, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 3
 
 
+def test_cache_key_tells_a_quantised_load_apart(lm_gpt2, monkeypatch):
+    from desktop_app.engine.activations_dataset import model_fingerprint
+
+    plain = model_fingerprint(lm_gpt2)
+    monkeypatch.setattr(lm_gpt2.info, "quantize", "int8")
+    assert model_fingerprint(lm_gpt2) != plain
+
+
 def _planted_dataset(lm, n=80, seed=0):
     texts = random_texts(lm, n, seed)
     labels = np.random.default_rng(seed + 1).permutation(np.arange(n) % 2)

@@ -128,6 +128,22 @@ def test_zero_coefficient_changes_nothing(lm_llama):
     np.testing.assert_array_equal(r.extras["continuation_before_ids"], r.extras["continuation_after_ids"])
 
 
+def test_continuations_match_a_plain_greedy_loop(lm_llama):
+    text, n = "Mary went to the park and", 4
+    writes = {"blocks.1.hook_resid_post": add_direction(np.linspace(-3, 3, 64), 2.0)}
+    r = drive(intervention_job(lm_llama, text, writes, n_continue=n))
+    for edit, got in ((None, r.extras["continuation_before_ids"]), (writes, r.extras["continuation_after_ids"])):
+        ids = torch.tensor([lm_llama.tokenize(text).ids])
+        expected = []
+        for _ in range(n):
+            with torch.no_grad(), hooks(lm_llama, write=edit):
+                nxt = int(forward_logits(lm_llama, ids)[0, -1].argmax())
+            expected.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        np.testing.assert_array_equal(got, expected[:len(got)])
+        assert len(got) == n or got[-1] == lm_llama.tokenizer.eos_token_id
+
+
 def test_safetensors_export_reads_back(lm_llama, tmp_path):
     from safetensors.numpy import load_file
     from safetensors import safe_open

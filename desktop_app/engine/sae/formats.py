@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from desktop_app.engine.bounded_io import BoundedReadError, check_npz, loads_json, read_regular_bytes
+from desktop_app.engine.bounded_io import (BoundedReadError, check_npz, json_error_text, loads_json,
+                                          read_regular_bytes)
 from desktop_app.engine.errors import SAEError
 from desktop_app.engine.file_checks import (nonfinite_problem, not_regular_problem, safetensors_problem,
                                             saelens_cfg_problem)
@@ -113,7 +114,7 @@ def _read_json(path: Path) -> dict:
     try:
         cfg = loads_json(read_regular_bytes(path, 16 * 2**20))
     except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8 and the bounded reader's limits
-        raise SAEError(f"{path} is not a readable JSON file ({exc.__class__.__name__}); repair or replace it.") from exc
+        raise SAEError(f"{path} {json_error_text(exc)}; repair or replace it.") from exc
     if not isinstance(cfg, dict):
         raise SAEError(f"{path} does not hold a JSON object; it is not an SAELens cfg.json.")
     return cfg

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.capture import as_ids, forward_logits, hooks, run_with_cache
+from desktop_app.engine.edits import greedy_continuation
 from desktop_app.engine.conformance import require_for_hook
 from desktop_app.engine.errors import SAEError
 from desktop_app.engine.hooknames import parse_hook_name
@@ -202,21 +203,6 @@ def metrics_dict(result: AnalysisResult) -> dict[str, float]:
 
 # ---- interventions -----------------------------------------------------------------------------------------
 
-def _greedy(lm, ids: torch.Tensor, n: int, write, hook: str, cancel) -> list[int]:
-    eos = getattr(lm.tokenizer, "eos_token_id", None)
-    n = max(0, min(int(n), int(lm.info.n_ctx) - ids.shape[1]))
-    out: list[int] = []
-    for _ in range(n):
-        cancel.check()
-        with hooks(lm, write={hook: write} if write else None, cancel=cancel):
-            nxt = int(forward_logits(lm, ids)[0, -1].argmax())
-        out.append(nxt)
-        if eos is not None and nxt == eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[nxt]], dtype=ids.dtype)], dim=1)
-    return out
-
-
 def _as_edits(edits) -> list[FeatureEdit]:
     return [e if isinstance(e, FeatureEdit) else FeatureEdit(**e) for e in (edits or [])]
 
@@ -249,9 +235,9 @@ def sae_intervention_job(lm, sae, text, edits, keep_error: bool = True, n_contin
         top = [torch.topk(p, k) for p in (p_before, p_after)]
         per_position = _per_position_edit(lm, before_all, after_all, k)
         yield Progress(2, total, "greedy continuation before the edit")
-        cont_before = _greedy(lm, ids, n_continue, None, hook, cancel)
+        cont_before = greedy_continuation(lm, ids, n_continue, None, cancel, before)
         yield Progress(2 + int(n_continue), total, "greedy continuation after the edit")
-        cont_after = _greedy(lm, ids, n_continue, write, hook, cancel)
+        cont_after = greedy_continuation(lm, ids, n_continue, {hook: write}, cancel, after)
     top_ids = np.stack([t.indices.numpy() for t in top]).astype(np.int64)
     top_strings = np.array([lm.tokens_of_ids(row).display for row in top_ids.tolist()], dtype=str)
     decode = lm.tokenizer.decode
