@@ -38,7 +38,9 @@ def _register_attention():
         AttentionInterface.register(_ATTN_NAME, _frozen_attention)
 
 
-def check_supported(lm) -> None:
+def check_supported(lm, tset) -> None:
+    """Refuses (one sentence) a model whose MLP output is not simply added to the residual stream, and a transcoder
+    set of another depth or width than the model."""
     a = lm.adapter
     problems = [what for what, bad in (
         ("its MLP output is post-normed", a.post_mlp_norm_name), ("its MLP output is read elsewhere", a.mlp_out_path),
@@ -47,6 +49,9 @@ def check_supported(lm) -> None:
                                                                    a.final_proj is not None)) if bad]
     if problems:
         raise SpecError(f"attribution graphs are not supported for this {a.family} model: {problems[0]}.")
+    if len(tset) != len(a.blocks) or tset.d_model != lm.info.d_model:
+        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
+                        f"({len(a.blocks)} layers, d_model {lm.info.d_model}).")
 
 
 def block_norms(lm) -> list[torch.nn.Module]:

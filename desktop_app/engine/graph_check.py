@@ -149,10 +149,7 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
     """clamps: (layer, pos, feature, target activation). Returns {measured_graph, measured_frozen, measured_real}
     (the change of the given next-token logits, edited minus unedited run of the same model) and `crossings`."""
     cancel = cancel or CancelToken()
-    check_supported(lm)
-    if len(tset) != len(lm.adapter.blocks) or tset.d_model != lm.info.d_model:
-        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
-                        f"({len(lm.adapter.blocks)} layers, d_model {lm.info.d_model}).")
+    check_supported(lm, tset)
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
     tokens = list(logit_tokens)
     run = _detached_run(record_run(lm, ids, cancel=cancel))
