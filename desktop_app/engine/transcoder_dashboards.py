@@ -70,16 +70,12 @@ def mlp_inputs(lm, ids: torch.Tensor, layers: list[int], cancel: CancelToken | N
     return got
 
 
-def _n_layers(tset) -> int:
-    return len(tset) if getattr(tset, "cross_layer", False) else len(tset.layers)
-
-
 def _width(tset, layer: int) -> int:
     return tset.d_transcoder if getattr(tset, "cross_layer", False) else tset.layers[layer].d_transcoder
 
 
 def _check_features(tset, features) -> list[tuple[int, int]]:
-    n = _n_layers(tset)
+    n = len(tset)
     if features is None:
         return [(L, f) for L in range(n) for f in range(_width(tset, L))]
     out = []
