@@ -117,7 +117,7 @@ class ReplacementContext:
         self.mlp_inject: list = [None] * len(self.a.blocks)  # frozen: what the MLP writes besides W_skip x
         self.errors: list = [None] * len(self.a.blocks)
         self.mlp_plain: list = [False] * len(self.a.blocks)  # the MLP returns a plain tensor
-        self.clt_acts: list = [None] * len(self.a.blocks)  # replacement with a cross-layer set: features read so far
+        self.acts: list = [None] * len(self.a.blocks)  # replacement: each layer's feature activations in this run
         self.handles = []
         self.configs = []
         self.skipped: list[torch.nn.Module] = []
@@ -249,11 +249,16 @@ class ReplacementContext:
     def _replaced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What the transcoders make of layer `layer`'s MLP output. A cross-layer set adds the features read at every
         layer s <= layer (encoded earlier in the same forward pass, layers run in order) decoded into this layer."""
+        acts = self.encode(layer, x)
         if not is_cross_layer(self.tset):
-            return self.tset.layers[layer](x)
-        self.clt_acts[layer] = self.tset.encode(layer, x)
-        return self.tset.b_dec[layer] + sum(self.clt_acts[s] @ self.tset.W_dec[s][:, layer - s]
-                                            for s in range(layer + 1))
+            return self.tset.layers[layer].decode(acts, x)
+        return self.tset.b_dec[layer] + sum(self.acts[s] @ self.tset.W_dec[s][:, layer - s] for s in range(layer + 1))
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s feature activations at its transcoder input x, kept in `acts` for this run."""
+        tset = self.tset
+        self.acts[layer] = tset.encode(layer, x) if is_cross_layer(tset) else tset.layers[layer].encode(x)
+        return self.acts[layer]
 
     def set_mode(self, mode: str):
         if mode == "frozen" and not self.norm_states:
@@ -292,6 +297,11 @@ def skip_of(tset, layer: int, x: torch.Tensor) -> torch.Tensor:
     if is_cross_layer(tset):
         return torch.zeros_like(x[..., :tset.d_model])
     return tset.layers[layer].skip(x)
+
+
+def width_of(tset, layer: int) -> int:
+    """How many features layer `layer` of the set reads."""
+    return tset.d_transcoder if is_cross_layer(tset) else tset.layers[layer].d_transcoder
 
 
 def b_dec_of(tset, layer: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run, check_supported
-from desktop_app.engine.attribution_replacement import is_cross_layer
+from desktop_app.engine.attribution_replacement import is_cross_layer, width_of
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.replay import record_run, run_from_layer
@@ -94,44 +94,30 @@ class _CheckContext(ReplacementContext):
         def hook(mod, args, output):
             if self.mode == "record":
                 return recording(mod, args, output)
-            x = self.transcoder_input(layer, args[0])
+            x = self.transcoder_input(layer, args[0]).float()
             out = output[0] if isinstance(output, tuple) else output
-            if is_cross_layer(self.tset):
-                new = self._cross_layer(layer, x.float(), out)
-                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-            tc = self.tset.layers[layer]
-            acts = tc.encode(x.float())
             if self.mlp == "graph":
-                self.active[layer] = (acts != 0).detach().clone()
-                new = tc.decode(acts, x.float()) + self.errors[layer]
+                new = self._replaced(layer, x) + self.errors[layer]
+                self.active[layer] = (self.acts[layer] != 0).detach().clone()
             else:
+                self.encode(layer, x)
                 new = out.float()
-            for pos, feature, target in self.clamps.get(layer, ()):
-                new = new.clone()
-                new[:, pos] += (target - acts[:, pos, feature])[:, None] * tc.W_dec[feature].float()
+            # a cross-layer feature read at s <= layer writes into this layer too
+            for s in range(layer + 1) if is_cross_layer(self.tset) else (layer,):
+                for pos, feature, target in self.clamps.get(s, ()):
+                    new = new.clone()
+                    new[:, pos] += (target - self.acts[s][:, pos, feature])[:, None] * self._decoder_row(s, feature,
+                                                                                                         layer)
             new = new.to(out.dtype)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
 
-    def _cross_layer(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """A cross-layer set: the features read here are encoded (layers run in order, so those of earlier layers
-        are known); graph mode writes every layer s <= layer's features decoded into this layer plus the error; a
-        clamp of a feature read at s adds (target - its activation in this run) x its decoder into this layer, for
-        every layer it writes into (circuit-tracer's intervention on a CLT feature)."""
-        clt = self.tset
-        self.clt_acts[layer] = acts = clt.encode(layer, x)
-        if self.mlp == "graph":
-            self.active[layer] = (acts != 0).detach().clone()
-            new = clt.b_dec[layer] + sum(self.clt_acts[s] @ clt.W_dec[s][:, layer - s]
-                                         for s in range(layer + 1)) + self.errors[layer]
-        else:
-            new = out.float()
-        for s in range(layer + 1):
-            for pos, feature, target in self.clamps.get(s, ()):
-                new = new.clone()
-                new[:, pos] += (target - self.clt_acts[s][:, pos, feature])[:, None] * clt.W_dec[s][feature,
-                                                                                                   layer - s]
-        return new.to(out.dtype)
+    def _decoder_row(self, read_layer: int, feature: int, layer: int) -> torch.Tensor:
+        """What feature `feature` read at `read_layer` writes per unit of activation into layer `layer`'s MLP output
+        (circuit-tracer's intervention on a cross-layer feature adds it for every layer it writes into)."""
+        if is_cross_layer(self.tset):
+            return self.tset.W_dec[read_layer][feature, layer - read_layer].float()
+        return self.tset.layers[layer].decoder_rows([feature])[0]
 
 
 def _crossings(base: dict, edited: dict, clamped: set) -> list[tuple[int, int, int, bool]]:
@@ -155,20 +141,16 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
     run = _detached_run(record_run(lm, ids, cancel=cancel))
     edits: dict[int, list] = {}
     for L, p, f, target in clamps:
-        width = tset.d_transcoder if is_cross_layer(tset) else tset.layers[L].d_transcoder if 0 <= L < len(tset) else 0
-        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < width):
+        if not (0 <= L < len(tset) and 0 <= p < ids.shape[1] and 0 <= f < width_of(tset, L)):
             raise SpecError(f"feature {L}_{f}_{p} is not in this model and transcoder set at this prompt "
                             f"({len(tset)} layers, {ids.shape[1]} tokens); check the graph was computed with them.")
         edits.setdefault(int(L), []).append((int(p), int(f), float(target)))
     out, bases = {}, []
     with _CheckContext(lm, tset) as ctx, torch.no_grad():
         run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel, last_only=False)  # records what is frozen
-        if is_cross_layer(tset):
-            recon = tset([x.float() for x in ctx.mlp_in0])
-            ctx.errors = [ctx.mlp_out0[L].float() - recon[L] for L in range(len(tset))]
-        for L, tc in enumerate(() if is_cross_layer(tset) else tset.layers):
-            x0, y0 = ctx.mlp_in0[L].float(), ctx.mlp_out0[L].float()
-            ctx.errors[L] = y0 - tc(x0)
+        xs = [x.float() for x in ctx.mlp_in0]
+        recon = tset(xs) if is_cross_layer(tset) else [tc(x) for tc, x in zip(tset.layers, xs)]
+        ctx.errors = [ctx.mlp_out0[L].float() - recon[L] for L in range(len(tset))]
         for name, mode, mlp in (("measured_graph", "frozen", "graph"), ("measured_frozen", "frozen", "real"),
                                 ("measured_real", "replacement", "real")):
             ctx.set_mode(mode)
