@@ -310,10 +310,8 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if isinstance(listed, list) and listed:
         paths = [folder / Path(str(p)).name for p in listed]
     else:
-        found = sorted(folder.glob("layer_*.safetensors"), key=lambda p: _layer_index(p))
-        paths = [folder / f"layer_{i}.safetensors" for i in range(len(found))]
-        if n_layers is not None:
-            paths = [folder / f"layer_{i}.safetensors" for i in range(max(n_layers, len(found)))]
+        n_found = len(list(folder.glob("layer_*.safetensors")))
+        paths = [folder / f"layer_{i}.safetensors" for i in range(max(n_layers or 0, n_found))]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if not paths or missing:
         raise SAEError(f"the transcoder set in {folder} misses layer(s) {missing or [0]}; every layer needs its "
@@ -327,13 +325,6 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if len(widths) != 1 or (d_model is not None and widths != {d_model}):
         raise SAEError(f"the transcoders have d_model {sorted(widths)} but the model's d_model is {d_model}.")
     return TranscoderSet(layers, cfg, folder)
-
-
-def _layer_index(path: Path) -> int:
-    try:
-        return int(path.stem.split("_", 1)[1])
-    except (IndexError, ValueError):
-        return 1 << 30
 
 
 def save_transcoder_set(tset: TranscoderSet, folder, model_name: str = "") -> Path:
