@@ -79,8 +79,9 @@ def predicted_logit_change(extras: dict, node_ids, deltas) -> tuple[np.ndarray, 
 
 class _CheckContext(ReplacementContext):
     """The replacement context with two MLP behaviours (`mlp`: "graph" = transcoder + fixed error, "real") and the
-    clamps {layer: [(pos, feature, target activation)]} applied on top; the base class's mode "frozen" freezes the
-    attention patterns and norm scales, "replacement" leaves them live."""
+    clamps {layer: [(pos, feature, target activation)]} applied on top, to every row of the batch but the first (the
+    unedited run); the base class's mode "frozen" freezes the attention patterns and norm scales, "replacement" leaves
+    them live."""
 
     def __init__(self, lm, tset):
         super().__init__(lm, tset)
@@ -106,8 +107,8 @@ class _CheckContext(ReplacementContext):
             for s in range(layer + 1) if is_cross_layer(self.tset) else (layer,):
                 for pos, feature, target in self.clamps.get(s, ()):
                     new = new.clone()
-                    new[:, pos] += (target - self.acts[s][:, pos, feature])[:, None] * self._decoder_row(s, feature,
-                                                                                                         layer)
+                    new[1:, pos] += (target - self.acts[s][1:, pos, feature])[:, None] * self._decoder_row(s, feature,
+                                                                                                           layer)
             new = new.to(out.dtype)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
@@ -120,12 +121,13 @@ class _CheckContext(ReplacementContext):
         return self.tset.layers[layer].decoder_rows([feature])[0]
 
 
-def _crossings(base: dict, edited: dict, clamped: set) -> list[tuple[int, int, int, bool]]:
-    """(layer, feature, pos, now active) of every feature whose active state differs between two graph-model runs."""
+def _crossings(active: dict, clamped: set) -> list[tuple[int, int, int, bool]]:
+    """(layer, feature, pos, now active) of every feature whose active state differs between the unedited (row 0)
+    and the edited (row 1) graph-model run."""
     out = []
-    for L in sorted(base):
-        pos_i, feat_i = (base[L][0] != edited[L][0]).nonzero(as_tuple=True)
-        out += [(L, int(f), int(p), bool(edited[L][0, p, f])) for p, f in zip(pos_i.tolist(), feat_i.tolist())
+    for L in sorted(active):
+        pos_i, feat_i = (active[L][0] != active[L][1]).nonzero(as_tuple=True)
+        out += [(L, int(f), int(p), bool(active[L][1, p, f])) for p, f in zip(pos_i.tolist(), feat_i.tolist())
                 if (L, int(f), int(p)) not in clamped]
     return out
 
@@ -151,19 +153,17 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
         xs = [x.float() for x in ctx.mlp_in0]
         recon = tset(xs) if is_cross_layer(tset) else [tc(x) for tc, x in zip(tset.layers, xs)]
         ctx.errors = [ctx.mlp_out0[L].float() - recon[L] for L in range(len(tset))]
+        ctx.clamps = edits
         for name, mode, mlp in (("measured_graph", "frozen", "graph"), ("measured_frozen", "frozen", "real"),
                                 ("measured_real", "replacement", "real")):
             ctx.set_mode(mode)
-            ctx.mlp = mlp
-            logits, active = [], []
-            for clamp in ({}, edits):
-                ctx.clamps, ctx.active = clamp, {}
-                logits.append(run_from_layer(lm, run, 0, run.resid_pre[0], cancel=cancel)[0].double().numpy())
-                active.append(dict(ctx.active))
+            ctx.mlp, ctx.active = mlp, {}
+            # one pass of two rows: unedited, then clamped
+            logits = run_from_layer(lm, run, 0, run.resid_pre[0].repeat(2, 1, 1), cancel=cancel).double().numpy()
             out[name] = logits[1][tokens] - logits[0][tokens]
             bases.append(logits[0])
             if mlp == "graph":
-                out["crossings"] = _crossings(active[0], active[1], {(L, f, p) for L, p, f, _ in clamps})
+                out["crossings"] = _crossings(ctx.active, {(L, f, p) for L, p, f, _ in clamps})
         ctx.clamps = {}
         ctx.set_mode("record")
     # unedited, the three models are the same function at this prompt; if not, their differences mean nothing
