@@ -183,6 +183,12 @@ class ReplacementContext:
             if weights is None:
                 raise SpecError("attribution graphs need eager attention (the pattern of each head); reload the model.")
             self.patterns[id(module)] = weights.detach().clone()
+        elif self.mode == "frozen" and not (isinstance(output, (tuple, list)) and len(output) > 1
+                                            and output[1] is self.patterns[id(module)]):
+            # the attention did not run through transformers' attention interface (custom code): its pattern was
+            # computed live, so the model is not affine in what the nodes write and every edge would be wrong
+            raise SpecError(f"refused: this {self.a.family} model's attention does not dispatch through transformers' "
+                            "attention interface, so its patterns cannot be frozen for a graph or a clamp check.")
         return None
 
     def _value_only_hook(self, module, args, output):
