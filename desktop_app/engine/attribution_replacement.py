@@ -10,6 +10,7 @@ MLP output is post-normed, scaled or read elsewhere are refused.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from desktop_app.engine.dla import FrozenNorm
@@ -52,6 +53,16 @@ def check_supported(lm, tset) -> None:
     if len(tset) != len(a.blocks) or tset.d_model != lm.info.d_model:
         raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
                         f"({len(a.blocks)} layers, d_model {lm.info.d_model}).")
+
+
+def check_reproduces(got, real, what: str) -> None:
+    """Refuses (one sentence, with the difference) a run that should equal the real model's logits at the prompt and
+    does not: the model has a part the frozen / replacement model does not account for."""
+    got, real = np.asarray(got, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    diff = float(np.abs(got - real).max())
+    if not diff <= 1e-4 * (1.0 + float(np.abs(real).max())):
+        raise SpecError(f"refused: unedited, {what} does not reproduce the real logits (off by {diff:.2g}), so this "
+                        "model cannot be analysed this way.")
 
 
 def block_norms(lm) -> list[torch.nn.Module]:

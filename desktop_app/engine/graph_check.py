@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from desktop_app.engine.attribution_graph import ReplacementContext, _detached_run, check_supported
-from desktop_app.engine.attribution_replacement import is_cross_layer, width_of
+from desktop_app.engine.attribution_replacement import check_reproduces, is_cross_layer, width_of
 from desktop_app.engine.errors import SpecError
 from desktop_app.engine.jobs import CancelToken
 from desktop_app.engine.replay import record_run, run_from_layer
@@ -167,10 +167,8 @@ def measure_clamps(lm, token_ids, tset, clamps: Sequence[tuple[int, int, int, fl
         ctx.clamps = {}
         ctx.set_mode("record")
     # unedited, the three models are the same function at this prompt; if not, their differences mean nothing
-    diff = max(float(np.abs(b - bases[-1]).max()) for b in bases)
-    if diff > 1e-4 * (1.0 + float(np.abs(bases[-1]).max())):
-        raise SpecError(f"refused: unedited, the graph's model or the frozen model does not reproduce the real logits "
-                        f"(off by {diff:.2g}), so this model cannot be checked this way.")
+    check_reproduces(bases[0], bases[-1], "the graph's model")
+    check_reproduces(bases[1], bases[-1], "the frozen model")
     return out
 
 

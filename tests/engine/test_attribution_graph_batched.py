@@ -119,3 +119,15 @@ def test_attention_that_ignores_the_frozen_pattern_is_refused(setup, monkeypatch
     monkeypatch.setattr(ReplacementContext, "_attention", original)
     assert lm.model.config._attn_implementation == "eager"  # the model is left as it was
     drive(build_graph(lm, prompt, tset, max_n_logits=2, batch_size=4))
+
+
+def test_a_frozen_model_that_does_not_reproduce_the_logits_is_refused(setup, monkeypatch):
+    # stands in for a model part the frozen model does not account for: what the MLPs write is off (not by a constant,
+    # which a centred norm would remove)
+    import desktop_app.engine.attribution_edges as edges
+    from desktop_app.engine.errors import SpecError
+
+    lm, tset, prompt, _full = setup
+    monkeypatch.setattr(edges, "skip_of", lambda tset, layer, x: torch.linspace(0, 1, x.shape[-1]).expand_as(x))
+    with pytest.raises(SpecError, match=r"the graph's frozen model does not reproduce the real logits \(off by"):
+        drive(build_graph(lm, prompt, tset, max_n_logits=2, batch_size=4))
