@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from desktop_app.engine.attribution_replacement import (ReplacementContext, _detached_run, b_dec_of, check_supported,
-                                                        is_cross_layer, skip_of)
-from desktop_app.engine.errors import OutOfMemory, SpecError
+from desktop_app.engine.attribution_replacement import (ReplacementContext, _detached_run, b_dec_of, check_reproduces,
+                                                        check_supported, is_cross_layer, skip_of)
+from desktop_app.engine.errors import OutOfMemory
 from desktop_app.engine.jobs import CancelToken, Progress
 from desktop_app.engine.model import human_bytes
 from desktop_app.engine.replay import record_run, run_from_layer
@@ -245,11 +245,8 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
                 cancel: CancelToken | None = None):
     """Job: yields Progress, returns the Graph of the prompt `ids` (see the module docstring)."""
     cancel = cancel or CancelToken()
-    check_supported(lm)
+    check_supported(lm, tset)
     n_layers = len(lm.adapter.blocks)
-    if len(tset) != n_layers or tset.d_model != lm.info.d_model:
-        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
-                        f"({n_layers} layers, d_model {lm.info.d_model}).")
     ids = ids.reshape(1, -1)
     n_pos = ids.shape[1]
     total_steps = 3
@@ -296,6 +293,7 @@ def build_graph(lm, ids: torch.Tensor, tset, max_feature_nodes: int = 7500, max_
         n_rows_total = n_logits + n_f
         yield Progress(1, total_steps, f"{n} nodes: {n_rows_total} target rows, {batch_size} per backward pass")
         frozen = FrozenBackward(lm, run, ctx, emb0, inject0, batch_size, cancel)
+        check_reproduces(frozen.logits[0].detach().numpy(), real[-1].numpy(), "the graph's frozen model")
         d_model, vocab = emb0.shape[-1], frozen.logits.shape[-1]
         done = 0
 

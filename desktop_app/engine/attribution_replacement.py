@@ -10,6 +10,7 @@ MLP output is post-normed, scaled or read elsewhere are refused.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from desktop_app.engine.dla import FrozenNorm
@@ -38,7 +39,9 @@ def _register_attention():
         AttentionInterface.register(_ATTN_NAME, _frozen_attention)
 
 
-def check_supported(lm) -> None:
+def check_supported(lm, tset) -> None:
+    """Refuses (one sentence) a model whose MLP output is not simply added to the residual stream, and a transcoder
+    set of another depth or width than the model."""
     a = lm.adapter
     problems = [what for what, bad in (
         ("its MLP output is post-normed", a.post_mlp_norm_name), ("its MLP output is read elsewhere", a.mlp_out_path),
@@ -47,6 +50,19 @@ def check_supported(lm) -> None:
                                                                    a.final_proj is not None)) if bad]
     if problems:
         raise SpecError(f"attribution graphs are not supported for this {a.family} model: {problems[0]}.")
+    if len(tset) != len(a.blocks) or tset.d_model != lm.info.d_model:
+        raise SpecError(f"the transcoder set ({len(tset)} layers, d_model {tset.d_model}) does not fit this model "
+                        f"({len(a.blocks)} layers, d_model {lm.info.d_model}).")
+
+
+def check_reproduces(got, real, what: str) -> None:
+    """Refuses (one sentence, with the difference) a run that should equal the real model's logits at the prompt and
+    does not: the model has a part the frozen / replacement model does not account for."""
+    got, real = np.asarray(got, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    diff = float(np.abs(got - real).max())
+    if not diff <= 1e-4 * (1.0 + float(np.abs(real).max())):
+        raise SpecError(f"refused: unedited, {what} does not reproduce the real logits (off by {diff:.2g}), so this "
+                        "model cannot be analysed this way.")
 
 
 def block_norms(lm) -> list[torch.nn.Module]:
@@ -112,7 +128,7 @@ class ReplacementContext:
         self.mlp_inject: list = [None] * len(self.a.blocks)  # frozen: what the MLP writes besides W_skip x
         self.errors: list = [None] * len(self.a.blocks)
         self.mlp_plain: list = [False] * len(self.a.blocks)  # the MLP returns a plain tensor
-        self.clt_acts: list = [None] * len(self.a.blocks)  # replacement with a cross-layer set: features read so far
+        self.acts: list = [None] * len(self.a.blocks)  # replacement: each layer's feature activations in this run
         self.handles = []
         self.configs = []
         self.skipped: list[torch.nn.Module] = []
@@ -178,6 +194,12 @@ class ReplacementContext:
             if weights is None:
                 raise SpecError("attribution graphs need eager attention (the pattern of each head); reload the model.")
             self.patterns[id(module)] = weights.detach().clone()
+        elif self.mode == "frozen" and not (isinstance(output, (tuple, list)) and len(output) > 1
+                                            and output[1] is self.patterns[id(module)]):
+            # the attention did not run through transformers' attention interface (custom code): its pattern was
+            # computed live, so the model is not affine in what the nodes write and every edge would be wrong
+            raise SpecError(f"refused: this {self.a.family} model's attention does not dispatch through transformers' "
+                            "attention interface, so its patterns cannot be frozen for a graph or a clamp check.")
         return None
 
     def _value_only_hook(self, module, args, output):
@@ -244,11 +266,16 @@ class ReplacementContext:
     def _replaced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What the transcoders make of layer `layer`'s MLP output. A cross-layer set adds the features read at every
         layer s <= layer (encoded earlier in the same forward pass, layers run in order) decoded into this layer."""
+        acts = self.encode(layer, x)
         if not is_cross_layer(self.tset):
-            return self.tset.layers[layer](x)
-        self.clt_acts[layer] = self.tset.encode(layer, x)
-        return self.tset.b_dec[layer] + sum(self.clt_acts[s] @ self.tset.W_dec[s][:, layer - s]
-                                            for s in range(layer + 1))
+            return self.tset.layers[layer].decode(acts, x)
+        return self.tset.b_dec[layer] + sum(self.acts[s] @ self.tset.W_dec[s][:, layer - s] for s in range(layer + 1))
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s feature activations at its transcoder input x, kept in `acts` for this run."""
+        tset = self.tset
+        self.acts[layer] = tset.encode(layer, x) if is_cross_layer(tset) else tset.layers[layer].encode(x)
+        return self.acts[layer]
 
     def set_mode(self, mode: str):
         if mode == "frozen" and not self.norm_states:
@@ -287,6 +314,11 @@ def skip_of(tset, layer: int, x: torch.Tensor) -> torch.Tensor:
     if is_cross_layer(tset):
         return torch.zeros_like(x[..., :tset.d_model])
     return tset.layers[layer].skip(x)
+
+
+def width_of(tset, layer: int) -> int:
+    """How many features layer `layer` of the set reads."""
+    return tset.d_transcoder if is_cross_layer(tset) else tset.layers[layer].d_transcoder
 
 
 def b_dec_of(tset, layer: int) -> torch.Tensor:

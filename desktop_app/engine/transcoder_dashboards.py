@@ -70,27 +70,21 @@ def mlp_inputs(lm, ids: torch.Tensor, layers: list[int], cancel: CancelToken | N
     return got
 
 
-def _n_layers(tset) -> int:
-    return len(tset) if getattr(tset, "cross_layer", False) else len(tset.layers)
-
-
-def _width(tset, layer: int) -> int:
-    return tset.d_transcoder if getattr(tset, "cross_layer", False) else tset.layers[layer].d_transcoder
-
-
 def _check_features(tset, features) -> list[tuple[int, int]]:
-    n = _n_layers(tset)
+    from desktop_app.engine.attribution_replacement import width_of
+
+    n = len(tset)
     if features is None:
-        return [(L, f) for L in range(n) for f in range(_width(tset, L))]
+        return [(L, f) for L in range(n) for f in range(width_of(tset, L))]
     out = []
     for item in features:
         layer, feat = (int(item[0]), int(item[1])) if not isinstance(item, str) else parse_feature_label(item)
         if not 0 <= layer < n:
             raise SAEError(f"feature {feature_label(layer, feat)} names layer {layer}, but the transcoder set has "
                            f"layers 0-{n - 1}.")
-        if not 0 <= feat < _width(tset, layer):
+        if not 0 <= feat < width_of(tset, layer):
             raise SAEError(f"feature {feature_label(layer, feat)} does not exist; layer {layer}'s transcoder has "
-                           f"features 0-{_width(tset, layer) - 1}.")
+                           f"features 0-{width_of(tset, layer) - 1}.")
         out.append((layer, feat))
     return out
 

@@ -70,11 +70,17 @@ class DecoderRows:
                     a, b = int(unique[start]), int(unique[stop - 1]) + 1
                     out[start:stop] = sl[a:b].float()
                     start = stop
-        return out[torch.searchsorted(unique, idx)]
+        return self._finite(out)[torch.searchsorted(unique, idx)]
 
     def load(self) -> torch.Tensor:
         with self._open() as f:
-            return f.get_tensor(self.name).float()
+            return self._finite(f.get_tensor(self.name).float())
+
+    def _finite(self, rows: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(rows).all()):
+            raise SAEError(f"{self.path.name} has {int((~torch.isfinite(rows)).sum())} NaN or infinite values in "
+                           f"{self.name}; the transcoder is damaged, so use another copy of it.")
+        return rows
 
 
 class Transcoder:
@@ -227,7 +233,7 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None,
                 lazy_decoder: bool = True) -> Transcoder:
     from safetensors import safe_open
 
-    from desktop_app.engine.file_checks import safetensors_problem
+    from desktop_app.engine.file_checks import nonfinite_problem, safetensors_problem
 
     problem = safetensors_problem(path)
     if problem:
@@ -235,6 +241,10 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None,
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
         t = {name: f.get_tensor(name).float() for name in names if name != "W_dec" or not lazy_decoder}
+    problem = nonfinite_problem(t)  # a lazy decoder's rows are checked as they are read (DecoderRows.rows)
+    if problem:
+        raise SAEError(f"transcoder layer {layer} ({path.name}) {problem}; the transcoder is damaged, so use another "
+                       "copy of it.")
     missing = [name for name in ("W_enc", "W_dec", "b_enc", "b_dec") if name not in names]
     if missing:
         raise SAEError(f"transcoder layer {layer} ({path.name}) lacks {', '.join(missing)}.")
@@ -244,11 +254,13 @@ def _read_layer(path: Path, layer: int, activation: str | None, k: int | None,
         activation = "jumprelu" if threshold is not None else "topk" if "k" in t else "relu"
     if activation == "topk" and k is None and "k" in t:
         k = int(t["k"].item())
+    if activation == "jumprelu" and threshold is None:
+        raise SAEError(f"transcoder layer {layer} ({path.name}) is JumpReLU but holds no activation_function.threshold.")
     tc = Transcoder(t["W_enc"], w_dec, t["b_enc"], t["b_dec"], activation, threshold, k, t.get("W_skip"))
     d_t, d_m = tc.W_enc.shape
     shapes_ok = (tuple(tc.decoder_shape) == (d_t, d_m) and tc.b_enc.shape == (d_t,) and tc.b_dec.shape == (d_m,)
                  and (tc.W_skip is None or tc.W_skip.shape == (d_m, d_m))
-                 and (activation != "jumprelu" or (threshold is not None and threshold.numel() in (1, d_t))))
+                 and (activation != "jumprelu" or threshold.numel() in (1, d_t)))
     if not shapes_ok:
         raise SAEError(f"transcoder layer {layer} ({path.name}) has tensors of inconsistent shapes "
                        f"(W_enc {tuple(tc.W_enc.shape)}, W_dec {tuple(tc.decoder_shape)}).")
@@ -298,10 +310,8 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if isinstance(listed, list) and listed:
         paths = [folder / Path(str(p)).name for p in listed]
     else:
-        found = sorted(folder.glob("layer_*.safetensors"), key=lambda p: _layer_index(p))
-        paths = [folder / f"layer_{i}.safetensors" for i in range(len(found))]
-        if n_layers is not None:
-            paths = [folder / f"layer_{i}.safetensors" for i in range(max(n_layers, len(found)))]
+        n_found = len(list(folder.glob("layer_*.safetensors")))
+        paths = [folder / f"layer_{i}.safetensors" for i in range(max(n_layers or 0, n_found))]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if not paths or missing:
         raise SAEError(f"the transcoder set in {folder} misses layer(s) {missing or [0]}; every layer needs its "
@@ -315,13 +325,6 @@ def load_transcoder_set(folder, n_layers: int | None = None, d_model: int | None
     if len(widths) != 1 or (d_model is not None and widths != {d_model}):
         raise SAEError(f"the transcoders have d_model {sorted(widths)} but the model's d_model is {d_model}.")
     return TranscoderSet(layers, cfg, folder)
-
-
-def _layer_index(path: Path) -> int:
-    try:
-        return int(path.stem.split("_", 1)[1])
-    except (IndexError, ValueError):
-        return 1 << 30
 
 
 def save_transcoder_set(tset: TranscoderSet, folder, model_name: str = "") -> Path:

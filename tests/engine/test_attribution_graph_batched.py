@@ -99,3 +99,35 @@ def test_frozen_mode_without_gradient_only_runs_the_real_mlps(setup):
         frozen = run_from_layer(lm, run, 0, run.resid_pre[0])
     assert seen == list(range(lm.info.n_layers))
     torch.testing.assert_close(frozen, real, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_that_ignores_the_frozen_pattern_is_refused(setup, monkeypatch):
+    # as with custom attention code that does not dispatch through transformers' attention interface: the config
+    # switch to the frozen pattern has no effect, so the pattern would be computed live and every edge be wrong
+    from desktop_app.engine.attribution_replacement import ReplacementContext
+    from desktop_app.engine.errors import SpecError
+    from desktop_app.engine.graph_check import measure_clamps
+
+    lm, tset, prompt, _full = setup
+    original = ReplacementContext._attention
+    monkeypatch.setattr(ReplacementContext, "_attention",
+                        lambda self, what: original(self, "restore") if what == "freeze" else original(self, what))
+    with pytest.raises(SpecError, match="attention does not dispatch through transformers' attention interface"):
+        drive(build_graph(lm, prompt, tset, max_n_logits=2, batch_size=4))
+    with pytest.raises(SpecError, match="attention does not dispatch"):
+        measure_clamps(lm, prompt[0].tolist(), tset, [(0, 1, 0, 1.0)], [1])
+    monkeypatch.setattr(ReplacementContext, "_attention", original)
+    assert lm.model.config._attn_implementation == "eager"  # the model is left as it was
+    drive(build_graph(lm, prompt, tset, max_n_logits=2, batch_size=4))
+
+
+def test_a_frozen_model_that_does_not_reproduce_the_logits_is_refused(setup, monkeypatch):
+    # stands in for a model part the frozen model does not account for: what the MLPs write is off (not by a constant,
+    # which a centred norm would remove)
+    import desktop_app.engine.attribution_edges as edges
+    from desktop_app.engine.errors import SpecError
+
+    lm, tset, prompt, _full = setup
+    monkeypatch.setattr(edges, "skip_of", lambda tset, layer, x: torch.linspace(0, 1, x.shape[-1]).expand_as(x))
+    with pytest.raises(SpecError, match=r"the graph's frozen model does not reproduce the real logits \(off by"):
+        drive(build_graph(lm, prompt, tset, max_n_logits=2, batch_size=4))

@@ -76,3 +76,19 @@ def test_a_graph_reads_only_its_active_decoder_rows(lm_gpt2, tmp_path, monkeypat
     np.testing.assert_allclose(g_lazy.adjacency, g_eager.adjacency, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g_lazy.bias, g_eager.bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g_lazy.replacement_logits, g_lazy.real_logits[-1], atol=1e-5)
+
+
+def test_a_clamp_check_reads_only_the_clamped_decoder_rows(lm_gpt2, tmp_path):
+    from desktop_app.engine.graph_check import measure_clamps
+
+    lm = lm_gpt2
+    folder = _wide_set(lm, tmp_path / "set")
+    lazy, eager = load_transcoder_set(folder), load_transcoder_set(folder, lazy_decoders=False)
+    ids = lm.tokenize(PROMPT, True).ids
+    clamps = [(0, 2, 17, 1.5), (1, len(ids) - 1, 4000, -0.5)]
+    got = measure_clamps(lm, ids, lazy, clamps, [5, 9, 11])
+    want = measure_clamps(lm, ids, eager, clamps, [5, 9, 11])
+    assert not any(tc.decoder_loaded for tc in lazy.layers)
+    for name in ("measured_graph", "measured_frozen", "measured_real"):
+        assert np.abs(want[name]).max() > 1e-4  # the clamps change the logits
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
